@@ -1,0 +1,291 @@
+"""A content-addressed cache of trained weights and their evaluation results.
+
+An entry is a directory ``<root>/<key[:2]>/<key>/`` holding
+
+- ``weights.pt``: ``torch.save({"key": key, "state_dict": ...})``, loaded with
+  ``torch.load(weights_only=True)`` (no pickled code is ever executed);
+- ``meta.json``: JSON metadata (accuracy, train result...) plus the key and the SHA-256 of
+  ``weights.pt``; it is written last and marks the entry complete;
+- ``<name>.npy`` / ``<name>.json``: numpy arrays (teacher logits, per-image correct vectors) and
+  small JSON documents stored under the same key.
+
+Every file is written to a temporary file in the same directory and moved into place with
+``os.replace`` (atomic on POSIX), so a concurrent reader sees either the old or the new file, and
+two processes training the same key simply both write a valid entry. A corrupt or partial entry
+(unreadable file, checksum or key mismatch) is discarded and reported as a miss, so the caller
+retrains.
+
+The key is the SHA-256 of the canonical JSON of (base model, ArchConfig dict, protocol key, seed,
+dataset identity, cache format version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["WeightsCache", "CacheResult", "cache_key", "CACHE_VERSION"]
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _arch_dict(arch: Any) -> Any:
+    if arch is None:
+        return None
+    if hasattr(arch, "to_dict"):
+        return arch.to_dict()
+    return arch  # a dict or a preset name
+
+
+def cache_key(model: str, arch: Any, protocol: Any, seed: int, dataset: Any) -> str:
+    """SHA-256 hex of the canonical JSON of the entry's identity.
+
+    Args:
+        model: base model name (``resnet101``).
+        arch: an ArchConfig (``to_dict()`` is used), a dict, a preset name or None (baseline).
+        protocol: a ProxyProtocol (its ``key()`` is used) or a key string.
+        seed: training seed.
+        dataset: a TensorData (its ``identity``) or an identity string.
+    """
+    pkey = protocol.key() if hasattr(protocol, "key") else str(protocol)
+    ident = getattr(dataset, "identity", dataset)
+    payload = {"v": CACHE_VERSION, "model": model, "arch": _arch_dict(arch), "protocol": pkey,
+               "seed": int(seed), "dataset": str(ident)}
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class CacheResult:
+    """What :meth:`WeightsCache.get_or_train` returns: the model (trained or loaded), its
+    metadata, whether it came from the cache, and the seconds spent."""
+
+    model: nn.Module
+    meta: dict
+    hit: bool
+    seconds: float
+
+
+class WeightsCache:
+    """Trained weights, metadata and arrays keyed by :func:`cache_key`.
+
+    ``hits``, ``misses`` and ``discarded`` count lookups in this process.
+    """
+
+    def __init__(self, root: str | os.PathLike = "studies/cache"):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+        self.discarded = 0
+
+    # --- keys and paths -------------------------------------------------------------------
+    @staticmethod
+    def key(model: str, arch: Any, protocol: Any, seed: int, dataset: Any) -> str:
+        return cache_key(model, arch, protocol, seed, dataset)
+
+    def entry_dir(self, key: str) -> Path:
+        if len(key) < 8 or not set(key) <= _NAME_OK:
+            raise ValueError(f"invalid cache key {key!r}")
+        return self.root / key[:2] / key
+
+    def _file(self, key: str, name: str, suffix: str) -> Path:
+        if not name or not set(name) <= _NAME_OK:
+            raise ValueError(f"invalid cache entry name {name!r}")
+        return self.entry_dir(key) / f"{name}{suffix}"
+
+    def _atomic_write(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with _suppress():
+                os.unlink(tmp)
+            raise
+
+    # --- weights ----------------------------------------------------------------------------
+    def save(self, key: str, state_dict: Mapping[str, torch.Tensor], meta: dict | None = None
+             ) -> Path:
+        """Store a state dict and its metadata (JSON-serialisable) under ``key``."""
+        sd = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+              for k, v in state_dict.items()}
+        wpath = self._file(key, "weights", ".pt")
+        self._atomic_write(wpath, lambda f: torch.save({"key": key, "state_dict": sd}, f))
+        full = dict(meta or {})
+        full["_cache"] = {"key": key, "weights_sha256": _sha256_file(wpath),
+                          "version": CACHE_VERSION, "saved_at": time.time()}
+        self.save_json(key, "meta", full)
+        return wpath
+
+    def load(self, key: str) -> dict | None:
+        """``{"state_dict": ..., "meta": ...}`` or None on a miss. A corrupt or partial entry is
+        discarded (deleted) and counted as a miss."""
+        d = self.entry_dir(key)
+        wpath, mpath = d / "weights.pt", d / "meta.json"
+        if not wpath.exists() and not mpath.exists():
+            self.misses += 1
+            return None
+        try:
+            meta = json.loads(mpath.read_text())
+            info = meta.get("_cache", {})
+            if info.get("key") != key:
+                raise ValueError("key mismatch in meta.json")
+            if info.get("weights_sha256") != _sha256_file(wpath):
+                raise ValueError("checksum mismatch of weights.pt")
+            blob = torch.load(wpath, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or blob.get("key") != key:
+                raise ValueError("weights.pt is not this entry")
+            sd = blob["state_dict"]
+        except Exception as exc:  # unreadable, truncated, tampered, partial
+            log.warning("discarding corrupt cache entry %s: %s", key[:12], exc)
+            self.discard(key)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return {"state_dict": sd, "meta": meta}
+
+    def load_meta(self, key: str) -> dict | None:
+        """The metadata of a complete entry without loading its weights (no checksum check)."""
+        return self.load_json(key, "meta")
+
+    def contains(self, key: str) -> bool:
+        return (self.entry_dir(key) / "meta.json").exists()
+
+    def discard(self, key: str) -> None:
+        self.discarded += 1
+        shutil.rmtree(self.entry_dir(key), ignore_errors=True)
+
+    # --- side data ---------------------------------------------------------------------------
+    def save_json(self, key: str, name: str, obj: Any) -> None:
+        text = json.dumps(obj, sort_keys=True, indent=1, default=_json_default)
+        self._atomic_write(self._file(key, name, ".json"), lambda f: f.write(text), mode="w")
+
+    def load_json(self, key: str, name: str) -> Any | None:
+        path = self._file(key, name, ".json")
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except Exception as exc:
+            log.warning("discarding corrupt cache file %s: %s", path, exc)
+            with _suppress():
+                path.unlink()
+            return None
+
+    def save_array(self, key: str, name: str, arr: np.ndarray | torch.Tensor) -> None:
+        a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+        self._atomic_write(self._file(key, name, ".npy"),
+                           lambda f: np.save(f, a, allow_pickle=False))
+
+    def load_array(self, key: str, name: str) -> np.ndarray | None:
+        path = self._file(key, name, ".npy")
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as exc:
+            log.warning("discarding corrupt cache file %s: %s", path, exc)
+            with _suppress():
+                path.unlink()
+            return None
+
+    # --- convenience ---------------------------------------------------------------------------
+    def get_or_train(self, key: str, build_fn: Callable[[], nn.Module],
+                     train_fn: Callable[[nn.Module], Any], *, seed: int | None = None
+                     ) -> CacheResult:
+        """Load the weights under ``key`` into ``build_fn()``'s model, or train and store them.
+
+        ``train_fn(model)`` trains in place and returns the metadata to store: a dict, a
+        dataclass (e.g. a TrainResult) or an object with ``to_dict()``. When ``seed`` is given,
+        torch is seeded before ``build_fn`` so a miss builds the same initial weights.
+        A cached state dict that does not fit the built model is discarded and retrained.
+        """
+        t0 = time.perf_counter()
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build_fn()
+        entry = self.load(key)
+        if entry is not None:
+            try:
+                model.load_state_dict(entry["state_dict"])
+                model.eval()
+                return CacheResult(model, entry["meta"], True, time.perf_counter() - t0)
+            except Exception as exc:
+                log.warning("cache entry %s does not fit the model, retraining: %s", key[:12],
+                            str(exc).splitlines()[0])
+                self.discard(key)
+                self.hits -= 1
+                self.misses += 1
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model = build_fn()
+        out = train_fn(model)
+        meta = _to_meta(out)
+        self.save(key, model.state_dict(), meta)
+        return CacheResult(model, meta, False, time.perf_counter() - t0)
+
+
+def _to_meta(out: Any) -> dict:
+    if out is None:
+        return {}
+    if isinstance(out, dict):
+        return json.loads(json.dumps(out, default=_json_default))
+    if hasattr(out, "to_dict"):
+        return _to_meta(out.to_dict())
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(out):
+        return _to_meta(asdict(out))
+    return {"result": str(out)}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)

@@ -1,0 +1,81 @@
+"""Save and load model state dicts safely.
+
+``save_state(path, state_dict, meta=None)`` writes ``{"state_dict": ..., "meta": ...}`` with
+``torch.save`` (atomically: to a temporary file, then renamed). ``load_state(path)`` reads it
+back with ``torch.load(..., weights_only=True)`` (no arbitrary code runs) and returns
+``(state_dict, meta)``. A missing, truncated, corrupt or foreign file raises
+:class:`recommender.errors.CheckpointError` with a one-line message.
+
+Quantized state dicts (int8 models) contain packed parameters that ``weights_only`` loading may
+refuse; store the float state dict plus the recipe and re-apply the quantization instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+__all__ = ["save_state", "load_state", "load_into"]
+
+_FORMAT = "recommender-state-v1"
+
+
+def save_state(path: str | Path, state_dict: dict[str, Any] | nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """Write a state dict (or a module's) and JSON-like ``meta`` to ``path``; returns the path."""
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": _FORMAT, "state_dict": dict(state_dict), "meta": dict(meta or {})}
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read ``(state_dict, meta)`` written by :func:`save_state` (or a bare state dict)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors, zip errors, EOF, weights_only refusals
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {p} is corrupt or not a weights file: {first[:160]}") from None
+    if isinstance(data, dict) and data.get("format") == _FORMAT:
+        sd, meta = data.get("state_dict"), data.get("meta") or {}
+    elif isinstance(data, dict) and all(isinstance(k, str) for k in data):
+        sd, meta = data, {}
+    else:
+        raise CheckpointError(f"checkpoint {p} does not contain a state dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {p} does not contain a state dict of tensors")
+    return sd, meta
+
+
+def load_into(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, Any]:
+    """Load a checkpoint into ``model``; mismatched keys or shapes -> CheckpointError. Returns meta."""
+    sd, meta = load_state(path)
+    try:
+        model.load_state_dict(sd, strict=strict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise CheckpointError(f"checkpoint {Path(path)} does not fit the model: {detail[:200]}") from None
+    return meta

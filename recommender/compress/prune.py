@@ -1,0 +1,482 @@
+"""Pruning: the paper's iterative global L1 unstructured pruning, and structured channel pruning.
+
+``apply_pruning(model, cfg, *, example_input, batches=None, finetune=None) -> (model, PruneReport)``
+
+- ``unstructured-l1`` (paper, section 6): global L1 magnitude pruning
+  (``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``) over the ``weight`` of
+  every module whose type is exactly ``nn.Conv2d`` (``include_linear=True`` adds ``nn.Linear``).
+  Iterative: each round removes ``round(step * remaining)`` weights (20, 36, 48.8, 59, 67.2 % ...
+  with step 0.2) and the last round removes exactly what is left to reach the target, so the
+  achieved global sparsity over the pruned tensors equals ``round(target * elements) / elements``.
+  ``finetune(model, cfg.finetune_steps)`` runs after every round while the masks are attached
+  (pruned weights stay zero), then the masks are made permanent (``prune.remove``). Parameters
+  stay; non-zero parameters fall. The report gives the dense size and a sparse-encoding size.
+- ``structured-channel``: torch-pruning's dependency graph removes whole output channels, the
+  same ``sparsity`` fraction in every prunable layer (local ranking, ``BasePruner``), with ``l1``
+  (``MagnitudeImportance(p=1)``) or ``taylor`` importance. Residual adds and concatenations stay
+  consistent through the dependency graph. Layers torch-pruning cannot handle are left alone
+  (``PruneReport.ignored_layers`` says which and why): the classifier (last executed conv or
+  linear), every conv/linear whose output feeds a channel shuffle or another transpose/permute
+  (torch-pruning would map channels through it one-to-one, which is wrong and may raise
+  ``ZeroDivisionError``), and grouped non-depthwise convolutions together with their producers.
+  If pruning still fails or the pruned model does not run, a more conservative ignore set is
+  tried, and finally the model is returned unpruned with ``prunable=False`` and the reason.
+
+The model passed in is never modified: the pruned model is a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as tprune
+
+from ..measure import count_flops, count_nonzero_params, count_params, safe_deepcopy, size_mb, sparse_size_mb
+from ..recipe import PruneConfig
+
+__all__ = ["PruneReport", "apply_pruning", "unstructured_prune", "structured_prune", "prunable_tensors"]
+
+Finetune = Callable[[nn.Module, int], Any]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PruneReport:
+    """What pruning did. Sparsities are fractions in [0, 1]; sizes in MB (bytes / 1024**2).
+
+    ``achieved_sparsity``: unstructured: zeros / elements over the pruned tensors; structured:
+    fraction of output channels removed over all conv and linear layers (ignored ones included).
+    ``rounds``: cumulative sparsity after each unstructured round.
+    ``ignored_layers``: structured only, module name -> reason it was left unpruned.
+    """
+
+    method: str
+    target_sparsity: float
+    achieved_sparsity: float = 0.0
+    rounds: list[float] = field(default_factory=list)
+    pruned_tensors: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    nonzero_before: int = 0
+    nonzero_after: int = 0
+    mflops_before: float | None = None
+    mflops_after: float | None = None
+    size_mb: float = 0.0
+    sparse_size_mb: float = 0.0
+    ignored_layers: dict[str, str] = field(default_factory=dict)
+    prunable: bool = True
+    note: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ============================================================================================
+# unstructured
+
+
+def prunable_tensors(model: nn.Module, include_linear: bool = False) -> list[tuple[nn.Module, str]]:
+    """(module, "weight") for every module of type exactly Conv2d (and Linear if asked)."""
+    types: tuple[type, ...] = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
+    return [(m, "weight") for m in model.modules() if type(m) in types]
+
+
+def _zeros_and_elements(params: list[tuple[nn.Module, str]]) -> tuple[int, int]:
+    zeros = elements = 0
+    for m, name in params:
+        w = getattr(m, name)
+        elements += w.numel()
+        zeros += w.numel() - int(torch.count_nonzero(w.detach()))
+    return zeros, elements
+
+
+def unstructured_prune(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    step: float = 0.2,
+    finetune: Finetune | None = None,
+    finetune_steps: int = 0,
+    include_linear: bool = False,
+) -> tuple[nn.Module, PruneReport]:
+    """Iterative global L1 unstructured pruning, in place; see the module docstring."""
+    t0 = time.perf_counter()
+    report = PruneReport(method="unstructured-l1", target_sparsity=float(sparsity))
+    report.params_before = count_params(model)
+    report.nonzero_before = count_nonzero_params(model)
+    params = prunable_tensors(model, include_linear)
+    report.pruned_tensors = len(params)
+    if not params:
+        report.prunable = False
+        report.note = "no Conv2d weights to prune"
+    else:
+        total = sum(getattr(m, n).numel() for m, n in params)
+        target_count = int(round(sparsity * total))
+        pruned = 0
+        while pruned < target_count:
+            remaining = total - pruned
+            amount = min(int(round(step * remaining)), target_count - pruned)
+            amount = max(amount, 1)
+            tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
+            pruned += amount
+            zeros, elements = _zeros_and_elements(params)
+            report.rounds.append(zeros / elements)
+            if finetune is not None and finetune_steps > 0:
+                finetune(model, finetune_steps)
+        for m, n in params:
+            if tprune.is_pruned(m) and hasattr(m, n + "_mask"):
+                tprune.remove(m, n)
+        zeros, elements = _zeros_and_elements(params)
+        report.achieved_sparsity = zeros / elements
+    report.params_after = count_params(model)
+    report.nonzero_after = count_nonzero_params(model)
+    report.size_mb = size_mb(model)
+    report.sparse_size_mb = sparse_size_mb(model)
+    report.seconds = time.perf_counter() - t0
+    return model, report
+
+
+# ============================================================================================
+# structured
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
+
+
+def _execution_order(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+@contextlib.contextmanager
+def _tolerant_reshape_mapping() -> Iterator[None]:
+    """torch-pruning 1.6 divides by an inferred channel count of 0 when a reshape (the second
+    view of a channel shuffle) sits after a split whose other half bypasses every layer
+    (ShuffleNet-V2 units): ``ZeroDivisionError`` while building the dependency graph. Skip the
+    index mapping of such a reshape; every layer around a shuffle is ignored anyway."""
+    from torch_pruning.dependency import index_mapping as im
+
+    original = im.update_reshape_index_mapping
+
+    def tolerant(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            pass
+
+    im.update_reshape_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        im.update_reshape_index_mapping = original
+
+
+def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
+    """Names of the layers to ignore, with reasons. level 0: minimal; 1: conservative."""
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    ignored: dict[str, str] = {}
+
+    order = _execution_order(model, x)
+    if order:
+        head = order[-1]
+        ignored[names[head]] = "classifier (final layer producing the class scores)"
+
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    node_of = dg.module2node
+
+    def is_layer(n: Any) -> bool:
+        return isinstance(n.module, (nn.Conv2d, nn.Linear)) and n.module in names
+
+    def producers(start: Iterable[Any]) -> list[nn.Module]:
+        """Conv/linear layers whose output channels reach ``start`` (through BN, activations,
+        ops and depthwise convs)."""
+        found: list[nn.Module] = []
+        stack, seen = list(start), set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if is_layer(n):
+                found.append(n.module)
+                if not _is_depthwise(n.module):
+                    continue
+            stack.extend(n.inputs)
+        return found
+
+    def consumers(start: Iterable[Any]) -> list[nn.Module]:
+        found: list[nn.Module] = []
+        stack, seen = list(start), set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if is_layer(n):
+                found.append(n.module)
+                if not _is_depthwise(n.module):
+                    continue
+            stack.extend(n.outputs)
+        return found
+
+    def add(mods: Iterable[nn.Module], reason: str) -> None:
+        for m in mods:
+            ignored.setdefault(names[m], reason)
+
+    for node in list(node_of.values()):
+        op = node.module
+        if isinstance(op, tp.ops._ElementWiseOp):
+            fn = str(getattr(op, "_grad_fn", "")).lower()
+            if "transpose" in fn or "permute" in fn:
+                add(producers(node.inputs), "feeds a channel shuffle/transpose")
+                after = consumers(node.outputs)
+                add([m for m in after if _is_depthwise(m)], "depthwise conv after a channel shuffle/transpose")
+                if level >= 2:
+                    add(after, "follows a channel shuffle/transpose")
+        elif is_layer(node) and _is_depthwise(node.module) and not producers(node.inputs):
+            add([node.module], "depthwise conv on the network input (its channels are the image's)")
+        elif level >= 1 and is_layer(node) and _is_grouped(node.module):
+            add([node.module], f"grouped convolution (groups={node.module.groups})")
+            add(producers(node.inputs), "feeds a grouped convolution")
+            if level >= 2:
+                add(consumers(node.outputs), "follows a grouped convolution")
+
+    if level >= 2:
+        # widen to whole blocks: every conv/linear sharing a parent module with an ignored one
+        parents = {n.rsplit(".", 1)[0] for n in ignored if "." in n}
+        for n, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and "." in n and n.rsplit(".", 1)[0] in parents:
+                ignored.setdefault(n, "in the same block as an ignored layer (conservative retry)")
+    return ignored
+
+
+def _taylor_gradients(model: nn.Module, example_input: torch.Tensor, batches: Batches | None, max_batches: int) -> None:
+    model.zero_grad(set_to_none=True)
+    loss_fn = nn.CrossEntropyLoss()
+    used = 0
+    if batches is not None:
+        for x, y in batches:
+            out = model(x)
+            loss_fn(out.flatten(1), y.long()).backward()
+            used += 1
+            if used >= max_batches:
+                break
+    if used == 0:  # pseudo-labels: the model's own predictions on the example input
+        with torch.no_grad():
+            y = model(example_input).flatten(1).argmax(1)
+        loss_fn(model(example_input).flatten(1), y).backward()
+
+
+def _out_channels(model: nn.Module, skip: set[str] | None = None) -> int:
+    skip = skip or set()
+    return sum(
+        m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip
+    )
+
+
+def _attempt(
+    model: nn.Module,
+    ratio: float,
+    level: int,
+    example_input: torch.Tensor,
+    importance: str,
+    batches: Batches | None,
+    taylor_batches: int,
+    ref_shape: tuple[int, ...],
+    params_before: int,
+) -> tuple[nn.Module, dict[str, str]]:
+    """One torch-pruning run on a fresh copy; raises when the result is unusable."""
+    import torch_pruning as tp
+
+    candidate = safe_deepcopy(model).eval()
+    with warnings.catch_warnings(), _tolerant_reshape_mapping():
+        warnings.simplefilter("ignore")
+        ignored = _analyse(candidate, example_input, level)
+        mods = dict(candidate.named_modules())
+        imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
+        pruner = tp.pruner.BasePruner(
+            candidate,
+            example_input,
+            importance=imp,
+            pruning_ratio=float(ratio),
+            ignored_layers=[mods[n] for n in ignored],
+            global_pruning=False,
+        )
+        if importance == "taylor":
+            _taylor_gradients(candidate, example_input, batches, taylor_batches)
+        pruner.step()
+        candidate.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        out = candidate(example_input)
+    if tuple(out.shape) != ref_shape:
+        raise RuntimeError(f"output shape changed from {ref_shape} to {tuple(out.shape)}")
+    if count_params(candidate) >= params_before:
+        raise RuntimeError("no channel could be removed (every layer is ignored or coupled to one)")
+    return candidate, ignored
+
+
+def structured_prune(
+    model: nn.Module,
+    ratio: float,
+    *,
+    example_input: torch.Tensor,
+    importance: str = "l1",
+    batches: Batches | None = None,
+    taylor_batches: int = 4,
+    finetune: Finetune | None = None,
+    finetune_steps: int = 0,
+    measure_flops: bool = True,
+    calibrate: bool = True,
+    tolerance: float = 0.05,
+) -> tuple[nn.Module, PruneReport]:
+    """Channel pruning with torch-pruning on a copy of ``model``; see the module docstring.
+
+    ``ratio`` is the fraction of output channels removed in every prunable layer. Coupled channels
+    (a ghost module's cat of a conv and its depthwise twin) make torch-pruning remove more than
+    asked; with ``calibrate`` the ratio is scaled down (at most twice) until the fraction of
+    channels removed over the non-ignored layers is within ``tolerance`` of ``ratio``.
+    """
+    t0 = time.perf_counter()
+    report = PruneReport(method="structured-channel", target_sparsity=float(ratio))
+    was_training = model.training
+    report.params_before = count_params(model)
+    report.nonzero_before = count_nonzero_params(model)
+    if measure_flops:
+        f = count_flops(model, tuple(example_input.shape))
+        report.mflops_before = None if f is None else f / 1e6
+    with torch.no_grad():
+        ref_shape = tuple(safe_deepcopy(model).eval()(example_input).shape)
+    channels_before = _out_channels(model)
+
+    args = (example_input, importance, batches, taylor_batches, ref_shape, report.params_before)
+    pruned: nn.Module | None = None
+    failures: list[str] = []
+    for level in (0, 1, 2):
+        try:
+            candidate, ignored = _attempt(model, ratio, level, *args)
+        except Exception as exc:  # torch-pruning raises many kinds of errors on odd graphs
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            failures.append(f"level {level}: {type(exc).__name__}: {msg}")
+            continue
+        skip = set(ignored)
+        base = _out_channels(model, skip)
+
+        def achieved(m: nn.Module) -> float:
+            return 1.0 - _out_channels(m, skip) / base if base else 0.0
+
+        got, r = achieved(candidate), float(ratio)
+        for _ in range(2 if calibrate else 0):
+            if got <= ratio + tolerance or got <= 0:
+                break
+            r = min(0.99, r * ratio / got)
+            try:
+                c2, ig2 = _attempt(model, r, level, *args)
+            except Exception:
+                break
+            g2 = achieved(c2)
+            if abs(g2 - ratio) < abs(got - ratio):
+                candidate, ignored, got = c2, ig2, g2
+        pruned = candidate
+        report.ignored_layers = ignored
+        notes = []
+        if r != ratio:
+            notes.append(f"torch-pruning ratio scaled to {r:.3f} so that {got:.1%} of the prunable channels go")
+        if level > 0:
+            notes.append("conservative ignore set after: " + "; ".join(failures))
+        report.note = "; ".join(notes)
+        break
+
+    if pruned is None:
+        pruned = safe_deepcopy(model)
+        report.prunable = False
+        report.note = "not prunable: " + "; ".join(failures)
+    elif finetune is not None and finetune_steps > 0:
+        finetune(pruned, finetune_steps)
+    pruned.train(was_training)
+    report.achieved_sparsity = 1.0 - _out_channels(pruned) / channels_before if channels_before else 0.0
+    report.params_after = count_params(pruned)
+    report.nonzero_after = count_nonzero_params(pruned)
+    if measure_flops:
+        f = count_flops(pruned, tuple(example_input.shape))
+        report.mflops_after = None if f is None else f / 1e6
+    report.size_mb = size_mb(pruned)
+    report.sparse_size_mb = sparse_size_mb(pruned)
+    report.seconds = time.perf_counter() - t0
+    return pruned, report
+
+
+# ============================================================================================
+# entry point
+
+
+def apply_pruning(
+    model: nn.Module,
+    cfg: PruneConfig,
+    *,
+    example_input: torch.Tensor,
+    batches: Batches | None = None,
+    finetune: Finetune | None = None,
+    include_linear: bool = False,
+    measure_flops: bool = True,
+) -> tuple[nn.Module, PruneReport]:
+    """Prune a copy of ``model`` as ``cfg`` says; returns (pruned model, report).
+
+    ``example_input``: one input batch (e.g. 1x3x32x32) for graph tracing. ``batches``: (x, y)
+    batches for Taylor importance. ``finetune(model, steps)``: optional fine-tuning callback.
+    ``include_linear``: unstructured only, also prune Linear weights (the paper does not).
+    ``measure_flops``: structured only, put fvcore MFLOPs before/after into the report.
+    """
+    if not cfg.active:
+        rep = PruneReport(method=cfg.method, target_sparsity=float(cfg.sparsity), prunable=True,
+                          note="no pruning requested")
+        rep.params_before = rep.params_after = count_params(model)
+        rep.nonzero_before = rep.nonzero_after = count_nonzero_params(model)
+        rep.size_mb = size_mb(model)
+        rep.sparse_size_mb = sparse_size_mb(model)
+        return model, rep
+    if cfg.method == "unstructured-l1":
+        return unstructured_prune(
+            safe_deepcopy(model),
+            cfg.sparsity,
+            step=cfg.step,
+            finetune=finetune,
+            finetune_steps=cfg.finetune_steps,
+            include_linear=include_linear,
+        )
+    return structured_prune(
+        model,
+        cfg.sparsity,
+        example_input=example_input,
+        importance=cfg.importance,
+        batches=batches,
+        finetune=finetune,
+        finetune_steps=cfg.finetune_steps,
+        measure_flops=measure_flops,
+    )

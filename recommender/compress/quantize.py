@@ -1,0 +1,569 @@
+"""Quantization behind a small backend interface.
+
+``apply_quantization(model, cfg, *, calibration, example_input=None) -> (model, QuantReport)``
+
+Backends (``get_backend(scheme, engine)``; register more with ``register_backend``):
+
+- ``fp32``: nothing.
+- ``int8-static``: post-training static int8 with FX graph mode (``prepare_fx`` /
+  ``convert_fx``, ``get_default_qconfig_mapping(engine)``), engine ``x86`` or ``qnnpack``
+  (``torch.backends.quantized.engine``; the converted model sets it again before each forward
+  because packed weights only run on the engine that packed them). FX fuses conv + BN (+ ReLU).
+  Calibration runs ``cfg.calibration_batches`` batches through the observed model.
+  Where a part cannot be quantized it stays float and the report says so:
+    1. FX traces the whole model; if tracing fails, the submodules that FX cannot trace (data-
+       dependent control flow, e.g. the resizing test in DiCE) are found and passed as
+       ``non_traceable_module_names``; they stay float as a whole, or, in a second pass, their
+       own traceable children are quantized one by one (``per-submodule``);
+    2. after conversion the model must run: a module whose quantized kernel fails on this engine
+       gets ``qconfig None`` (stays float) and conversion is redone;
+    3. if nothing works the float model is returned with ``applied=False`` and the reason.
+- ``int8-dynamic``: ``quantize_dynamic`` on ``nn.Linear`` (weights int8, activations quantized
+  on the fly). Convolutions stay float: the report lists them.
+- ``fp16``: half-precision weights and activations, wrapped so that the model still takes and
+  returns float32 tensors. CPU half-precision convolution is usually *slower* than float32; the
+  benchmark measures it rather than assuming a gain.
+
+int8 changes size and latency, not the multiply-accumulate count: measure FLOPs on the float
+model (``recommender.measure.count_flops(q, float_model=f)``).
+
+The model passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..measure import safe_deepcopy, size_mb
+from ..recipe import QuantConfig
+
+__all__ = [
+    "QuantReport",
+    "QuantBackend",
+    "register_backend",
+    "get_backend",
+    "list_backends",
+    "apply_quantization",
+    "Fp16Model",
+    "quiet_quantization_warnings",
+]
+
+Calibration = Iterable[Any]
+
+
+# --------------------------------------------------------------------------------------------
+# warnings
+
+
+@contextlib.contextmanager
+def quiet_quantization_warnings() -> Iterator[None]:
+    """Silence the deprecation notices of ``torch.ao.quantization`` (and only those)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
+        )
+        warnings.filterwarnings("ignore", message=r".*_aminmax.*deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"must run observer before calling calculate_qparams")
+        warnings.filterwarnings("ignore", message=r"All inputs of this cat operator must share the same quantization")
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class QuantReport:
+    """What quantization did. Sizes in MB (bytes / 1024**2) of the serialised state dict.
+
+    ``mode``: ``none``, ``fx`` (whole model), ``fx-partial`` (some modules left float),
+    ``per-submodule`` (FX could not trace the model; parts quantized separately), ``dynamic``,
+    ``fp16``, or ``fp32-fallback`` (quantization failed; model returned in float).
+    ``float_modules``: module name -> why it stays float.
+    """
+
+    scheme: str
+    engine: str | None = None
+    applied: bool = False
+    mode: str = "none"
+    calibration_batches: int = 0
+    size_mb_before: float = 0.0
+    size_mb_after: float = 0.0
+    float_modules: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# backend interface
+
+
+class QuantBackend(abc.ABC):
+    """prepare -> calibrate -> convert. Each backend fills in ``self.report``."""
+
+    name: str = ""
+
+    def __init__(self, engine: str | None = None) -> None:
+        self.engine = engine
+        self.report = QuantReport(scheme=self.name, engine=engine)
+
+    @abc.abstractmethod
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        """Return a model ready for calibration (a copy; the input is not modified)."""
+
+    def calibrate(self, prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+        """Run batches through the prepared model; returns how many were used."""
+        return 0
+
+    @abc.abstractmethod
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        """Return the deployable model."""
+
+
+_REGISTRY: dict[str, Callable[[str | None], QuantBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[QuantBackend]], type[QuantBackend]]:
+    def deco(cls: type[QuantBackend]) -> type[QuantBackend]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, engine: str | None = None) -> QuantBackend:
+    from ..errors import UnknownNameError
+
+    if name not in _REGISTRY:
+        raise UnknownNameError("quantization scheme", name, list_backends())
+    return _REGISTRY[name](engine)
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# fp32 / fp16
+
+
+@register_backend("fp32")
+class Fp32Backend(QuantBackend):
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        return model
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        self.report.mode = "none"
+        return prepared
+
+
+class Fp16Model(nn.Module):
+    """Half-precision model that takes and returns float32 (casts at the boundaries)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32
+        for p in self.model.parameters():
+            dtype = p.dtype
+            break
+        out = self.model(x.to(dtype))
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+
+@register_backend("fp16")
+class Fp16Backend(QuantBackend):
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        return safe_deepcopy(model).eval()
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        self.report.mode = "fp16"
+        self.report.applied = True
+        self.report.note = "weights and activations in float16; CPU fp16 convolutions are often slower than fp32"
+        return Fp16Model(prepared.half()).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# int8
+
+
+class _SetEngine:
+    """Forward pre-hook: packed int8 weights only run on the engine that packed them."""
+
+    def __init__(self, engine: str):
+        self.engine = engine
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.backends.quantized.engine != self.engine:
+            torch.backends.quantized.engine = self.engine
+
+
+@contextlib.contextmanager
+def _engine(engine: str) -> Iterator[None]:
+    if engine not in torch.backends.quantized.supported_engines:
+        from ..errors import RecommenderError
+
+        raise RecommenderError(
+            f"quantization engine {engine!r} is not available in this PyTorch build; "
+            f"available: {', '.join(torch.backends.quantized.supported_engines)}"
+        )
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def _float_leaves(model: nn.Module) -> dict[str, str]:
+    """Float conv/linear modules left in a (partly) converted model."""
+    out = {}
+    for n, m in model.named_modules():
+        if type(m) in (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d):
+            out[n] = "kept in float"
+    return out
+
+
+def _fx_traceable(module: nn.Module) -> bool:
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+
+    if type(module).__module__.startswith("torch.") and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    ):
+        return True  # a standard leaf module: FX does not trace into it
+
+    tracer = QuantizationTracer(skipped_module_names=[], skipped_module_classes=[])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tracer.trace(module)
+        return True
+    except Exception:
+        return False
+
+
+def _untraceable(model: nn.Module, prefix: str = "") -> list[str]:
+    """Deepest submodules whose own forward FX cannot trace (their children all trace)."""
+    if _fx_traceable(model):
+        return []
+    bad: list[str] = []
+    for name, child in model.named_children():
+        bad.extend(_untraceable(child, f"{prefix}{name}."))
+    if not bad and prefix:
+        return [prefix[:-1]]
+    if not bad:  # the root's own forward is the problem
+        return [""]
+    # the root may still fail because of its own code: check with the bad children as leaves
+    return bad
+
+
+@register_backend("int8-static")
+class FxStaticBackend(QuantBackend):
+    """Post-training static int8 with FX graph mode."""
+
+    def __init__(self, engine: str | None = None) -> None:
+        super().__init__(engine or "x86")
+        self.skip: dict[str, str] = {}
+        self.non_traceable: list[str] = []
+        self._float: nn.Module | None = None
+        self._example: torch.Tensor | None = None
+
+    def _qconfig_mapping(self) -> Any:
+        from torch.ao.quantization import get_default_qconfig_mapping
+
+        qm = get_default_qconfig_mapping(self.engine)
+        for name in self.skip:
+            qm = qm.set_module_name(name, None)
+        return qm
+
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+        from torch.ao.quantization.quantize_fx import prepare_fx
+
+        self._float = model
+        self._example = example_input
+        m = safe_deepcopy(model).eval()
+        cfg = PrepareCustomConfig()
+        if self.non_traceable:
+            cfg.set_non_traceable_module_names(list(self.non_traceable))
+        with quiet_quantization_warnings(), _engine(self.engine):
+            return prepare_fx(m, self._qconfig_mapping(), (example_input,), prepare_custom_config=cfg)
+
+    def calibrate(self, prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+        used = 0
+        with quiet_quantization_warnings(), _engine(self.engine), torch.no_grad():
+            for b in batches:
+                prepared(_inputs(b))
+                used += 1
+        return used
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        with quiet_quantization_warnings(), _engine(self.engine):
+            q = convert_fx(prepared)
+        q.register_forward_pre_hook(_SetEngine(self.engine))
+        q._quant_engine = self.engine  # type: ignore[attr-defined]
+        return q
+
+
+@register_backend("int8-dynamic")
+class DynamicBackend(QuantBackend):
+    """int8 weights for nn.Linear, activations quantized on the fly; convs stay float."""
+
+    def __init__(self, engine: str | None = None) -> None:
+        super().__init__(engine or "x86")
+
+    def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        return safe_deepcopy(model).eval()
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        from torch.ao.quantization import quantize_dynamic
+
+        with quiet_quantization_warnings(), _engine(self.engine):
+            q = quantize_dynamic(prepared, {nn.Linear}, dtype=torch.qint8)
+        q.register_forward_pre_hook(_SetEngine(self.engine))
+        n_lin = sum(1 for m in prepared.modules() if type(m) is nn.Linear)
+        self.report.mode = "dynamic"
+        self.report.applied = n_lin > 0
+        self.report.float_modules = {
+            n: "dynamic quantization covers nn.Linear only" for n, m in q.named_modules() if type(m) is nn.Conv2d
+        }
+        if n_lin == 0:
+            self.report.note = "no nn.Linear layer: dynamic int8 changes nothing"
+        return q
+
+
+# --------------------------------------------------------------------------------------------
+# the int8-static driver with fallbacks
+
+
+def _runs(model: nn.Module, x: torch.Tensor, ref_shape: tuple[int, ...]) -> tuple[bool, str, str | None]:
+    """(ok, error message, name of the leaf module that raised or None)."""
+    names = {m: n for n, m in model.named_modules()}
+    stack: list[str] = []
+    failing: list[str] = []
+
+    def pre(m: nn.Module, a: Any) -> None:
+        stack.append(names.get(m, "?"))
+
+    def post(m: nn.Module, a: Any, o: Any) -> None:
+        if stack:
+            stack.pop()
+
+    hooks = []
+    for m in model.modules():
+        if len(list(m.children())) == 0:
+            hooks.append(m.register_forward_pre_hook(pre))
+            hooks.append(m.register_forward_hook(post))
+    try:
+        with quiet_quantization_warnings(), torch.no_grad():
+            out = model(x)
+        if tuple(out.shape) != ref_shape:
+            return False, f"output shape {tuple(out.shape)} != {ref_shape}", None
+        if not torch.isfinite(out).all():
+            return False, "non-finite output", None
+        return True, "", None
+    except Exception as exc:
+        if stack:
+            failing.append(stack[-1])
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", (failing or [None])[0]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _static_int8(
+    model: nn.Module, cfg: QuantConfig, batches: list[torch.Tensor], example_input: torch.Tensor
+) -> tuple[nn.Module, QuantReport]:
+    report = QuantReport(scheme="int8-static", engine=cfg.engine)
+    with torch.no_grad():
+        ref_shape = tuple(safe_deepcopy(model).eval()(example_input).shape)
+    backend = FxStaticBackend(cfg.engine)
+    problems: list[str] = []
+
+    def run_once() -> nn.Module:
+        prepared = backend.prepare(model, example_input)
+        report.calibration_batches = backend.calibrate(prepared, batches)
+        return backend.convert(prepared)
+
+    # 1. trace problems -> non-traceable modules stay float
+    try:
+        with quiet_quantization_warnings():
+            q = run_once()
+    except Exception as exc:
+        problems.append(f"FX on the whole model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        untraceable = _untraceable(safe_deepcopy(model).eval())
+        if "" in untraceable:  # the root's own forward: quantize its children one by one
+            backend.non_traceable = [""]
+            q = safe_deepcopy(model).eval()
+            report.applied = True
+            report.mode = "per-submodule"
+            report.float_modules = {"": "FX cannot trace the model's own forward: children quantized separately"}
+            q = _quantize_children(q, [""], cfg, batches, example_input, report)
+            report.float_modules.update({n: r for n, r in _float_leaves(q).items() if n not in report.float_modules})
+            report.note = "; ".join(problems)
+            return q, report
+        backend.non_traceable = [n for n in untraceable if n]
+        try:
+            q = run_once()
+        except Exception as exc2:
+            problems.append(f"FX with non-traceable modules: {type(exc2).__name__}: {str(exc2).splitlines()[0][:200]}")
+            q = None
+    # 2. kernels that fail at run time -> that module stays float
+    for _ in range(8):
+        if q is None:
+            break
+        ok, err, bad = _runs(q, example_input, ref_shape)
+        if ok:
+            break
+        problems.append(f"quantized model failed to run: {err}")
+        if bad is None or bad in backend.skip:
+            q = None
+            break
+        backend.skip[bad] = f"quantized kernel failed on engine {cfg.engine}: {err[:120]}"
+        try:
+            q = run_once()
+        except Exception as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+            q = None
+    if q is None:
+        report.mode = "fp32-fallback"
+        report.applied = False
+        report.note = "int8 static quantization failed, model kept in float32: " + "; ".join(problems)
+        return safe_deepcopy(model), report
+
+    report.applied = True
+    floats = {n: r for n, r in backend.skip.items()}
+    for n in backend.non_traceable:
+        floats[n] = "FX cannot trace this module (data-dependent control flow): kept in float"
+    for n, r in _float_leaves(q).items():
+        floats.setdefault(n, r)
+    report.float_modules = floats
+    report.mode = "fx" if not floats else ("fx-partial" if not backend.non_traceable else "per-submodule")
+    if backend.non_traceable:
+        q = _quantize_children(q, backend.non_traceable, cfg, batches, example_input, report)
+    if problems:
+        report.note = "; ".join(problems)
+    return q, report
+
+
+def _quantize_children(
+    q: nn.Module, names: list[str], cfg: QuantConfig, batches: list[torch.Tensor], example_input: torch.Tensor,
+    report: QuantReport,
+) -> nn.Module:
+    """Quantize the traceable children of non-traceable modules one by one (each gets its own
+    quantize/dequantize boundary). Children's inputs come from recording a float forward."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mods = dict(q.named_modules())
+    for parent_name in names:
+        parent = mods.get(parent_name)
+        if parent is None:
+            continue
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not any(isinstance(c, (nn.Conv2d, nn.Linear)) for c in child.modules()):
+                continue
+            if not _fx_traceable(child):
+                continue
+            # record the child's inputs over the calibration batches
+            seen: list[torch.Tensor] = []
+            h = child.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) if len(a) == 1 else None)
+            try:
+                with quiet_quantization_warnings(), torch.no_grad():
+                    for b in batches:
+                        q(_inputs(b))
+            finally:
+                h.remove()
+            if not seen:
+                continue
+            try:
+                with quiet_quantization_warnings(), _engine(cfg.engine):
+                    p = prepare_fx(safe_deepcopy(child).eval(), get_default_qconfig_mapping(cfg.engine), (seen[0],))
+                    with torch.no_grad():
+                        for t in seen:
+                            p(t)
+                    qc = convert_fx(p)
+                    with torch.no_grad():
+                        qc(seen[0])
+            except Exception:
+                continue
+            setattr(parent, child_name, qc)
+            for n in list(report.float_modules):
+                if n == full or n.startswith(full + "."):
+                    del report.float_modules[n]
+            report.float_modules[parent_name] = (
+                "FX cannot trace its forward (data-dependent control flow): its conv/linear children "
+                "are quantized one by one, the ops between them stay float"
+            )
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def apply_quantization(
+    model: nn.Module,
+    cfg: QuantConfig,
+    *,
+    calibration: Calibration | None,
+    example_input: torch.Tensor | None = None,
+) -> tuple[nn.Module, QuantReport]:
+    """Quantize a copy of ``model`` as ``cfg`` says; returns (model, report).
+
+    ``calibration``: batches (tensors or (x, y) pairs); at most ``cfg.calibration_batches`` are
+    used for ``int8-static``. ``example_input``: one input for tracing; defaults to the first
+    calibration batch (or a random 1x3x32x32 tensor if there is none).
+    """
+    t0 = time.perf_counter()
+    batches = [_inputs(b) for b in islice(iter(calibration or []), cfg.calibration_batches)]
+    if example_input is None:
+        example_input = batches[0][:1] if batches else torch.randn(1, 3, 32, 32)
+    before = size_mb(model)
+    note = ""
+    if cfg.scheme == "int8-static":
+        if not batches:
+            batches = [torch.randn(8, *example_input.shape[1:])]
+            note = "no calibration data given: calibrated on random normal input (activation ranges are guesses)"
+        q, report = _static_int8(model, cfg, batches, example_input)
+    else:
+        backend = get_backend(cfg.scheme, cfg.engine if cfg.scheme.startswith("int8") else None)
+        prepared = backend.prepare(model, example_input)
+        backend.report.calibration_batches = backend.calibrate(prepared, batches)
+        q = backend.convert(prepared)
+        report = backend.report
+        report.scheme = cfg.scheme
+    q.eval()
+    report.size_mb_before = before
+    report.size_mb_after = size_mb(q)
+    if note:
+        report.note = (note + "; " + report.note).strip("; ")
+    report.seconds = time.perf_counter() - t0
+    return q, report

@@ -1,0 +1,306 @@
+"""One recipe measured end to end: build -> train (or cache) -> compress -> evaluate -> measure.
+
+:class:`Evaluator` holds what every trial of a study shares (the data, the proxy protocol, the
+trained-weights cache, the baseline and its logits for distillation). Trained weights are keyed by
+(model, ArchConfig, protocol, seed, dataset), so trials that share an architecture and differ only
+in pruning or quantization cost an evaluation, not a training. Pruning and quantization are always
+applied to trained weights and measured, never guessed.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import measure as measure_mod
+from .cache import WeightsCache
+from .compress import checkpoint as ckpt
+from .compress.pipeline import compress
+from .constraints import Budget, MaxDrop
+from .data import TensorData
+from .errors import CheckpointError, RecommenderError
+from .models import build_model
+from .models.arch import ArchConfig
+from .protocol import ProxyProtocol
+from .recipe import Recipe
+from .train import batches, evaluate, finetune_fn, paired_drop, teacher_logits, train_model
+
+Log = Callable[[str], None]
+
+
+def pack_bools(a: np.ndarray | None) -> str | None:
+    """Per-image correctness vector -> compact base64 (stored on the study)."""
+    if a is None:
+        return None
+    a = np.asarray(a, dtype=bool)
+    return f"{a.size}:" + base64.b64encode(np.packbits(a).tobytes()).decode()
+
+
+def unpack_bools(s: str | None) -> np.ndarray | None:
+    if not s:
+        return None
+    n, _, data = s.partition(":")
+    return np.unpackbits(np.frombuffer(base64.b64decode(data), dtype=np.uint8))[: int(n)].astype(bool)
+
+
+@dataclass
+class Baseline:
+    """The reference: the unmodified model under the same protocol (or the user's checkpoint).
+
+    accuracy, acc_low, acc_high: fractions in [0, 1] with a 95 % interval.
+    correct: per-image correctness on the validation images (None for a stated accuracy).
+    costs: :class:`recommender.measure.Costs` as a dict (params, MFLOPs, MB, ms).
+    source: ``trained`` (under ``fidelity``), ``checkpoint`` or ``stated``.
+    """
+
+    accuracy: float
+    acc_low: float
+    acc_high: float
+    costs: dict[str, Any]
+    source: str
+    fidelity: str
+    correct: np.ndarray | None = None
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "correct"}
+        d["correct"] = pack_bools(self.correct)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Baseline":
+        d = dict(d)
+        correct = unpack_bools(d.pop("correct", None))
+        return cls(correct=correct, **d)
+
+
+@dataclass
+class Evaluation:
+    """A recipe's measured outcome.
+
+    Accuracies are fractions; drops are percentage points (positive = worse than the baseline)
+    with a paired 95 % bootstrap interval; ``prob_within`` is the bootstrap probability that the
+    drop is within the tolerance. ``costs`` holds params, nonzero_params, mflops (MFLOPs),
+    size_mb, sparse_size_mb (MB), latency_ms (ms), peak_memory_mb (MB).
+    """
+
+    recipe: dict[str, Any]
+    ok: bool = True
+    reason: str = ""
+    accuracy: float | None = None
+    acc_low: float | None = None
+    acc_high: float | None = None
+    drop_pp: float | None = None
+    drop_low_pp: float | None = None
+    drop_high_pp: float | None = None
+    prob_within: float | None = None
+    costs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fidelity: str = ""
+    seed: int = 0
+    cached_training: bool = False
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Evaluation":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def constraint_values(self, max_drop: MaxDrop, budgets: list[Budget], baseline_acc: float) -> list[float]:
+        """Optuna constraint values: <= 0 is satisfied. Drop first, then each budget."""
+        allowed = max_drop.allowed_pp(baseline_acc)
+        drop = self.drop_pp if self.drop_pp is not None else math.inf
+        # Normalise the drop excess by the tolerance so all constraints share a scale.
+        out = [(drop - allowed) / max(allowed, 0.1)]
+        out += [b.violation(self.costs) for b in budgets]
+        return out
+
+
+class Evaluator:
+    """Evaluates recipes of one base model on one dataset under one proxy protocol.
+
+    Args:
+        model: base model name (``resnet101``).
+        data: the dataset (its ``num_classes`` sets the classifier).
+        protocol: the proxy protocol that trains candidates (and the baseline).
+        cache: the trained-weights cache (None: train every time, keep nothing).
+        deploy_size: input side in px at which FLOPs, size and latency are measured (paper: 32).
+        latency: measure CPU latency (ms, batch 1, ``latency_threads`` threads).
+        checkpoint: a trained baseline state dict (evaluated, never retrained).
+        log: where progress lines go.
+    """
+
+    def __init__(self, model: str, data: TensorData, protocol: ProxyProtocol, *,
+                 cache: WeightsCache | None = None, deploy_size: int = 32, latency: bool = True,
+                 latency_threads: int = 1, checkpoint: str | Path | None = None,
+                 log: Log | None = None):
+        self.model_name = model
+        self.data = data
+        self.protocol = protocol
+        self.cache = cache
+        self.deploy_size = deploy_size
+        self.latency = latency
+        self.latency_threads = latency_threads
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.log = log or (lambda s: None)
+        self._baseline_model: nn.Module | None = None
+        self._teacher: torch.Tensor | None = None
+        build_model(model, None, num_classes=data.num_classes)  # fail fast on a bad model name
+
+    # -- training ----------------------------------------------------------------------------
+    @property
+    def input_size(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.deploy_size, self.deploy_size)
+
+    def _build(self, arch: ArchConfig) -> nn.Module:
+        return build_model(self.model_name, arch, num_classes=self.data.num_classes)
+
+    def _key(self, arch: ArchConfig, protocol: ProxyProtocol, teacher: bool) -> str:
+        extra = {"distilled_from": self.baseline_key(protocol)} if teacher else {}
+        return WeightsCache.key(self.model_name, {"arch": arch.to_dict(), **extra}, protocol.key(),
+                                protocol.seed, self.data.identity)
+
+    def baseline_key(self, protocol: ProxyProtocol | None = None) -> str:
+        p = protocol or self.protocol
+        src = {"checkpoint": str(self.checkpoint)} if self.checkpoint else {}
+        return WeightsCache.key(self.model_name, {"arch": ArchConfig().to_dict(), **src}, p.key(), p.seed,
+                                self.data.identity)
+
+    def baseline_model(self) -> nn.Module:
+        """The trained baseline: the user's checkpoint, else trained once and cached."""
+        if self._baseline_model is None:
+            if self.checkpoint:
+                model = self._build(ArchConfig())
+                state = ckpt.load_state(self.checkpoint)
+                try:
+                    model.load_state_dict(state)
+                except (RuntimeError, KeyError) as exc:
+                    raise CheckpointError(
+                        f"checkpoint {self.checkpoint} does not fit {self.model_name} with "
+                        f"{self.data.num_classes} classes: {str(exc).splitlines()[0]}") from None
+                model.eval()
+                self._baseline_model = model
+            else:
+                self._baseline_model, _, _ = self._train(ArchConfig(), self.protocol, teacher=False)
+        return self._baseline_model
+
+    def _teacher_logits(self, protocol: ProxyProtocol) -> torch.Tensor | None:
+        if protocol.distill_alpha <= 0:
+            return None
+        if self._teacher is None:
+            key = self.baseline_key(protocol)
+            arr = self.cache.load_array(key, "teacher_logits") if self.cache else None
+            if arr is None:
+                arr = teacher_logits(self.baseline_model(), self.data, protocol).numpy()
+                if self.cache:
+                    self.cache.save_array(key, "teacher_logits", arr)
+            self._teacher = torch.as_tensor(arr)
+        return self._teacher
+
+    def _train(self, arch: ArchConfig, protocol: ProxyProtocol, *, teacher: bool
+               ) -> tuple[nn.Module, dict[str, Any], bool]:
+        """Build and train ``arch`` (or load it from the cache). Returns (model, meta, cache hit)."""
+        logits = self._teacher_logits(protocol) if teacher else None
+        key = self._key(arch, protocol, logits is not None) if not (arch == ArchConfig() and not teacher) \
+            else self.baseline_key(protocol)
+        label = arch.describe() if hasattr(arch, "describe") else "arch"
+
+        def train_fn(m: nn.Module) -> dict[str, Any]:
+            self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
+            res = train_model(m, self.data, protocol, teacher_logits=logits)
+            if not res.ok:
+                raise _TrainingFailed(res.reason)
+            return res.to_dict()
+
+        build = lambda: self._build(arch)  # noqa: E731
+        if self.cache is None:
+            torch.manual_seed(protocol.seed)
+            m = build()
+            return m, train_fn(m), False
+        res = self.cache.get_or_train(key, build, train_fn, seed=protocol.seed)
+        return res.model, res.meta, res.hit
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate_baseline(self, stated_accuracy: float | None = None) -> Baseline:
+        """Evaluate the baseline once (its costs always; its accuracy unless stated)."""
+        t0 = time.perf_counter()
+        float_model = self._build(ArchConfig())
+        costs = measure_mod.measure(float_model, self.input_size, latency=self.latency,
+                                    threads=self.latency_threads).to_dict()
+        if stated_accuracy is not None:
+            acc = float(stated_accuracy)
+            return Baseline(acc, acc, acc, costs, "stated", self.protocol.fidelity, None, 0.0)
+        model = self.baseline_model()
+        ev = evaluate(model, self.data, self.protocol)
+        src = "checkpoint" if self.checkpoint else "trained"
+        return Baseline(ev.accuracy, ev.ci_low, ev.ci_high, costs, src, self.protocol.fidelity,
+                        ev.correct, time.perf_counter() - t0)
+
+    def evaluate(self, recipe: Recipe, baseline: Baseline, max_drop: MaxDrop | None = None,
+                 *, return_model: bool = False) -> Any:
+        """Build, train (or load), prune, quantize, evaluate and measure one recipe.
+
+        Returns the :class:`Evaluation`, or ``(evaluation, compressed model)`` with
+        ``return_model`` (the model is None when the evaluation failed)."""
+        model = None
+        t0 = time.perf_counter()
+        out = Evaluation(recipe=recipe.to_dict(), fidelity=self.protocol.fidelity, seed=self.protocol.seed)
+        try:
+            if recipe.arch == ArchConfig():
+                trained, meta, hit = self.baseline_model(), {}, True
+            else:
+                trained, meta, hit = self._train(recipe.arch, self.protocol, teacher=True)
+            out.cached_training = hit
+            out.train_seconds = float(meta.get("seconds", 0.0)) if not hit else 0.0
+            model = copy.deepcopy(trained)
+            example = torch.randn(self.input_size)
+            calib = [x for x, _ in batches(self.data, self.protocol, recipe.quant.calibration_batches)] \
+                if recipe.quant.active or recipe.prune.active else []
+            grad_batches = list(batches(self.data, self.protocol, 2)) if recipe.prune.active else None
+            model, report = compress(model, recipe, example_input=example, batches=grad_batches,
+                                     calibration=calib, finetune=finetune_fn(self.data, self.protocol))
+            out.notes = list(getattr(report, "notes", []) or [])
+            ev = evaluate(model, self.data, self.protocol)
+            out.accuracy, out.acc_low, out.acc_high = ev.accuracy, ev.ci_low, ev.ci_high
+            self._fill_drop(out, ev.correct, baseline, max_drop)
+            float_model = getattr(report, "float_model", None)
+            out.costs = measure_mod.measure(model, self.input_size, latency=self.latency,
+                                            float_model=float_model, threads=self.latency_threads).to_dict()
+        except _TrainingFailed as exc:
+            out.ok, out.reason = False, f"training diverged: {exc}"
+        except RecommenderError:
+            raise
+        except Exception as exc:  # a candidate that cannot be built/compressed is a failed trial
+            out.ok, out.reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        out.wall_seconds = time.perf_counter() - t0
+        return (out, model if out.ok else None) if return_model else out
+
+    def _fill_drop(self, out: Evaluation, correct: np.ndarray, baseline: Baseline,
+                   max_drop: MaxDrop | None) -> None:
+        if baseline.correct is not None and len(baseline.correct) == len(correct):
+            d = paired_drop(baseline.correct, correct, seed=self.protocol.seed)
+            out.drop_pp, out.drop_low_pp, out.drop_high_pp = d.drop_pp, d.ci_low_pp, d.ci_high_pp
+            if max_drop is not None:
+                out.prob_within = float(d.prob_within(max_drop.allowed_pp(baseline.accuracy)))
+        else:  # a stated baseline accuracy: unpaired, the candidate's own interval only
+            acc = out.accuracy or 0.0
+            out.drop_pp = (baseline.accuracy - acc) * 100
+            out.drop_low_pp = (baseline.accuracy - (out.acc_high or acc)) * 100
+            out.drop_high_pp = (baseline.accuracy - (out.acc_low or acc)) * 100
+
+
+class _TrainingFailed(Exception):
+    pass

@@ -1,0 +1,225 @@
+"""How a candidate is trained and evaluated: :class:`ProxyProtocol` and the named fidelities.
+
+A protocol fixes everything that decides a trained model's accuracy: data subset sizes, input
+resolution, epochs, batch size, optimiser and schedule (SGD + OneCycle as in the paper), augmentation,
+distillation and seed. Execution details that do not change the expected result (thread count,
+device) are fields too but are left out of :meth:`ProxyProtocol.key`.
+
+Named fidelities (``FIDELITIES``), cheapest first; the numbers were measured on a 2-core CPU
+(see ``benchmarks/proxy_cost.py`` and the engineering notes in the docstring of each entry):
+
+- ``smoke``: tests and dry runs: a few hundred images, 2 epochs, at most 8 px.
+- ``proxy``: the search. Trains at the dataset's native resolution capped at 16 px (digits: 8 px),
+  on at most 4,096 training images, 8 epochs, Nesterov SGD with OneCycle. A ResNet-101 baseline
+  on digits takes about 2-3 minutes on 2 cores, a paper preset seconds.
+- ``confirm``: the re-check of the finalists: more data (16,384), 15 epochs, native resolution up
+  to 32 px, augmentation.
+- ``paper``: the paper's OneCycle protocol (section 5 of paper/variants.md): SGD m 0.9, wd 2e-5,
+  max_lr 0.0125, pct_start 0.1, div 25 / 1e4, batch 128, 150 epochs, full data, 32 px, crop+flip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .errors import RecommenderError, UnknownNameError
+
+__all__ = ["ProxyProtocol", "FIDELITIES", "get_protocol", "list_fidelities"]
+
+# Fields that change how fast a run goes, not what it converges to: left out of key().
+_EXECUTION_FIELDS = ("threads", "device", "eval_batch_size")
+
+
+@dataclass(frozen=True)
+class ProxyProtocol:
+    """A training and evaluation protocol.
+
+    Args:
+        fidelity: name of the fidelity it derives from (informational; part of the key).
+        train_size: training images used (stratified prefix); 0 = all.
+        val_size: validation images used (stratified prefix, the same for every model); 0 = all.
+        resolution: training and evaluation input size in px; 0 = the dataset's native size
+            capped at ``max_resolution``. FLOPs and latency are still measured at 32 px.
+        max_resolution: cap on the native size when ``resolution`` is 0; 0 = no cap.
+        epochs: passes over the training subset.
+        batch_size: training batch size.
+        lr: peak learning rate (OneCycle ``max_lr``; the constant rate for ``schedule='constant'``).
+        momentum: SGD momentum (OneCycle cycles it between ``base_momentum`` and ``max_momentum``
+            when ``cycle_momentum``).
+        weight_decay: SGD weight decay.
+        nesterov: Nesterov momentum.
+        optimizer: ``sgd`` (the only one implemented; the paper's).
+        schedule: ``onecycle`` (stepped every batch, the paper) or ``constant``.
+        pct_start, div_factor, final_div_factor, anneal_strategy, cycle_momentum, base_momentum,
+            max_momentum: ``torch.optim.lr_scheduler.OneCycleLR`` arguments (PyTorch defaults).
+        grad_clip: max gradient norm (0 = no clipping, the paper).
+        zero_init_residual: before training, zero the scale of the last BN of every residual
+            branch (Goyal et al. 2017; torchvision's ``zero_init_residual``) so a deep ResNet starts
+            as a shallow one. Measured: ResNet-101 on digits at 8 px stays at chance for 2+ epochs
+            without it and reaches ~70% after 2 epochs with it. Off for ``paper``.
+        label_smoothing: cross-entropy label smoothing (0 = none, the paper).
+        augment: random crop (zero padding) + horizontal flip where the dataset allows it.
+        distill_alpha: weight of the logit-distillation term (0 = plain cross-entropy).
+        distill_temperature: softmax temperature of the distillation term.
+        finetune_lr: learning rate of the short fine-tunes between pruning rounds.
+        calibration_batch_size: batch size of ``train.batches`` (quantization calibration, Taylor).
+        seed: seed of weight init (when the caller seeds), shuffling and augmentation.
+        threads: CPU threads used while training/evaluating (0 = all cores). Not in the key.
+        device: ``cpu``, ``cuda`` or ``auto`` (cuda when available). Not in the key.
+        eval_batch_size: evaluation batch size. Not in the key.
+    """
+
+    fidelity: str = "proxy"
+    train_size: int = 4096
+    val_size: int = 2000
+    resolution: int = 0
+    max_resolution: int = 16
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    optimizer: str = "sgd"
+    schedule: str = "onecycle"
+    pct_start: float = 0.25
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal_strategy: str = "cos"
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    grad_clip: float = 0.0
+    zero_init_residual: bool = True
+    label_smoothing: float = 0.0
+    augment: bool = False
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
+    finetune_lr: float = 1e-3
+    calibration_batch_size: int = 64
+    seed: int = 0
+    threads: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise RecommenderError(f"invalid protocol {self.fidelity!r}: {msg}")
+
+        for name in ("train_size", "val_size", "resolution", "max_resolution", "threads"):
+            if int(getattr(self, name)) < 0:
+                bad(f"{name} must be >= 0")
+        for name in ("epochs", "batch_size", "eval_batch_size", "calibration_batch_size"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1")
+        if self.resolution and not 4 <= self.resolution <= 256:
+            bad("resolution must be in [4, 256] px")
+        if not self.lr > 0 or not self.finetune_lr > 0:
+            bad("lr and finetune_lr must be > 0")
+        if self.optimizer not in ("sgd",):
+            bad(f"optimizer must be 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("onecycle", "constant"):
+            bad(f"schedule must be 'onecycle' or 'constant', got {self.schedule!r}")
+        if self.anneal_strategy not in ("cos", "linear"):
+            bad("anneal_strategy must be 'cos' or 'linear'")
+        if not 0.0 < self.pct_start < 1.0:
+            bad("pct_start must be in (0, 1)")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            bad("distill_alpha must be in [0, 1]")
+        if not self.distill_temperature > 0:
+            bad("distill_temperature must be > 0")
+        if self.device not in ("cpu", "cuda", "auto"):
+            bad("device must be 'cpu', 'cuda' or 'auto'")
+
+    # --- derived values -------------------------------------------------------------------
+    def input_resolution(self, native: int) -> int:
+        """The px size used for a dataset of native size ``native``."""
+        if self.resolution:
+            return int(self.resolution)
+        return int(min(native, self.max_resolution) if self.max_resolution else native)
+
+    def resolved_threads(self) -> int:
+        return int(self.threads) if self.threads else (os.cpu_count() or 1)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    # --- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProxyProtocol:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecommenderError(f"unknown protocol field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ProxyProtocol:
+        return with_overrides(self, **changes)
+
+    def key(self) -> str:
+        """Stable cache key: ``<fidelity>-<12 hex of sha256(canonical JSON)>``; execution fields
+        (threads, device, eval batch size) are excluded."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return f"{self.fidelity}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def describe(self) -> str:
+        res = f"{self.resolution}px" if self.resolution else (
+            f"native<= {self.max_resolution}px" if self.max_resolution else "native px")
+        size = f"{self.train_size or 'all'} train/{self.val_size or 'all'} val"
+        kd = f", KD a{self.distill_alpha} T{self.distill_temperature}" if self.distill_alpha else ""
+        return (f"{self.fidelity}: {size}, {res}, {self.epochs} ep, batch {self.batch_size}, "
+                f"SGD lr {self.lr} {self.schedule}{', aug' if self.augment else ''}{kd}, "
+                f"seed {self.seed}")
+
+
+FIDELITIES: dict[str, ProxyProtocol] = {
+    "smoke": ProxyProtocol(
+        fidelity="smoke", train_size=512, val_size=256, max_resolution=8, epochs=2,
+        batch_size=64, lr=0.05, pct_start=0.3),
+    "proxy": ProxyProtocol(fidelity="proxy"),
+    "confirm": ProxyProtocol(
+        fidelity="confirm", train_size=16384, val_size=5000, max_resolution=32, epochs=15,
+        batch_size=64, lr=0.05, augment=True),
+    "paper": ProxyProtocol(
+        fidelity="paper", train_size=0, val_size=0, resolution=32, max_resolution=0, epochs=150,
+        batch_size=128, lr=0.0125, momentum=0.9, weight_decay=2e-5, nesterov=False,
+        pct_start=0.1, div_factor=25.0, final_div_factor=1e4, augment=True,
+        zero_init_residual=False),
+}
+
+
+def list_fidelities() -> list[str]:
+    return list(FIDELITIES)
+
+
+def with_overrides(base: ProxyProtocol, **overrides: Any) -> ProxyProtocol:
+    known = {f.name for f in fields(ProxyProtocol)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UnknownNameError("protocol field", unknown[0], sorted(known))
+    return replace(base, **overrides)
+
+
+def get_protocol(name: str | ProxyProtocol = "proxy", **overrides: Any) -> ProxyProtocol:
+    """A named fidelity, optionally with fields overridden (``get_protocol('proxy', epochs=4)``).
+
+    Raises UnknownNameError for an unknown fidelity or field.
+    """
+    if isinstance(name, ProxyProtocol):
+        return with_overrides(name, **overrides) if overrides else name
+    if name not in FIDELITIES:
+        raise UnknownNameError("fidelity", name, list(FIDELITIES))
+    base = FIDELITIES[name]
+    return with_overrides(base, **overrides) if overrides else base

@@ -1,0 +1,54 @@
+"""A study-wide mutex, so that work done once per study (the baseline, the warm start, the
+confirm stage) is done once even when several workers start together.
+
+PostgreSQL storages use a session-level advisory lock on the same database (every worker of a
+fleet sees it); SQLite storages use an ``fcntl`` lock on a file beside the database (SQLite
+studies are local to one machine); other storages (in-memory) need no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, text
+
+
+def _lock_id(name: str) -> int:
+    # Advisory locks take a signed 64-bit key.
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def study_lock(storage_url: str | None, study_name: str, what: str = "baseline") -> Iterator[None]:
+    """Hold an exclusive lock named (study, what) for the body of the ``with`` block (blocking)."""
+    if not storage_url:
+        yield
+        return
+    if storage_url.startswith("postgresql"):
+        engine = create_engine(storage_url)
+        key = _lock_id(f"{study_name}/{what}")
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+        return
+    if storage_url.startswith("sqlite:///"):
+        db = Path(storage_url[len("sqlite:///"):])
+        safe = hashlib.sha256(f"{study_name}/{what}".encode()).hexdigest()[:16]
+        lock_path = db.with_name(f".{db.name}.{safe}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    yield

@@ -1,0 +1,107 @@
+"""One Optuna trial: sample a recipe, pre-check its structure, evaluate it, store everything.
+
+Objectives: maximise accuracy (fraction), minimise the primary cost (the first budget's metric).
+Constraints (Optuna's ``constraints_func``, <= 0 is feasible): the drop against the baseline over
+the tolerance, then every budget's relative excess. Every trial stores its recipe, evaluation and
+constraint values as user attributes, so ``recommend show`` and the dashboard can explain it.
+
+Before any training, the candidate's *structure* is measured (an untrained build, plus structured
+pruning at the recipe's ratio, which removes the same channel counts on any weights): a recipe
+whose params or FLOPs already break a budget that nothing later in its recipe can lower is
+pruned in seconds instead of trained for minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+
+from .. import measure as measure_mod
+from ..compress.prune import apply_pruning
+from ..constraints import Budget, MaxDrop
+from ..evaluation import Baseline, Evaluation, Evaluator
+from ..recipe import PruneConfig, Recipe
+from .space import SearchSpace
+
+# Metrics that only structured pruning can lower (int8 and zeros keep params and MACs).
+_STRUCTURAL = ("params", "flops")
+
+
+class TrialFailed(Exception):
+    """A candidate that could not be trained, compressed or evaluated; the study goes on."""
+
+
+@dataclass
+class Objective:
+    """Callable objective for :meth:`optuna.Study.optimize`."""
+
+    evaluator: Evaluator
+    space: SearchSpace
+    baseline: Baseline
+    max_drop: MaxDrop
+    budgets: list[Budget]
+
+    @property
+    def primary(self) -> Budget:
+        return self.budgets[0]
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        recipe = self.space.sample(trial)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("describe", recipe.describe())
+        verdict = self.precheck(recipe)
+        if verdict:
+            trial.set_user_attr("pruned_reason", verdict)
+            raise optuna.TrialPruned(verdict)
+        ev = self.evaluator.evaluate(recipe, self.baseline, self.max_drop)
+        return self.record(trial, ev)
+
+    def record(self, trial: optuna.Trial, ev: Evaluation) -> tuple[float, float]:
+        trial.set_user_attr("evaluation", ev.to_dict())
+        if not ev.ok:
+            trial.set_user_attr("fail_reason", ev.reason)
+            raise TrialFailed(ev.reason)
+        cons = ev.constraint_values(self.max_drop, self.budgets, self.baseline.accuracy)
+        trial.set_user_attr("constraints", cons)
+        return float(ev.accuracy), self.primary.value(ev.costs)
+
+    def precheck(self, recipe: Recipe) -> str | None:
+        """A reason to skip training when the structure alone breaks a params/FLOPs budget."""
+        checked = [b for b in self.budgets if b.metric in _STRUCTURAL]
+        if not checked:
+            return None
+        model = self.evaluator._build(recipe.arch)
+        if recipe.prune.method == "structured-channel" and recipe.prune.active:
+            example = torch.randn(self.evaluator.input_size)
+            cfg = PruneConfig("structured-channel", recipe.prune.sparsity, "l1")
+            model, _ = apply_pruning(copy.deepcopy(model), cfg, example_input=example)
+        costs = {"params": measure_mod.count_params(model)}
+        if any(b.metric == "flops" for b in checked):
+            costs["mflops"] = measure_mod.count_flops(model, self.evaluator.input_size) / 1e6
+        for b in checked:
+            if b.violation(costs) > 0:
+                return (f"structure breaks the budget before training: {b.metric} "
+                        f"{b.value(costs):.4g} > {b.limit:.4g}")
+        return None
+
+
+def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Read the constraint values the objective stored (Optuna's documented pattern)."""
+    return list(trial.user_attrs.get("constraints", [1.0]))
+
+
+def trial_evaluation(trial: optuna.trial.FrozenTrial) -> Evaluation | None:
+    d = trial.user_attrs.get("evaluation")
+    return Evaluation.from_dict(d) if d else None
+
+
+def warm_start_params(space: SearchSpace, presets: list[tuple[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Optuna parameters of each preset (name, ArchConfig) with no pruning or quantization."""
+    out = []
+    for name, arch in presets:
+        out.append((name, space.params_for(Recipe(arch=arch))))
+    return out

@@ -1,0 +1,295 @@
+"""Search spaces: a YAML file -> Optuna suggestions -> a :class:`~recommender.recipe.Recipe`.
+
+A space file has three sections, ``arch``, ``prune`` and ``quant``, whose keys are the fields of
+:class:`ArchConfig`, :class:`PruneConfig` and :class:`QuantConfig`. Each key is one dimension::
+
+    arch:
+      block: {choices: [bottleneck, ghost, inverted-residual]}
+      se: {choices: [false, true], when: {block: [ghost]}}      # conditional dimension
+      width_multiplier: {low: 0.25, high: 1.0, step: 0.25}       # float (int if all ints)
+      stem: {value: dws}                                        # fixed, not searched
+    prune:
+      method: {choices: [none, unstructured-l1, structured-channel]}
+      sparsity: {low: 0.1, high: 0.9, step: 0.1, when: {method: [unstructured-l1, structured-channel]}}
+    warm_start: [paper-resnet101-11, paper-resnet101-13]          # presets enqueued first
+
+A dimension exists only when every parent named in ``when`` is itself active and takes one of the
+listed values (a parent in another section is written ``section.field``). An inactive dimension
+keeps the dataclass default. Choices that are lists (per-stage widths) are passed to Optuna as
+JSON strings, since Optuna's categorical values must be scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from ..errors import SearchSpaceError
+from ..models.arch import ArchConfig
+from ..recipe import PruneConfig, QuantConfig, Recipe
+
+SECTIONS: dict[str, type] = {"arch": ArchConfig, "prune": PruneConfig, "quant": QuantConfig}
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+FAMILY_SPACES = {"resnet": "resnet.yaml", "vgg": "vgg.yaml"}
+
+
+def _encode(value: Any) -> Any:
+    """Optuna categorical values must be None, bool, int, float or str."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that treats tuples and lists alike and floats up to rounding."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searchable (or fixed) field of a recipe section.
+
+    Args:
+        section: ``arch``, ``prune`` or ``quant``.
+        name: the dataclass field.
+        choices: categorical values (mutually exclusive with low/high and value).
+        low, high, step, log: a numeric range; int if low, high and step are all ints.
+        value: a fixed value (the dimension is not searched).
+        when: parents that must be active with one of the listed values.
+    """
+
+    section: str
+    name: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    value: Any = None
+    fixed: bool = False
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Optuna parameter name, e.g. ``arch.block``."""
+        return f"{self.section}.{self.name}"
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high)) and (
+            self.step is None or isinstance(self.step, int))
+
+    def active(self, assigned: Mapping[str, Any]) -> bool:
+        for parent, allowed in self.when:
+            if parent not in assigned:
+                return False
+            if not any(_same(assigned[parent], a) for a in allowed):
+                return False
+        return True
+
+    def suggest(self, trial: Any) -> Any:
+        if self.fixed:
+            return self.value
+        if self.choices is not None:
+            return _decode(trial.suggest_categorical(self.key, [_encode(c) for c in self.choices]))
+        if self.is_int:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.fixed:
+            return _same(value, self.value)
+        if self.choices is not None:
+            return any(_same(value, c) for c in self.choices)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return False
+        if not (self.low - 1e-9 <= v <= self.high + 1e-9):
+            return False
+        if self.step:
+            k = (v - self.low) / self.step
+            return abs(k - round(k)) < 1e-6
+        return True
+
+    def encode(self, value: Any) -> Any:
+        """The Optuna parameter value for a config value (for enqueueing presets)."""
+        if self.choices is not None:
+            for c in self.choices:
+                if _same(value, c):
+                    return _encode(c)
+        if self.is_int:
+            return int(value)
+        return float(value) if self.low is not None else value
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """An ordered set of dimensions over the three recipe sections, plus warm-start presets."""
+
+    family: str
+    dimensions: tuple[Dimension, ...]
+    warm_start: tuple[str, ...] = ()
+    source: str = ""
+    fixed_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "SearchSpace":
+        """Read and validate a space file; any problem is a one-line :class:`SearchSpaceError`."""
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except OSError as exc:
+            raise SearchSpaceError(f"cannot read search space {p}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+            raise SearchSpaceError(f"search space {p} is not valid YAML: {first}") from None
+        return cls.from_dict(raw, source=str(p))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<dict>") -> "SearchSpace":
+        def bad(msg: str) -> SearchSpaceError:
+            return SearchSpaceError(f"search space {source}: {msg}")
+
+        if not isinstance(raw, dict):
+            raise bad("top level must be a mapping with arch, prune and quant sections")
+        unknown = set(raw) - {"family", "description", "warm_start", *SECTIONS}
+        if unknown:
+            raise bad(f"unknown top-level keys {sorted(unknown)}")
+        dims: list[Dimension] = []
+        seen: set[str] = set()
+        for section, cfg_cls in SECTIONS.items():
+            body = raw.get(section) or {}
+            if not isinstance(body, dict):
+                raise bad(f"section {section!r} must be a mapping")
+            valid = {f.name for f in fields(cfg_cls)}
+            for name, spec in body.items():
+                if name not in valid:
+                    raise bad(f"{section}.{name} is not a field of {cfg_cls.__name__} (valid: {', '.join(sorted(valid))})")
+                dims.append(_dimension(section, name, spec, seen, bad))
+                seen.add(f"{section}.{name}")
+        warm = raw.get("warm_start") or []
+        if not isinstance(warm, list) or not all(isinstance(w, str) for w in warm):
+            raise bad("warm_start must be a list of preset names")
+        return cls(str(raw.get("family", "")), tuple(dims), tuple(warm), source)
+
+    @classmethod
+    def for_model(cls, model: str, path: str | Path | None = None) -> "SearchSpace":
+        """The space given by ``path``, or the bundled one for the model's family."""
+        if path is not None:
+            return cls.load(path)
+        family = "vgg" if model.startswith("vgg") else "resnet"
+        return cls.load(SPACES_DIR / FAMILY_SPACES[family])
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sample(self, trial: Any) -> Recipe:
+        """Suggest every active dimension on an Optuna trial and build the recipe."""
+        assigned: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.active(assigned):
+                assigned[dim.key] = dim.suggest(trial)
+        return self.recipe(assigned)
+
+    def recipe(self, assigned: Mapping[str, Any]) -> Recipe:
+        """Build a recipe from ``{"section.field": value}``; absent fields keep their defaults."""
+        parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in assigned.items():
+            section, name = key.split(".", 1)
+            parts[section][name] = value
+        return Recipe.from_dict(parts)
+
+    def params_for(self, recipe: Recipe) -> dict[str, Any]:
+        """The Optuna parameters that reproduce ``recipe``; raises if it is not a point of the space."""
+        values = {"arch": recipe.arch.to_dict(), "prune": _asdict(recipe.prune), "quant": _asdict(recipe.quant)}
+        assigned: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if not dim.active(assigned):
+                continue
+            value = values[dim.section].get(dim.name)
+            if not dim.contains(value):
+                raise SearchSpaceError(
+                    f"{dim.key}={value!r} is outside the search space {self.source}")
+            assigned[dim.key] = value
+            if not dim.fixed:
+                params[dim.key] = dim.encode(value)
+        rebuilt = self.recipe(assigned)
+        if rebuilt != recipe:
+            diff = _diff(recipe, rebuilt)
+            raise SearchSpaceError(
+                f"recipe is not a point of the search space {self.source}: {diff}")
+        return params
+
+    def keys(self) -> list[str]:
+        return [d.key for d in self.dimensions if not d.fixed]
+
+
+def _asdict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def _diff(want: Recipe, got: Recipe) -> str:
+    out = []
+    for section in SECTIONS:
+        a = want.to_dict()[section]
+        b = got.to_dict()[section]
+        for k in a:
+            if not _same(a.get(k), b.get(k)):
+                out.append(f"{section}.{k}: wanted {a.get(k)!r}, the space gives {b.get(k)!r}")
+    return "; ".join(out) or "differs"
+
+
+def _dimension(section: str, name: str, spec: Any, seen: set[str], bad: Any) -> Dimension:
+    key = f"{section}.{name}"
+    if not isinstance(spec, dict):
+        raise bad(f"{key} must be a mapping with choices, low/high or value")
+    allowed = {"choices", "low", "high", "step", "log", "value", "when"}
+    extra = set(spec) - allowed
+    if extra:
+        raise bad(f"{key} has unknown keys {sorted(extra)} (allowed: {', '.join(sorted(allowed))})")
+    when: list[tuple[str, tuple[Any, ...]]] = []
+    for parent, vals in (spec.get("when") or {}).items():
+        qual = parent if "." in parent else f"{section}.{parent}"
+        if qual not in seen:
+            raise bad(f"{key} depends on {qual}, which must be a dimension listed before it")
+        vals = vals if isinstance(vals, list) else [vals]
+        when.append((qual, tuple(vals)))
+    kinds = [k for k in ("choices", "value") if k in spec] + (["range"] if "low" in spec or "high" in spec else [])
+    if len(kinds) != 1:
+        raise bad(f"{key} needs exactly one of choices, low/high or value")
+    if "value" in spec:
+        return Dimension(section, name, value=spec["value"], fixed=True, when=tuple(when))
+    if "choices" in spec:
+        ch = spec["choices"]
+        if not isinstance(ch, list) or not ch:
+            raise bad(f"{key}.choices must be a non-empty list")
+        return Dimension(section, name, choices=tuple(tuple(c) if isinstance(c, list) else c for c in ch),
+                         when=tuple(when))
+    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise bad(f"{key} needs numeric low and high")
+    if low > high:
+        raise bad(f"{key} has low > high")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise bad(f"{key}.step must be a positive number")
+    return Dimension(section, name, low=low, high=high, step=step, log=bool(spec.get("log", False)),
+                     when=tuple(when))

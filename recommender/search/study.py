@@ -1,0 +1,315 @@
+"""The study: storage, sampler, baseline, warm start, search, confirm stage.
+
+A study lives in an Optuna storage (default ``sqlite:///studies/<name>.db``). Running the same
+command again resumes it: ``trials`` is the number of finished trials the study should reach, so a
+resumed study runs only what is missing and a completed trial is never lost. Many machines join
+one study by giving the same ``--storage postgresql://...`` and study name (Optuna's own
+distributed mode); work done once per study (the baseline, the warm start, the confirm stage)
+runs under a study-wide lock (:mod:`recommender.search.lock`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from ..cache import WeightsCache
+from ..constraints import Budget, MaxDrop, parse_budgets
+from ..data import TensorData, load_dataset
+from ..errors import RecommenderError, StorageError, UnknownNameError
+from ..evaluation import Baseline, Evaluation, Evaluator
+from ..models import get_preset, list_presets
+from ..protocol import ProxyProtocol, get_protocol
+from ..recipe import Recipe
+from .lock import study_lock
+from .objective import Objective, TrialFailed, constraints_func, trial_evaluation
+from .space import SearchSpace
+
+SAMPLERS = ("tpe", "nsga2", "random")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+DEFAULT_STUDIES_DIR = Path("studies")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class StudySpec:
+    """Everything that defines a recommendation study (CLI flags map one to one).
+
+    Args:
+        model: base model name (``resnet101``).
+        max_drop: tolerated accuracy drop (``2%``, ``2pp``, ``5%rel``).
+        budgets: cost limits; the first is the primary cost objective.
+        dataset: ``digits`` (offline default), ``cifar10``, ``cifar100``, ``imagefolder:PATH``.
+        fidelity: proxy protocol of the search (``smoke``, ``proxy``, ``confirm``, ``paper``).
+        confirm_fidelity: protocol of the confirm stage (None or ``none``: no confirm stage).
+        n_confirm: how many of the best feasible candidates are re-evaluated.
+        trials: finished trials the study should reach (resumes count the earlier ones).
+        timeout: seconds of search for this invocation (None: no limit).
+        sampler: ``tpe`` (default), ``nsga2`` or ``random``.
+        seed: seeds the sampler and the protocol.
+        storage: Optuna storage URL (default ``sqlite:///<studies_dir>/<study>.db``).
+        study_name: defaults to a name derived from model, dataset, budgets and tolerance.
+        space: a search-space YAML (default: the bundled one for the model family).
+        warm_start: enqueue the paper's presets (in the space's ``warm_start`` list) first.
+        checkpoint: a trained baseline state dict (evaluated, never retrained).
+        baseline_accuracy: a stated baseline accuracy in percent (no baseline evaluation).
+        latency: measure CPU latency of every candidate (ms, batch 1).
+    """
+
+    model: str
+    max_drop: MaxDrop
+    budgets: list[Budget]
+    dataset: str = "digits"
+    data_dir: str | None = None
+    fidelity: str = "proxy"
+    confirm_fidelity: str | None = "confirm"
+    n_confirm: int = 3
+    trials: int = 30
+    timeout: float | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: str | None = None
+    study_name: str | None = None
+    space: str | None = None
+    warm_start: bool = True
+    checkpoint: str | None = None
+    baseline_accuracy: float | None = None
+    latency: bool = True
+    studies_dir: str = str(DEFAULT_STUDIES_DIR)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_drop, str):
+            self.max_drop = MaxDrop.parse(self.max_drop)
+        self.budgets = parse_budgets(self.budgets)
+        if not self.budgets:
+            raise RecommenderError("give at least one budget, e.g. --budget 5M-params")
+        if self.sampler not in SAMPLERS:
+            raise UnknownNameError("sampler", self.sampler, SAMPLERS)
+        if self.trials < 1:
+            raise RecommenderError("--trials must be at least 1")
+        if self.confirm_fidelity in ("none", ""):
+            self.confirm_fidelity = None
+
+    @property
+    def name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        ds = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.dataset.split(":", 1)[-1]).name if ":" in self.dataset
+                    else self.dataset).strip("-")
+        parts = [self.model, ds, *(b.text or b.metric for b in self.budgets if b.text),
+                 f"drop{self.max_drop.text or self.max_drop.value}", self.fidelity]
+        return re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(parts).replace("%", "pct"))
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{Path(self.studies_dir) / (self.name + '.db')}"
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.studies_dir) / "cache"
+
+    def identity(self) -> dict[str, Any]:
+        """What must match when a study is resumed."""
+        return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
+                "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
+                "seed": self.seed}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler by name, seeded, with the study's constraints."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func,
+                                          n_startup_trials=8, multivariate=True, group=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func, population_size=12)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UnknownNameError("sampler", name, SAMPLERS)
+
+
+def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats (stale RUNNING trials of dead workers are failed and
+    retried once); unreachable or unusable storage is a one-line :class:`StorageError`."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = dict(heartbeat_interval=20, grace_period=60,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    try:
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                          **kwargs)
+    except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot open storage {redact(url)}: {msg}") from None
+
+
+def redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    storage = storage or open_storage(spec.storage_url)
+    primary = spec.budgets[0]
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
+                                    directions=["maximize", "minimize"],
+                                    sampler=make_sampler(spec.sampler, spec.seed))
+    except Exception as exc:
+        raise StorageError(f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: "
+                           f"{str(exc).splitlines()[0]}") from None
+    ident = study.user_attrs.get("spec")
+    if ident is None:
+        study.set_user_attr("spec", spec.identity())
+        study.set_user_attr("objective_names", ["accuracy", f"{primary.metric} ({primary.unit})"])
+        try:
+            from optuna_dashboard import set_objective_names
+
+            set_objective_names(study, ["accuracy", f"{primary.metric} ({primary.unit})"])
+        except Exception:  # the dashboard package is optional for the search itself
+            pass
+    elif ident != spec.identity():
+        raise RecommenderError(
+            f"study {spec.name!r} already exists in {redact(spec.storage_url)} with other settings "
+            f"({_diff(ident, spec.identity())}); pass --study-name to start a new one")
+    return study
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(keys))
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+class Search:
+    """Runs one study: baseline (once), warm start (once), search, confirm stage (once)."""
+
+    def __init__(self, spec: StudySpec, *, log: Callable[[str], None] | None = None,
+                 callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = ()):
+        self.spec = spec
+        self.log = log or (lambda s: None)
+        self.callbacks = list(callbacks)
+        self.space = SearchSpace.for_model(spec.model, spec.space)
+        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed)
+        self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
+        self.cache = WeightsCache(spec.cache_root)
+        self.study = open_study(spec)
+        self.evaluator = Evaluator(spec.model, self.data, self.protocol, cache=self.cache,
+                                   latency=spec.latency, checkpoint=spec.checkpoint, log=self.log)
+        self.trials_run = 0
+
+    # -- once per study ----------------------------------------------------------------------
+    def baseline(self) -> Baseline:
+        """The study's baseline, evaluated by the first worker and read by the others."""
+        attr = self.study.user_attrs.get("baseline")
+        if attr is None:
+            with study_lock(self.spec.storage_url, self.spec.name, "baseline"):
+                attr = _reload(self.study).user_attrs.get("baseline")
+                if attr is None:
+                    self.log("evaluating the baseline (trained once, then cached across studies)")
+                    stated = None if self.spec.baseline_accuracy is None else self.spec.baseline_accuracy / 100
+                    base = self.evaluator.evaluate_baseline(stated)
+                    self.study.set_user_attr("baseline", base.to_dict())
+                    self.study.set_user_attr("baseline_evaluations",
+                                             int(self.study.user_attrs.get("baseline_evaluations", 0)) + 1)
+                    return base
+        return Baseline.from_dict(attr)
+
+    def warm_start(self) -> int:
+        """Enqueue the paper's presets once per study; returns how many were enqueued."""
+        if not self.spec.warm_start or self.study.user_attrs.get("warm_started"):
+            return 0
+        with study_lock(self.spec.storage_url, self.spec.name, "warm_start"):
+            if _reload(self.study).user_attrs.get("warm_started"):
+                return 0
+            n = 0
+            for name in self.space.warm_start:
+                preset = get_preset(name)
+                params = self.space.params_for(Recipe(arch=preset.arch))
+                self.study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
+                n += 1
+            self.study.set_user_attr("warm_started", True)
+            return n
+
+    # -- search ------------------------------------------------------------------------------
+    def remaining(self) -> int:
+        return max(0, self.spec.trials - len(finished_trials(self.study)))
+
+    def optimize(self, baseline: Baseline) -> None:
+        objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets)
+        remaining = self.remaining()
+        if remaining <= 0:
+            return
+        stop = optuna.study.MaxTrialsCallback(self.spec.trials, states=FINISHED)
+
+        def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            self.trials_run += 1
+
+        self.study.optimize(objective, n_trials=remaining, timeout=self.spec.timeout,
+                            catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
+
+    # -- confirm stage -----------------------------------------------------------------------
+    def confirm(self, baseline: Baseline) -> dict[str, Any]:
+        """Re-evaluate the best feasible candidates at the confirm fidelity (second seed)."""
+        spec = self.spec
+        if not spec.confirm_fidelity or spec.n_confirm <= 0:
+            return {}
+        from ..report import feasible_pareto  # the report owns the Pareto logic
+
+        with study_lock(spec.storage_url, spec.name, "confirm"):
+            study = _reload(self.study)
+            confirmed: dict[str, Any] = dict(study.user_attrs.get("confirmed", {}))
+            front = feasible_pareto(study)
+            todo = [t for t in front[: spec.n_confirm] if str(t.number) not in confirmed]
+            if not todo:
+                return confirmed
+            protocol = get_protocol(spec.confirm_fidelity, seed=spec.seed + 1)
+            ev = Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=False,
+                           checkpoint=spec.checkpoint, log=self.log)
+            base_attr = study.user_attrs.get("baseline_confirm")
+            if base_attr is None or base_attr.get("fidelity") != protocol.fidelity:
+                self.log(f"confirm stage: baseline at {protocol.fidelity} fidelity")
+                stated = None if spec.baseline_accuracy is None else spec.baseline_accuracy / 100
+                cbase = ev.evaluate_baseline(stated)
+                self.study.set_user_attr("baseline_confirm", cbase.to_dict())
+            else:
+                cbase = Baseline.from_dict(base_attr)
+            for t in todo:
+                recipe = Recipe.from_dict(t.user_attrs["recipe"])
+                self.log(f"confirm stage: trial {t.number} ({recipe.describe()})")
+                res = ev.evaluate(recipe, cbase, spec.max_drop)
+                prev = trial_evaluation(t)
+                if prev is not None:  # costs do not depend on the fidelity; keep the measured latency
+                    res.costs = {**res.costs, "latency_ms": prev.costs.get("latency_ms")}
+                confirmed[str(t.number)] = res.to_dict()
+                self.study.set_user_attr("confirmed", confirmed)
+            return confirmed
+
+    def run(self) -> optuna.Study:
+        t0 = time.perf_counter()
+        baseline = self.baseline()
+        self.warm_start()
+        self.optimize(baseline)
+        self.confirm(baseline)
+        self.study.set_user_attr("last_run_seconds", round(time.perf_counter() - t0, 1))
+        return self.study
+
+
+def _reload(study: optuna.Study) -> optuna.Study:
+    """A fresh view of the study's attributes (another worker may have written them)."""
+    return optuna.load_study(study_name=study.study_name, storage=study._storage)
