@@ -33,7 +33,6 @@ _EXPORTS = {
     "ProxyProtocol": "recommender.protocol",
     "get_protocol": "recommender.protocol",
     "load_dataset": "recommender.data",
-    "measure": "recommender.measure",
     "RecommenderError": "recommender.errors",
 }
 
@@ -43,7 +42,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         mod = importlib.import_module(_EXPORTS[name])
-        value = getattr(mod, name) if name != "measure" else mod.measure
+        value = getattr(mod, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'recommender' has no attribute {name!r}")

@@ -79,7 +79,10 @@ def _run_parser() -> argparse.ArgumentParser:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (CI logs, files) gets a readable width instead of 80 columns.
+    width = None if stream.isatty() else 120
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def cmd_run(argv: Sequence[str]) -> int:

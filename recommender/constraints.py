@@ -76,7 +76,7 @@ class Budget:
             value = float(m["num"]) * _MULT[m["mult"]]
             metric = m["metric"]
             limit = value / 1e6 if metric == "flops" else value
-            return cls(_checked(metric, limit, text), limit, s)
+            return cls(metric, _checked(metric, limit, text), s)
         m = _SIZE.fullmatch(s)
         if m:
             return cls("size", _checked("size", float(m["num"]) * _BYTES_MB[m["unit"]], text), s)

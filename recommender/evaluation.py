@@ -27,7 +27,7 @@ from .compress import checkpoint as ckpt
 from .compress.pipeline import compress
 from .constraints import Budget, MaxDrop
 from .data import TensorData
-from .errors import CheckpointError, RecommenderError
+from .errors import ArchError, CheckpointError, RecommenderError
 from .models import build_model
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
@@ -184,7 +184,7 @@ class Evaluator:
         if self._baseline_model is None:
             if self.checkpoint:
                 model = self._build(ArchConfig())
-                state = ckpt.load_state(self.checkpoint)
+                state, _ = ckpt.load_state(self.checkpoint)
                 try:
                     model.load_state_dict(state)
                 except (RuntimeError, KeyError) as exc:
@@ -267,12 +267,12 @@ class Evaluator:
             out.train_seconds = float(meta.get("seconds", 0.0)) if not hit else 0.0
             model = copy.deepcopy(trained)
             example = torch.randn(self.input_size)
-            calib = [x for x, _ in batches(self.data, self.protocol, recipe.quant.calibration_batches)] \
-                if recipe.quant.active or recipe.prune.active else []
-            grad_batches = list(batches(self.data, self.protocol, 2)) if recipe.prune.active else None
-            model, report = compress(model, recipe, example_input=example, batches=grad_batches,
-                                     calibration=calib, finetune=finetune_fn(self.data, self.protocol))
-            out.notes = list(getattr(report, "notes", []) or [])
+            n_batches = max(recipe.quant.calibration_batches if recipe.quant.active else 0,
+                            2 if recipe.prune.active else 0)
+            train_batches = list(batches(self.data, self.protocol, n_batches)) if n_batches else None
+            model, report = compress(model, recipe, example_input=example, batches=train_batches,
+                                     finetune=finetune_fn(self.data, self.protocol))
+            out.notes = compression_notes(report)
             ev = evaluate(model, self.data, self.protocol)
             out.accuracy, out.acc_low, out.acc_high = ev.accuracy, ev.ci_low, ev.ci_high
             self._fill_drop(out, ev.correct, baseline, max_drop)
@@ -281,6 +281,8 @@ class Evaluator:
                                             float_model=float_model, threads=self.latency_threads).to_dict()
         except _TrainingFailed as exc:
             out.ok, out.reason = False, f"training diverged: {exc}"
+        except ArchError as exc:
+            out.ok, out.reason = False, f"invalid architecture: {exc}"
         except RecommenderError:
             raise
         except Exception as exc:  # a candidate that cannot be built/compressed is a failed trial
@@ -300,6 +302,24 @@ class Evaluator:
             out.drop_pp = (baseline.accuracy - acc) * 100
             out.drop_low_pp = (baseline.accuracy - (out.acc_high or acc)) * 100
             out.drop_high_pp = (baseline.accuracy - (out.acc_low or acc)) * 100
+
+
+def compression_notes(report: Any) -> list[str]:
+    """What pruning and quantization left undone, in words (for the explanation)."""
+    notes = []
+    p, q = report.prune, report.quant
+    if p.note and p.method != "none" and p.note != "no pruning requested":
+        notes.append(f"pruning: {p.note}")
+    if p.ignored_layers:
+        shown = ", ".join(list(p.ignored_layers)[:4])
+        more = f" and {len(p.ignored_layers) - 4} more" if len(p.ignored_layers) > 4 else ""
+        notes.append(f"structured pruning left {len(p.ignored_layers)} layers unpruned ({shown}{more})")
+    if q.note:
+        notes.append(f"quantization: {q.note}")
+    if q.float_modules:
+        notes.append(f"quantization kept {len(q.float_modules)} modules in float "
+                     f"({', '.join(list(q.float_modules)[:3])}{'...' if len(q.float_modules) > 3 else ''})")
+    return notes
 
 
 class _TrainingFailed(Exception):

@@ -408,9 +408,9 @@ def render(rec: Recommendation) -> Group:
         t.add_column("recommended", justify="right")
         t.add_column("change", justify="right")
         b = rec.baseline_confirm if c.confirmed is not None and rec.baseline_confirm else rec.baseline
-        t.add_row("accuracy (95% CI)", _fmt_acc(b), _fmt_acc(e), _fmt_drop(e))
+        t.add_row("accuracy (95% CI)", _fmt_acc(b), _fmt_acc(e), "drop " + _fmt_drop(e))
         if c.confirmed is not None:
-            t.add_row("  at search fidelity", _fmt_acc(rec.baseline), _fmt_acc(c.proxy), _fmt_drop(c.proxy))
+            t.add_row("  at search fidelity", _fmt_acc(rec.baseline), _fmt_acc(c.proxy), "drop " + _fmt_drop(c.proxy))
         bc = rec.baseline.costs if rec.baseline else {}
         for key, label, unit in COST_ROWS:
             nv = e.costs.get(key) if e.costs.get(key) is not None else c.proxy.costs.get(key)
@@ -433,19 +433,20 @@ def render(rec: Recommendation) -> Group:
     if rows:
         t = Table(title="Feasible Pareto front (accuracy vs primary cost)" if rec.front else "Closest candidates",
                   box=box.SIMPLE, title_justify="left")
-        for col in ("trial", "recipe", "accuracy", "drop (pp)", "confirmed drop", "params", "MFLOPs", "MB", "ms"):
-            t.add_column(col, justify="left" if col == "recipe" else "right")
+        for col in ("trial", "accuracy", "drop pp", "confirmed", "params", "MFLOPs", "MB", "ms"):
+            t.add_column(col, justify="right", no_wrap=True)
+        t.add_column("recipe", justify="left", overflow="fold", ratio=1, min_width=30)
         for ch in rows:
             e = ch.proxy
             t.add_row(str(ch.trial) + (" *" if rec.chosen and ch.trial == rec.chosen.trial else ""),
-                      (ch.preset + ": " if ch.preset else "") + ch.recipe.describe(),
                       f"{100 * (e.accuracy or 0):.2f}%",
                       f"{e.drop_pp:+.2f}" if e.drop_pp is not None else "n/a",
                       f"{ch.confirmed.drop_pp:+.2f}" if ch.confirmed and ch.confirmed.drop_pp is not None else "",
                       format_quantity(e.costs.get("params"), "params").replace(" params", ""),
                       f"{e.costs.get('mflops'):.1f}" if e.costs.get("mflops") is not None else "n/a",
                       f"{e.costs.get('size_mb'):.2f}" if e.costs.get("size_mb") is not None else "n/a",
-                      f"{e.costs.get('latency_ms'):.1f}" if e.costs.get("latency_ms") is not None else "n/a")
+                      f"{e.costs.get('latency_ms'):.1f}" if e.costs.get("latency_ms") is not None else "n/a",
+                      (ch.preset + ": " if ch.preset else "") + ch.recipe.describe())
         parts.append(t)
     if rec.alternatives:
         lines = [f"{name}: trial {ch.trial} — {ch.recipe.describe()} — {100 * (ch.proxy.accuracy or 0):.2f}%, "

@@ -243,9 +243,11 @@ def train_model(model: nn.Module, data: TensorData, protocol: ProxyProtocol, *,
         model.to(dev)
         opt = _make_optimizer(model, protocol, protocol.lr)
         sched = None
-        if protocol.schedule == "onecycle":
+        if protocol.schedule == "onecycle" and total >= 2:
+            # a warm-up phase of at least 1.5 steps keeps OneCycleLR valid for tiny runs
+            pct = min(max(protocol.pct_start, 1.5 / total), 0.9)
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=protocol.lr, total_steps=total, pct_start=protocol.pct_start,
+                opt, max_lr=protocol.lr, total_steps=total, pct_start=pct,
                 anneal_strategy=protocol.anneal_strategy, div_factor=protocol.div_factor,
                 final_div_factor=protocol.final_div_factor,
                 cycle_momentum=protocol.cycle_momentum and protocol.momentum > 0,
@@ -294,8 +296,9 @@ def train_model(model: nn.Module, data: TensorData, protocol: ProxyProtocol, *,
 @torch.no_grad()
 def _predict(model: nn.Module, it: Iterator, dev: torch.device) -> torch.Tensor:
     outs = []
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for x, *_ in it:
-        outs.append(model(x.to(dev)).float().cpu())
+        outs.append(model(x.to(dev, dtype=dtype)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -213,7 +213,7 @@ def test_width_multiplier_scales():
     full = n_params(build_model("resnet50", ArchConfig(block="ghost")))
     half = build_model("resnet50", ArchConfig(block="ghost", width_multiplier=0.5))
     assert n_params(half) < full / 2
-    assert half.conv1[1].out_channels == 32 and half.layer1[0].ghost2.bn.num_features == 6
+    assert half.conv1.out_channels == 32 and half.layer1[0].ghost2.bn.num_features == 6
     assert n_params(build_model("vgg11_bn", ArchConfig(width_multiplier=0.25))) < \
         n_params(build_model("vgg11_bn")) / 8
 

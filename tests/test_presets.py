@@ -33,12 +33,12 @@ def params(model: nn.Module) -> int:
 
 
 def flop_analysis(model: nn.Module):
-    from fvcore.nn import FlopCountAnalysis
-
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
         fca = FlopCountAnalysis(model, torch.randn(1, 3, 32, 32))
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         fca.total()

@@ -73,7 +73,7 @@ def digits():
 def trained_tiny(digits):
     seed_everything(0)
     model = TinyCNN()
-    result = train_model(model, digits, SMOKE.replace(epochs=3))
+    result = train_model(model, digits, SMOKE.replace(epochs=10, lr=0.1))
     return model, result
 
 
@@ -95,7 +95,7 @@ def test_training_is_deterministic(digits, trained_tiny):
     model, result = trained_tiny
     seed_everything(0)
     again = TinyCNN()
-    r2 = train_model(again, digits, SMOKE.replace(epochs=3))
+    r2 = train_model(again, digits, SMOKE.replace(epochs=10, lr=0.1))
     assert r2.losses == result.losses
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)

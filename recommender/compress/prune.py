@@ -360,8 +360,9 @@ def structured_prune(
 
     ``ratio`` is the fraction of output channels removed in every prunable layer. Coupled channels
     (a ghost module's cat of a conv and its depthwise twin) make torch-pruning remove more than
-    asked; with ``calibrate`` the ratio is scaled down (at most twice) until the fraction of
-    channels removed over the non-ignored layers is within ``tolerance`` of ``ratio``.
+    asked; with ``calibrate`` the torch-pruning ratio is searched (at most 4 more runs) so that
+    the fraction of channels removed over the non-ignored layers comes within ``tolerance`` of
+    ``ratio`` (the closest run is kept).
     """
     t0 = time.perf_counter()
     report = PruneReport(method="structured-channel", target_sparsity=float(ratio))
@@ -392,17 +393,42 @@ def structured_prune(
             return 1.0 - _out_channels(m, skip) / base if base else 0.0
 
         got, r = achieved(candidate), float(ratio)
-        for _ in range(2 if calibrate else 0):
-            if got <= ratio + tolerance or got <= 0:
-                break
-            r = min(0.99, r * ratio / got)
-            try:
-                c2, ig2 = _attempt(model, r, level, *args)
-            except Exception:
-                break
-            g2 = achieved(c2)
-            if abs(g2 - ratio) < abs(got - ratio):
-                candidate, ignored, got = c2, ig2, g2
+        if calibrate and got > ratio + tolerance:
+            # coupled channels overshoot: search the torch-pruning ratio (achieved grows with it)
+            lo, hi, best = 0.0, float(ratio), (abs(got - ratio), r, candidate, ignored, got)
+            g_lo, g_hi = 0.0, got
+            for _ in range(4):
+                guess = lo + (hi - lo) * (ratio - g_lo) / (g_hi - g_lo) if g_hi > g_lo else (lo + hi) / 2
+                guess = min(max(guess, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
+                try:
+                    c2, ig2 = _attempt(model, guess, level, *args)
+                except Exception:
+                    break
+                g2 = achieved(c2)
+                if abs(g2 - ratio) < best[0]:
+                    best = (abs(g2 - ratio), guess, c2, ig2, g2)
+                if abs(g2 - ratio) <= tolerance:
+                    break
+                if g2 > ratio:
+                    hi, g_hi = guess, g2
+                else:
+                    lo, g_lo = guess, g2
+            _, r, candidate, ignored, got = best
+        elif calibrate and 0 < got < ratio - tolerance:
+            # undershoot: torch-pruning skips a group whose coupled channels would all go; a
+            # smaller ratio can remove more. Scan a few and keep the closest.
+            best = (abs(got - ratio), r, candidate, ignored, got)
+            for k in (0.8, 0.65, 0.5):
+                try:
+                    c2, ig2 = _attempt(model, ratio * k, level, *args)
+                except Exception:
+                    continue
+                g2 = achieved(c2)
+                if abs(g2 - ratio) < best[0]:
+                    best = (abs(g2 - ratio), ratio * k, c2, ig2, g2)
+                if abs(g2 - ratio) <= tolerance:
+                    break
+            _, r, candidate, ignored, got = best
         pruned = candidate
         report.ignored_layers = ignored
         notes = []

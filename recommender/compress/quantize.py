@@ -65,6 +65,11 @@ Calibration = Iterable[Any]
 # warnings
 
 
+# Emitted by the quantized cat kernel at *inference* time whenever its inputs have different
+# scales (it requantizes them, which is correct): a performance note, repeated on every forward.
+warnings.filterwarnings("ignore", message=r"All inputs of this cat operator must share the same quantization")
+
+
 @contextlib.contextmanager
 def quiet_quantization_warnings() -> Iterator[None]:
     """Silence the deprecation notices of ``torch.ao.quantization`` (and only those)."""
@@ -482,6 +487,7 @@ def _quantize_children(
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     mods = dict(q.named_modules())
+    targets: list[tuple[nn.Module, str, str, nn.Module]] = []
     for parent_name in names:
         parent = mods.get(parent_name)
         if parent is None:
@@ -490,38 +496,49 @@ def _quantize_children(
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if not any(isinstance(c, (nn.Conv2d, nn.Linear)) for c in child.modules()):
                 continue
-            if not _fx_traceable(child):
-                continue
-            # record the child's inputs over the calibration batches
-            seen: list[torch.Tensor] = []
-            h = child.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) if len(a) == 1 else None)
-            try:
-                with quiet_quantization_warnings(), torch.no_grad():
-                    for b in batches:
-                        q(_inputs(b))
-            finally:
-                h.remove()
-            if not seen:
-                continue
-            try:
-                with quiet_quantization_warnings(), _engine(cfg.engine):
-                    p = prepare_fx(safe_deepcopy(child).eval(), get_default_qconfig_mapping(cfg.engine), (seen[0],))
-                    with torch.no_grad():
-                        for t in seen:
-                            p(t)
-                    qc = convert_fx(p)
-                    with torch.no_grad():
-                        qc(seen[0])
-            except Exception:
-                continue
-            setattr(parent, child_name, qc)
-            for n in list(report.float_modules):
-                if n == full or n.startswith(full + "."):
-                    del report.float_modules[n]
-            report.float_modules[parent_name] = (
-                "FX cannot trace its forward (data-dependent control flow): its conv/linear children "
-                "are quantized one by one, the ops between them stay float"
-            )
+            if _fx_traceable(child):
+                targets.append((parent, child_name, full, child))
+    # record every target child's inputs over the calibration batches in one pass
+    seen: dict[int, list[torch.Tensor]] = {id(c): [] for *_, c in targets}
+
+    def record(m: nn.Module, a: Any) -> None:
+        if len(a) == 1 and isinstance(a[0], torch.Tensor):
+            seen[id(m)].append(a[0].detach().clone())
+
+    hooks = [c.register_forward_pre_hook(record) for *_, c in targets]
+    try:
+        with quiet_quantization_warnings(), torch.no_grad():
+            for b in batches:
+                q(_inputs(b))
+    finally:
+        for h in hooks:
+            h.remove()
+    done_parents: set[str] = set()
+    for parent, child_name, full, child in targets:
+        inputs = seen[id(child)]
+        if not inputs:
+            continue
+        try:
+            with quiet_quantization_warnings(), _engine(cfg.engine):
+                p = prepare_fx(safe_deepcopy(child).eval(), get_default_qconfig_mapping(cfg.engine), (inputs[0],))
+                with torch.no_grad():
+                    for t in inputs:
+                        p(t)
+                qc = convert_fx(p)
+                with torch.no_grad():
+                    qc(inputs[0])
+        except Exception:
+            continue
+        setattr(parent, child_name, qc)
+        for n in list(report.float_modules):
+            if n == full or n.startswith(full + "."):
+                del report.float_modules[n]
+        done_parents.add(full.rsplit(".", 1)[0] if "." in full else "")
+    for parent_name in done_parents:
+        report.float_modules[parent_name] = (
+            "FX cannot trace its forward (data-dependent control flow): its conv/linear children "
+            "are quantized one by one, the ops between them stay float"
+        )
     return q
 
 

@@ -23,6 +23,7 @@ import torch
 from .. import measure as measure_mod
 from ..compress.prune import apply_pruning
 from ..constraints import Budget, MaxDrop
+from ..errors import ArchError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..recipe import PruneConfig, Recipe
 from .space import SearchSpace
@@ -46,6 +47,10 @@ class Objective:
     budgets: list[Budget]
 
     @property
+    def constraint_names(self) -> list[str]:
+        return ["max_drop"] + [f"budget_{b.metric}" for b in self.budgets]
+
+    @property
     def primary(self) -> Budget:
         return self.budgets[0]
 
@@ -53,7 +58,11 @@ class Objective:
         recipe = self.space.sample(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("describe", recipe.describe())
-        verdict = self.precheck(recipe)
+        try:
+            verdict = self.precheck(recipe)
+        except ArchError as exc:  # a combination the builder rejects: recorded, the study goes on
+            trial.set_user_attr("fail_reason", f"invalid architecture: {exc}")
+            raise TrialFailed(str(exc)) from None
         if verdict:
             trial.set_user_attr("pruned_reason", verdict)
             raise optuna.TrialPruned(verdict)
@@ -67,6 +76,9 @@ class Objective:
             raise TrialFailed(ev.reason)
         cons = ev.constraint_values(self.max_drop, self.budgets, self.baseline.accuracy)
         trial.set_user_attr("constraints", cons)
+        # Optuna >= 5: samplers read feasibility from the trial's own constraints.
+        for name, value in zip(self.constraint_names, cons):
+            trial.set_constraint(name, value)
         return float(ev.accuracy), self.primary.value(ev.costs)
 
     def precheck(self, recipe: Recipe) -> str | None:
@@ -78,7 +90,7 @@ class Objective:
         if recipe.prune.method == "structured-channel" and recipe.prune.active:
             example = torch.randn(self.evaluator.input_size)
             cfg = PruneConfig("structured-channel", recipe.prune.sparsity, "l1")
-            model, _ = apply_pruning(copy.deepcopy(model), cfg, example_input=example)
+            model, _ = apply_pruning(model, cfg, example_input=example, measure_flops=False)
         costs = {"params": measure_mod.count_params(model)}
         if any(b.metric == "flops" for b in checked):
             costs["mflops"] = measure_mod.count_flops(model, self.evaluator.input_size) / 1e6
@@ -87,11 +99,6 @@ class Objective:
                 return (f"structure breaks the budget before training: {b.metric} "
                         f"{b.value(costs):.4g} > {b.limit:.4g}")
         return None
-
-
-def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Read the constraint values the objective stored (Optuna's documented pattern)."""
-    return list(trial.user_attrs.get("constraints", [1.0]))
 
 
 def trial_evaluation(trial: optuna.trial.FrozenTrial) -> Evaluation | None:

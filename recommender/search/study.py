@@ -11,14 +11,16 @@ runs under a study-wide lock (:mod:`recommender.search.lock`).
 from __future__ import annotations
 
 import math
+import os
 import re
+import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..cache import WeightsCache
@@ -30,7 +32,7 @@ from ..models import get_preset, list_presets
 from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
 from .lock import study_lock
-from .objective import Objective, TrialFailed, constraints_func, trial_evaluation
+from .objective import Objective, TrialFailed, trial_evaluation
 from .space import SearchSpace
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -38,6 +40,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# heartbeats, grouped multivariate TPE and metric names are "experimental" but documented and
+# stable enough for us; the warning would only clutter every run.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -128,12 +133,11 @@ class StudySpec:
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler by name, seeded, with the study's constraints."""
+    """The sampler by name, seeded. Constraints reach it through ``trial.set_constraint``."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func,
-                                          n_startup_trials=8, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func, population_size=12)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=12)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise UnknownNameError("sampler", name, SAMPLERS)
@@ -146,8 +150,9 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if heartbeat:
-        kwargs = dict(heartbeat_interval=20, grace_period=60,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        kwargs = dict(heartbeat_interval=int(os.environ.get("RECOMMENDER_HEARTBEAT", 20)),
+                      grace_period=int(os.environ.get("RECOMMENDER_GRACE", 60)),
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     try:
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
                           **kwargs)
@@ -173,13 +178,9 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
     ident = study.user_attrs.get("spec")
     if ident is None:
         study.set_user_attr("spec", spec.identity())
-        study.set_user_attr("objective_names", ["accuracy", f"{primary.metric} ({primary.unit})"])
-        try:
-            from optuna_dashboard import set_objective_names
-
-            set_objective_names(study, ["accuracy", f"{primary.metric} ({primary.unit})"])
-        except Exception:  # the dashboard package is optional for the search itself
-            pass
+        names = ["accuracy", f"{primary.metric} ({primary.unit})"]
+        study.set_user_attr("objective_names", names)
+        study.set_metric_names(names)  # axis names in optuna-dashboard
     elif ident != spec.identity():
         raise RecommenderError(
             f"study {spec.name!r} already exists in {redact(spec.storage_url)} with other settings "
@@ -255,7 +256,16 @@ class Search:
         remaining = self.remaining()
         if remaining <= 0:
             return
-        stop = optuna.study.MaxTrialsCallback(self.spec.trials, states=FINISHED)
+        target = self.spec.trials
+
+        def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # Count the trials other workers are running too: with finished trials alone, every
+            # worker of a fleet starts one more trial near the end and the study overshoots the
+            # target by up to one trial per worker. A dead worker's trial stops counting once its
+            # heartbeat is stale (failed here, and retried by the next trial of a live worker).
+            optuna.storages.fail_stale_trials(study)
+            if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target:
+                study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1

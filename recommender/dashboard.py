@@ -1,0 +1,218 @@
+"""``recommend dashboard``: optuna-dashboard for a study's storage.
+
+    recommend dashboard resnet101-digits-5M-params-drop2pct-proxy        # studies/<study>.db
+    recommend dashboard --storage postgresql://user@db-host/recommender  # a worker fleet's database
+
+The dashboard reads the same storage the search writes, so it shows every trial live while a
+search (or a fleet of workers) runs: each trial's parameters, its two objectives (accuracy and
+the primary cost), its constraint values, and the user attributes the objective stores
+(``recipe``, ``describe``, ``evaluation``, ``constraints``, ``fail_reason``/``pruned_reason``);
+the study's note is the Markdown explanation written when a search finishes.
+
+It binds to 127.0.0.1 by default: the dashboard has no authentication and can edit the storage
+(notes, deleting studies), so expose it on another interface only on a trusted network.
+
+:func:`serve` blocks until Ctrl-C; :func:`start` runs the same server in a background thread
+and returns a :class:`DashboardHandle` whose :meth:`~DashboardHandle.stop` shuts it down (tests,
+notebooks).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from .errors import RecommenderError, StorageError
+
+__all__ = ["serve", "start", "DashboardHandle", "resolve_storage", "open_dashboard_storage"]
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _redact(url: str) -> str:
+    from .search.study import redact
+
+    return redact(url)
+
+
+def resolve_storage(study: str | None = None, storage: str | None = None,
+                    studies_dir: str | Path = "studies") -> str:
+    """The storage URL to show: ``storage`` as given, else ``sqlite:///<studies_dir>/<study>.db``.
+
+    With neither a study nor a storage, a :class:`StorageError` lists the studies found in
+    ``studies_dir``; a named SQLite file that does not exist is a :class:`StorageError` too.
+    """
+    folder = Path(studies_dir)
+    if storage:
+        url = storage
+    elif study:
+        url = f"sqlite:///{folder / (study + '.db')}"
+    else:
+        found = sorted(p.stem for p in folder.glob("*.db")) if folder.is_dir() else []
+        where = f"studies in {folder}/: {', '.join(found)}" if found else f"no studies (*.db) in {folder}/"
+        raise StorageError(f"name a study or pass --storage URL ({where})")
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if not path.is_file():
+            raise StorageError(f"no study database at {path}; run the study first, or pass --studies-dir "
+                               "or --storage URL")
+    return url
+
+
+def open_dashboard_storage(url: str) -> Any:
+    """An RDB storage for the dashboard (no table creation, no migration check), verified reachable
+    by listing its studies; any failure is a one-line :class:`StorageError`."""
+    from optuna.storages import RDBStorage
+
+    kwargs: dict[str, Any] = {}
+    if not url.startswith("sqlite"):
+        # Fail fast on an unreachable server instead of hanging on the first request.
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            kwargs["engine_kwargs"]["connect_args"] = {"connect_timeout": 10}
+    try:
+        st = RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True, **kwargs)
+        st.get_all_studies()
+    except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver, no tables
+        chain, e = [], exc  # Optuna wraps the database error: read the whole chain
+        while e is not None and len(chain) < 5:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        text = "\n".join(str(c) for c in chain).strip()
+        root = next((str(c).strip() for c in reversed(chain) if str(c).strip()), type(exc).__name__)
+        msg = root.splitlines()[0]
+        if "no such table" in text or ("relation" in text and "does not exist" in text):
+            msg = "it holds no Optuna studies (no tables)"
+        raise StorageError(f"cannot open storage {_redact(url)} for the dashboard: {msg}") from None
+    return st
+
+
+class _ThreadedWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow browser request never blocks shutdown
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+class _V6Server(_ThreadedWSGIServer):
+    address_family = socket.AF_INET6
+
+
+@dataclass
+class DashboardHandle:
+    """A dashboard running in a background thread."""
+
+    host: str
+    port: int
+    storage_url: str
+    _httpd: Any = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+    _storage: Any = field(repr=False, default=None)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def study_url(self, study_name: str) -> str | None:
+        """The dashboard page of a study, or None when the storage holds no such study."""
+        for s in self._storage.get_all_studies():
+            if s.study_name == study_name:
+                return f"{self.url}dashboard/studies/{s._study_id}"
+        return None
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C raises KeyboardInterrupt in the caller)."""
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def stop(self) -> None:
+        """Shut the server down, close its socket and release the storage's connections."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(10)
+        self._httpd.server_close()
+        engine = getattr(self._storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+    def __enter__(self) -> "DashboardHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start(storage_url: str, host: str = "127.0.0.1", port: int = 8080, *, quiet: bool = True) -> DashboardHandle:
+    """Start optuna-dashboard for ``storage_url`` in a background thread and return at once.
+
+    ``port=0`` picks a free port (read it from ``handle.port``). Raises :class:`StorageError` for
+    an unreachable storage and :class:`RecommenderError` when the address cannot be bound.
+    """
+    try:
+        from optuna_dashboard import wsgi
+    except ImportError:
+        raise RecommenderError("optuna-dashboard is not installed: pip install optuna-dashboard") from None
+    storage = open_dashboard_storage(storage_url)
+    app = wsgi(storage)
+    server_class = _V6Server if ":" in host else _ThreadedWSGIServer
+    try:
+        httpd = make_server(host, port, app, server_class=server_class,
+                            handler_class=_QuietHandler if quiet else WSGIRequestHandler)
+    except OSError as exc:
+        storage.engine.dispose()
+        raise RecommenderError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                               "pass another --port (or --host)") from None
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"optuna-dashboard:{httpd.server_port}", daemon=True)
+    thread.start()
+    return DashboardHandle(host, httpd.server_port, storage_url, httpd, thread, storage)
+
+
+def serve(study: str | None = None, storage: str | None = None, studies_dir: str = "studies",
+          host: str = "127.0.0.1", port: int = 8080) -> int:
+    """Start optuna-dashboard for a study's storage, print its address and block until Ctrl-C.
+
+    Args:
+        study: study name; without ``storage`` its SQLite file ``<studies_dir>/<study>.db``.
+        storage: any Optuna RDB storage URL (``postgresql://...`` for a worker fleet).
+        studies_dir: where SQLite studies live.
+        host: interface to bind (default loopback only: the dashboard has no authentication).
+        port: TCP port (0 picks a free one).
+
+    Returns:
+        0 after Ctrl-C.
+    """
+    url = resolve_storage(study, storage, studies_dir)
+    handle = start(url, host, port)
+    try:
+        page = handle.study_url(study) if study else None
+        print(f"optuna-dashboard for {_redact(url)} at {handle.url}", flush=True)
+        if study and page is None:
+            names = [s.study_name for s in handle._storage.get_all_studies()]
+            print(f"note: no study named {study!r} there yet; studies: {', '.join(names) or 'none'}",
+                  file=sys.stderr, flush=True)
+        elif page:
+            print(f"study {study}: {page}", flush=True)
+        if host not in _LOOPBACK:
+            print(f"warning: listening on {host}: the dashboard has no authentication and can edit "
+                  "the storage; expose it only on a trusted network", file=sys.stderr, flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        handle.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()
+    return 0

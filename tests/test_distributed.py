@@ -1,0 +1,224 @@
+"""Many workers on one study over PostgreSQL (Optuna's distributed mode on a real database).
+
+Needs a PostgreSQL server: ``RECOMMENDER_TEST_PG_URL=postgresql+psycopg2://user@host:port/db``
+(CI starts a loopback one with ``.ci/postgres.sh``); skipped without it. Every worker is the real
+``recommend`` command in its own process. To keep a trial to a few seconds on a shared 2-core
+machine, the study searches a tiny space (the baseline architecture, no pruning, fp32 or fp16)
+at the ``smoke`` fidelity, and the workers share one weights cache (a fleet whose ``--cache-dir``
+is on a shared filesystem): the baseline is trained once for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+PG_URL = os.environ.get("RECOMMENDER_TEST_PG_URL")
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not PG_URL, reason="RECOMMENDER_TEST_PG_URL is not set (no PostgreSQL server)"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tiny search space: every trial reuses the baseline's trained weights, so a trial costs only
+# its compression, evaluation and measurement (seconds).
+SPACE = """\
+family: resnet
+description: test space (baseline architecture, no pruning, fp32 or fp16)
+arch: {}
+prune:
+  method: {choices: [none]}
+quant:
+  scheme: {choices: [fp32, fp16]}
+warm_start: []
+"""
+
+# Runs the real CLI and reports how many trials this process ran (its own count, which the
+# database does not record per worker).
+RUNNER = """\
+import sys
+from recommender import cli
+from recommender.search import study as _study
+
+_run = _study.Search.run
+
+def run(self):
+    try:
+        return _run(self)
+    finally:
+        print(f"WORKER_TRIALS={self.trials_run}", file=sys.stderr, flush=True)
+
+_study.Search.run = run
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fleet")
+    (root / "space.yaml").write_text(SPACE)
+    (root / "runner.py").write_text(RUNNER)
+    return {"root": root, "space": root / "space.yaml", "runner": root / "runner.py",
+            "cache": root / "cache"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    return env
+
+
+def _worker(fleet: dict[str, Path], study: str, trials: int, k: int, **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(fleet["runner"]), "--model", "resnet18", "--dataset", "digits",
+           "--fidelity", "smoke", "--max-drop", "50%", "--budget", "20M-params", "--trials", str(trials),
+           "--storage", PG_URL, "--study-name", study, "--confirm-fidelity", "none", "--no-latency",
+           "--no-warm-start", "--space", str(fleet["space"]), "--studies-dir", str(fleet["root"] / f"w{k}"),
+           "--cache-dir", str(fleet["cache"]), "--quiet"]
+    path = fleet["root"] / f"{study}-w{k}.log"
+    with open(path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    p.log_path = path  # type: ignore[attr-defined]
+    return p
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        rc = None
+    out = p.log_path.read_text()  # type: ignore[attr-defined]
+    assert rc is not None, f"worker timed out:\n{out[-3000:]}"
+    return rc, out
+
+
+def _worker_trials(out: str) -> int:
+    lines = [ln for ln in out.splitlines() if ln.startswith("WORKER_TRIALS=")]
+    assert lines, out[-3000:]
+    return int(lines[-1].split("=", 1)[1])
+
+
+def _study(name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=PG_URL)
+
+
+def _states(name: str) -> dict[int, str]:
+    return {t.number: t.state.name for t in _study(name).get_trials(deepcopy=False)}
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
+    name = f"dist-{uuid.uuid4().hex[:8]}"
+    target = 8
+    t0 = time.perf_counter()
+    procs = [_worker(fleet, name, target, k) for k in (1, 2)]  # started together
+    try:
+        results = [_wait(p, 240) for p in procs]
+    finally:
+        _stop(*procs)
+    wall = time.perf_counter() - t0
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    per_worker = [_worker_trials(out) for _, out in results]
+
+    study = _study(name)
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)), numbers  # no trial number twice
+    assert sorted(numbers) == list(range(len(numbers)))
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and "WAITING" not in states, states
+    finished = [s for s in states if s in FINISHED]
+    assert len(finished) == target, (states, per_worker)
+    assert sum(per_worker) == len(finished), per_worker  # every finished trial was run by one worker
+    assert study.user_attrs["baseline_evaluations"] == 1  # under the study lock: evaluated once
+    assert study.user_attrs["baseline"]["source"] == "trained"
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert complete and all("recipe" in t.user_attrs and "evaluation" in t.user_attrs for t in complete)
+
+    show = subprocess.run([sys.executable, "-m", "recommender.cli", "show", name, "--storage", PG_URL, "--json"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0, show.stderr[-3000:]
+    rec = json.loads(show.stdout)
+    assert rec["study"]["name"] == name
+    assert rec["study"]["finished"] == target and rec["study"]["baseline_evaluations"] == 1
+    assert rec["study"]["running"] == 0
+    assert rec["recommended"] is not None and rec["recommended"]["trial"] in numbers
+    assert "postgresql" in rec["study"]["storage"]
+    print(f"\n2 workers, {target} trials: per worker {per_worker}, {wall:.0f} s wall")
+
+
+def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Path]) -> None:
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    target = 6
+    hb = dict(RECOMMENDER_HEARTBEAT="1", RECOMMENDER_GRACE="3")
+    t0 = time.perf_counter()
+    victim = _worker(fleet, name, target, 1, **hb)
+    survivor = _worker(fleet, name, target, 2, **hb)
+    try:
+        # Kill the victim while both workers hold a RUNNING trial (each runs one at a time, so
+        # one of the two is the victim's).
+        running: list[int] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and victim.poll() is None:
+            try:
+                states = _states(name)
+            except KeyError:  # the study is not created yet
+                states = {}
+            running = [n for n, s in states.items() if s == "RUNNING"]
+            if len(running) == 2:
+                break
+            time.sleep(0.2)
+        assert len(running) == 2, f"never saw both workers mid-trial: {_states(name)}"
+        os.killpg(victim.pid, signal.SIGKILL)
+        assert victim.wait(10) == -signal.SIGKILL
+        killed_at = _states(name)
+        rc, out = _wait(survivor, 180)
+    finally:
+        _stop(victim, survivor)
+    wall = time.perf_counter() - t0
+    assert rc == 0, out[-3000:]
+
+    study = _study(name)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    states = {n: t.state.name for n, t in trials.items()}
+    # The victim's trial was RUNNING when it died; it must end FAIL (heartbeat stale), never
+    # COMPLETE; the survivor's trial of that moment completed.
+    victim_trials = [n for n in running if states[n] != "COMPLETE"]
+    assert len(victim_trials) == 1, (running, states)
+    dead = victim_trials[0]
+    assert states[dead] == "FAIL", states
+    assert killed_at[dead] == "RUNNING"
+    assert "RUNNING" not in states.values() and "WAITING" not in states.values(), states
+    # ... and it was retried (same parameters) by the surviving worker.
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == dead]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE", states
+    assert retries[0].params == trials[dead].params
+    assert len([s for s in states.values() if s in FINISHED]) == target, states
+    assert list(states.values()).count("FAIL") == 1, states
+    assert study.user_attrs["baseline_evaluations"] == 1
+    print(f"\nkilled worker's trial {dead} -> FAIL, retried as trial {retries[0].number}; "
+          f"survivor ran {_worker_trials(out)} trials; {wall:.0f} s wall")
