@@ -102,15 +102,16 @@ def cmd_run(argv: Sequence[str]) -> int:
         options["trials"] = args.trials
     spec = StudySpec(model=args.model, max_drop=args.max_drop, budgets=args.budget, dataset=args.dataset,
                      **options)  # validates the grammar before any work
-    log = (lambda s: None) if quiet else (lambda s: err.log(s))
+    log = (lambda s: None) if quiet else (lambda s: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {s}"))
     bar = None if quiet else TrialProgress(err, spec.trials)
-    if not quiet:
-        err.print(f"study [bold]{spec.name}[/] in {_redact(spec.storage_url)}")
     t0 = time.perf_counter()
     try:
-        with (bar or _Nothing()):
+        try:
             rec = recommend(args.model, max_drop=spec.max_drop, budgets=spec.budgets, dataset=args.dataset,
                             log=log, callbacks=[bar] if bar else [], **options)
+        finally:
+            if bar:
+                bar.stop()
     except KeyboardInterrupt:
         print(f"recommend: interrupted; finished trials are saved in {_redact(spec.storage_url)} "
               f"(study {spec.name}); run the same command to resume", file=sys.stderr)
@@ -139,14 +140,6 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
 class TrialProgress:
     """A rich progress bar as an Optuna callback: trial n/N, best feasible so far, elapsed, ETA."""
 
@@ -160,15 +153,20 @@ class TrialProgress:
         self.total = total
         self.task = None
 
-    def __enter__(self) -> "TrialProgress":
-        self.progress.__enter__()
-        self.task = self.progress.add_task("search", total=self.total, best="")
-        return self
+    def start(self, study: Any) -> None:
+        """Called by the search when trials begin (after the baseline), not before."""
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("search", total=self.total, best="")
+        self(study, None)
 
-    def __exit__(self, *a: Any) -> None:
-        self.progress.__exit__(*a)
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
 
     def __call__(self, study: Any, trial: Any) -> None:
+        if self.task is None:
+            return
         from .report import feasible_pareto
         from .search.study import finished_trials
 
@@ -323,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recommend: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("RECOMMENDER_DEBUG"):
             raise

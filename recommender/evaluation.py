@@ -140,15 +140,21 @@ class Evaluator:
         deploy_size: input side in px at which FLOPs, size and latency are measured (paper: 32).
         latency: measure CPU latency (ms, batch 1, ``latency_threads`` threads).
         checkpoint: a trained baseline state dict (evaluated, never retrained).
+        distill: candidates learn from the trained baseline's logits when the protocol asks
+            for it (``distill_alpha`` > 0); off for a stated baseline accuracy (no teacher).
         log: where progress lines go.
     """
 
     def __init__(self, model: str, data: TensorData, protocol: ProxyProtocol, *,
                  cache: WeightsCache | None = None, deploy_size: int = 32, latency: bool = True,
                  latency_threads: int = 1, checkpoint: str | Path | None = None,
-                 log: Log | None = None):
+                 distill: bool = True, log: Log | None = None):
         self.model_name = model
         self.data = data
+        # VGG's five max-pools (and its FC head) need 32 px; ResNets run at any size >= 8 px.
+        min_res = 32 if model.startswith("vgg") else 8
+        if protocol.input_resolution(data.native_resolution) < min_res:
+            protocol = protocol.replace(resolution=min_res)
         self.protocol = protocol
         self.cache = cache
         self.deploy_size = deploy_size
@@ -156,6 +162,7 @@ class Evaluator:
         self.latency_threads = latency_threads
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.log = log or (lambda s: None)
+        self.distill = distill
         self._baseline_model: nn.Module | None = None
         self._teacher: torch.Tensor | None = None
         build_model(model, None, num_classes=data.num_classes)  # fail fast on a bad model name
@@ -198,7 +205,7 @@ class Evaluator:
         return self._baseline_model
 
     def _teacher_logits(self, protocol: ProxyProtocol) -> torch.Tensor | None:
-        if protocol.distill_alpha <= 0:
+        if protocol.distill_alpha <= 0 or not self.distill:
             return None
         if self._teacher is None:
             key = self.baseline_key(protocol)

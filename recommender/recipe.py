@@ -114,7 +114,7 @@ class Recipe:
                 prune=PruneConfig(**_known(PruneConfig, data.get("prune") or {})),
                 quant=QuantConfig(**_known(QuantConfig, data.get("quant") or {})),
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecommenderError) as exc:
             raise CheckpointError(f"invalid recipe: {exc}") from None
 
     def to_json(self, **kwargs: Any) -> str:

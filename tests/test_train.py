@@ -179,7 +179,7 @@ def test_paired_drop():
 
 def test_teacher_logits_and_distillation(digits, trained_tiny):
     teacher, _ = trained_tiny
-    proto = SMOKE.replace(distill_alpha=0.7, distill_temperature=3.0, epochs=2)
+    proto = SMOKE.replace(distill_alpha=0.7, distill_temperature=3.0, epochs=10, lr=0.1)
     logits = teacher_logits(teacher, digits, proto)
     assert logits.shape == (proto.train_size, 10) and torch.isfinite(logits).all()
     # the teacher is good on its training images
@@ -189,7 +189,7 @@ def test_teacher_logits_and_distillation(digits, trained_tiny):
     student = TinyCNN(width=8)
     result = train_model(student, digits, proto, teacher_logits=logits)
     assert result.ok
-    assert evaluate(student, digits, proto).accuracy > 0.3
+    assert evaluate(student, digits, proto).accuracy > 0.5
     with pytest.raises(ValueError):
         train_model(TinyCNN(), digits, proto, teacher_logits=logits[:10])
 

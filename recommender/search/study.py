@@ -93,6 +93,11 @@ class StudySpec:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        from ..models import list_models
+
+        if self.model not in list_models():
+            raise UnknownNameError("model", self.model, list_models())
+        get_protocol(self.fidelity)  # an unknown fidelity fails before any storage is touched
         if isinstance(self.max_drop, str):
             self.max_drop = MaxDrop.parse(self.max_drop)
         self.budgets = parse_budgets(self.budgets)
@@ -209,9 +214,15 @@ class Search:
         self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed)
         self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
         self.cache = WeightsCache(spec.cache_root)
+        if spec.checkpoint:  # a corrupt checkpoint fails before a study is created
+            from ..compress.checkpoint import load_state
+
+            load_state(spec.checkpoint)
         self.study = open_study(spec)
+        self.log(f"study {spec.name} in {redact(spec.storage_url)}")
         self.evaluator = Evaluator(spec.model, self.data, self.protocol, cache=self.cache,
-                                   latency=spec.latency, checkpoint=spec.checkpoint, log=self.log)
+                                   latency=spec.latency, checkpoint=spec.checkpoint,
+                                   distill=spec.baseline_accuracy is None, log=self.log)
         self.trials_run = 0
 
     # -- once per study ----------------------------------------------------------------------
@@ -270,6 +281,11 @@ class Search:
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1
 
+        for cb in self.callbacks:  # progress bars start with the trials, not before
+            start = getattr(cb, "start", None)
+            if start is not None:
+                start(self.study)
+
         self.study.optimize(objective, n_trials=remaining, timeout=self.spec.timeout,
                             catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
 
@@ -290,7 +306,7 @@ class Search:
                 return confirmed
             protocol = get_protocol(spec.confirm_fidelity, seed=spec.seed + 1)
             ev = Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=False,
-                           checkpoint=spec.checkpoint, log=self.log)
+                           checkpoint=spec.checkpoint, distill=spec.baseline_accuracy is None, log=self.log)
             base_attr = study.user_attrs.get("baseline_confirm")
             if base_attr is None or base_attr.get("fidelity") != protocol.fidelity:
                 self.log(f"confirm stage: baseline at {protocol.fidelity} fidelity")
