@@ -112,9 +112,13 @@ class AppliedModel:
 
 def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: str = "digits",
                  fidelity: str = "paper", data_dir: str | None = None, out_dir: str | Path | None = None,
-                 seed: int = 0, cache_dir: str | None = "studies/cache",
+                 seed: int = 0, cache_dir: str | None = "studies/cache", compare: bool = False,
                  log: Callable[[str], None] | None = None, **protocol_overrides: Any) -> AppliedModel:
     """Build, train (at ``fidelity``), prune and quantize a recipe, then export it.
+
+    With ``compare`` the baseline is trained (or read from the cache) under the same protocol,
+    the candidate distils from it when the protocol says so, and the drop is reported; without
+    it only the recipe's own model is trained.
 
     Exports ``state_dict.pt`` (the compressed model's state dict; load it with
     ``torch.load(..., weights_only=True)``), ``model.ts`` (TorchScript: runs with torch alone,
@@ -132,8 +136,9 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
         raise RecommenderError(f"{recipe_path} names no model; pass --model")
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
     protocol = get_protocol(fidelity, seed=seed, **protocol_overrides)
-    ev = Evaluator(name, data, protocol, cache=WeightsCache(cache_dir) if cache_dir else None, log=log)
-    baseline = ev.evaluate_baseline()
+    ev = Evaluator(name, data, protocol, cache=WeightsCache(cache_dir) if cache_dir else None,
+                   distill=compare, log=log)
+    baseline = ev.evaluate_baseline() if compare else None
     evaluation, compressed = ev.evaluate(recipe, baseline, return_model=True)
     if not evaluation.ok:
         raise RecommenderError(f"the recipe could not be applied: {evaluation.reason}")
@@ -148,7 +153,7 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
         scripted = torch.jit.trace(compressed.eval(), example, check_trace=False)
     torch.jit.save(scripted, str(files["torchscript"]))
     files["evaluation"].write_text(json.dumps({"model": name, "dataset": dataset, "fidelity": fidelity,
-                                               "baseline_accuracy": baseline.accuracy,
+                                               "baseline_accuracy": baseline.accuracy if baseline else None,
                                                "input_size": [1, 3, res, res],
                                                "normalisation": {"mean": list(data.mean), "std": list(data.std)},
                                                "evaluation": evaluation.to_dict()}, indent=2, default=str))

@@ -280,6 +280,7 @@ def cmd_apply(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: next to the recipe)")
     p.add_argument("--cache-dir", default="studies/cache")
+    p.add_argument("--compare", action="store_true", help="also train the baseline and report the drop")
     args = p.parse_args(argv)
     from .api import apply_recipe
 
@@ -287,9 +288,11 @@ def cmd_apply(argv: Sequence[str]) -> int:
     overrides = {"epochs": args.epochs} if args.epochs else {}
     res = apply_recipe(args.recipe, model=args.model, dataset=args.dataset, fidelity=args.fidelity,
                        data_dir=args.data_dir, out_dir=args.out, seed=args.seed, cache_dir=args.cache_dir,
-                       log=lambda s: err.log(s), **overrides)
+                       compare=args.compare, log=lambda s: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {s}"),
+                       **overrides)
     e = res.evaluation
-    print(f"accuracy {100 * e.accuracy:.2f}% (drop {e.drop_pp:+.2f} pp), params {e.costs.get('params')}, "
+    drop = f" (drop {e.drop_pp:+.2f} pp)" if e.drop_pp is not None else ""
+    print(f"accuracy {100 * e.accuracy:.2f}%{drop}, params {e.costs.get('params')}, "
           f"{e.costs.get('size_mb'):.2f} MB; wrote " + ", ".join(str(f) for f in res.files.values()))
     return 0
 

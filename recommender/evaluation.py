@@ -256,7 +256,7 @@ class Evaluator:
         return Baseline(ev.accuracy, ev.ci_low, ev.ci_high, costs, src, self.protocol.fidelity,
                         ev.correct, time.perf_counter() - t0)
 
-    def evaluate(self, recipe: Recipe, baseline: Baseline, max_drop: MaxDrop | None = None,
+    def evaluate(self, recipe: Recipe, baseline: Baseline | None, max_drop: MaxDrop | None = None,
                  *, return_model: bool = False) -> Any:
         """Build, train (or load), prune, quantize, evaluate and measure one recipe.
 
@@ -282,7 +282,8 @@ class Evaluator:
             out.notes = compression_notes(report)
             ev = evaluate(model, self.data, self.protocol)
             out.accuracy, out.acc_low, out.acc_high = ev.accuracy, ev.ci_low, ev.ci_high
-            self._fill_drop(out, ev.correct, baseline, max_drop)
+            if baseline is not None:
+                self._fill_drop(out, ev.correct, baseline, max_drop)
             float_model = getattr(report, "float_model", None)
             out.costs = measure_mod.measure(model, self.input_size, latency=self.latency,
                                             float_model=float_model, threads=self.latency_threads).to_dict()
