@@ -59,7 +59,7 @@ def measure(model, data, res: int, batch_size: int, steps: int, eval_images: int
     n = min(eval_images, data.n_val)
     with torch.no_grad():
         xs = list(data.val_batches(256, res))
-        model(xs[0][:8])  # warm-up
+        model(xs[0][0][:8])  # warm-up
         t0 = time.perf_counter()
         seen = 0
         for x, _ in xs:

@@ -19,6 +19,8 @@ notebooks).
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import sys
 import threading
@@ -36,9 +38,8 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _redact(url: str) -> str:
-    from .search.study import redact
-
-    return redact(url)
+    """The URL with its password hidden (as ``search.study.redact``, without importing torch)."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 def resolve_storage(study: str | None = None, storage: str | None = None,
@@ -193,10 +194,17 @@ def serve(study: str | None = None, storage: str | None = None, studies_dir: str
         port: TCP port (0 picks a free one).
 
     Returns:
-        0 after Ctrl-C.
+        0 after Ctrl-C (or SIGTERM).
     """
     url = resolve_storage(study, storage, studies_dir)
     handle = start(url, host, port)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill`, systemd and `docker stop` send SIGTERM: stop as cleanly as on Ctrl-C.
+        def _term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        old_term = signal.signal(signal.SIGTERM, _term)
     try:
         page = handle.study_url(study) if study else None
         print(f"optuna-dashboard for {_redact(url)} at {handle.url}", flush=True)
@@ -215,4 +223,6 @@ def serve(study: str | None = None, storage: str | None = None, studies_dir: str
         pass
     finally:
         handle.stop()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0

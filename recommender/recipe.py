@@ -22,6 +22,7 @@ IMPORTANCES: tuple[str, ...] = ("l1", "taylor")
 QuantScheme = Literal["fp32", "fp16", "int8-dynamic", "int8-static"]
 QUANT_SCHEMES: tuple[str, ...] = ("fp32", "fp16", "int8-dynamic", "int8-static")
 QUANT_ENGINES: tuple[str, ...] = ("x86", "qnnpack")
+QUANT_OBSERVERS: tuple[str, ...] = ("histogram", "minmax")
 
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
@@ -76,15 +77,20 @@ class QuantConfig:
             (post-training static int8 with calibration; conv, linear, activations).
         engine: int8 kernel backend: ``x86`` (servers, laptops) or ``qnnpack`` (ARM phones/boards).
         calibration_batches: training batches observed to calibrate ``int8-static``.
+        observer: activation range observer of ``int8-static``: ``histogram`` (PyTorch's
+            default, searches the clipping range; slow to convert with hundreds of layers) or
+            ``minmax`` (fast, plain min/max range).
     """
 
     scheme: QuantScheme = "fp32"
     engine: str = "x86"
     calibration_batches: int = 8
+    observer: str = "histogram"
 
     def __post_init__(self) -> None:
         _check_choice("quantization scheme", self.scheme, QUANT_SCHEMES)
         _check_choice("quantization engine", self.engine, QUANT_ENGINES)
+        _check_choice("activation observer", self.observer, QUANT_OBSERVERS)
         if self.calibration_batches < 1:
             raise RecommenderError("calibration_batches must be >= 1")
 

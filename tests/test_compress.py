@@ -196,6 +196,15 @@ def test_schemes_run(scheme, engine):
         assert rep.size_mb_after < rep.size_mb_before
 
 
+def test_minmax_observer_option():
+    m = Tiny().eval()
+    q, rep = apply_quantization(m, QuantConfig("int8-static", "x86", 2, observer="minmax"), calibration=CAL)
+    assert rep.mode == "fx"
+    with torch.no_grad():
+        out, ref = q(X), m(X)
+    assert torch.allclose(out, ref, atol=0.2 * float(ref.abs().max()) + 1e-3)
+
+
 def test_engines_can_coexist():
     m = Tiny().eval()
     qa, _ = apply_quantization(m, QuantConfig("int8-static", "x86", 1), calibration=CAL)

@@ -183,3 +183,22 @@ def test_cli_dashboard_errors_are_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "recommender.cli", "dashboard", "nope", "--studies-dir",
                         str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no study database" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_cli_dashboard_serves_until_sigterm(study_db: tuple[str, str, Path]) -> None:
+    import signal
+
+    url, name, folder = study_db
+    p = subprocess.Popen([sys.executable, "-m", "recommender.cli", "dashboard", name, "--studies-dir", str(folder),
+                          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()  # "optuna-dashboard for sqlite:///... at http://127.0.0.1:PORT/"
+        assert " at http://127.0.0.1:" in first, first + p.stderr.read()
+        base = first.rsplit(" at ", 1)[1].strip()
+        assert [s["study_name"] for s in _get(f"{base}api/studies")["study_summaries"]] == [name]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -31,13 +31,16 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The tiny search space: every trial reuses the baseline's weights (no training).
+# The tiny search space: every trial reuses the baseline's weights (no training). ``prune.step``
+# does nothing without pruning; it is a free continuous dimension, so that two workers proposing
+# the same candidates in lockstep (one sampler seed for the whole fleet) would show.
 SPACE = """\
 family: resnet
 description: test space (the baseline architecture, no pruning, fp32)
 arch: {}
 prune:
   method: {choices: [none]}
+  step: {low: 0.05, high: 0.95}
 quant:
   scheme: {choices: [fp32]}
 warm_start: []
@@ -164,6 +167,8 @@ def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
     assert study.user_attrs["baseline"]["source"] == "checkpoint"
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert complete and all("recipe" in t.user_attrs and "evaluation" in t.user_attrs for t in complete)
+    steps = [t.params["prune.step"] for t in trials]
+    assert len(set(steps)) == len(steps), steps  # the workers did not sample in lockstep
 
     show = subprocess.run([sys.executable, "-m", "recommender.cli", "show", name, "--storage", PG_URL, "--json"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)

@@ -286,12 +286,32 @@ def _untraceable(model: nn.Module, prefix: str = "") -> list[str]:
     return bad
 
 
+def _minmax_activations(qm: Any) -> Any:
+    """Replace HistogramObserver activation observers by MinMaxObserver (same reduce_range)."""
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+
+    def swap(qc: Any) -> Any:
+        if qc is None:
+            return None
+        act = qc.activation
+        if getattr(act, "p", None) is not None and getattr(act.p, "func", None) is HistogramObserver:
+            return QConfig(activation=MinMaxObserver.with_args(**act.p.keywords), weight=qc.weight)
+        return qc
+
+    qm.global_qconfig = swap(qm.global_qconfig)
+    for k in list(qm.object_type_qconfigs):
+        qm.object_type_qconfigs[k] = swap(qm.object_type_qconfigs[k])
+    return qm
+
+
 @register_backend("int8-static")
 class FxStaticBackend(QuantBackend):
     """Post-training static int8 with FX graph mode."""
 
-    def __init__(self, engine: str | None = None) -> None:
+    def __init__(self, engine: str | None = None, observer: str = "histogram") -> None:
         super().__init__(engine or "x86")
+        self.observer = observer
         self.skip: dict[str, str] = {}
         self.non_traceable: list[str] = []
         self._float: nn.Module | None = None
@@ -301,6 +321,8 @@ class FxStaticBackend(QuantBackend):
         from torch.ao.quantization import get_default_qconfig_mapping
 
         qm = get_default_qconfig_mapping(self.engine)
+        if self.observer == "minmax":
+            qm = _minmax_activations(qm)
         for name in self.skip:
             qm = qm.set_module_name(name, None)
         return qm
@@ -408,7 +430,7 @@ def _static_int8(
     report = QuantReport(scheme="int8-static", engine=cfg.engine)
     with torch.no_grad():
         ref_shape = tuple(safe_deepcopy(model).eval()(example_input).shape)
-    backend = FxStaticBackend(cfg.engine)
+    backend = FxStaticBackend(cfg.engine, getattr(cfg, "observer", "histogram"))
     problems: list[str] = []
 
     def run_once() -> nn.Module:

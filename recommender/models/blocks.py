@@ -352,6 +352,10 @@ def _fit(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+# Shape-dependent branching: a leaf for FX tracing, so int8 graph mode quantizes DiCE models whole.
+torch.fx.wrap("_fit")
+
+
 class DiCE(nn.Module):
     """``DiCE(c->o, H, W)``: dimension-wise convolutions + dimension-wise fusion (DiCENet).
 

@@ -159,8 +159,11 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
                       grace_period=int(os.environ.get("RECOMMENDER_GRACE", 60)),
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     try:
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                          **kwargs)
+        # Workers started together on an empty database would race to create Optuna's tables
+        # (the losers fail with a duplicate-key error): create them under the advisory lock.
+        with study_lock(url if url.startswith("postgresql") else None, "<optuna schema>", "create_tables"):
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                              **kwargs)
     except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {redact(url)}: {msg}") from None
@@ -173,10 +176,14 @@ def redact(url: str) -> str:
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     storage = storage or open_storage(spec.storage_url)
     primary = spec.budgets[0]
+    # Workers of a fleet (a server storage) must not share the sampler's seed: with one seed and
+    # one history they would propose the same candidates in lockstep. A SQLite study (one machine)
+    # stays reproducible; --seed still fixes the training protocol everywhere.
+    sampler_seed = spec.seed if spec.storage_url.startswith("sqlite") else None
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
                                     directions=["maximize", "minimize"],
-                                    sampler=make_sampler(spec.sampler, spec.seed))
+                                    sampler=make_sampler(spec.sampler, sampler_seed))
     except Exception as exc:
         raise StorageError(f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: "
                            f"{str(exc).splitlines()[0]}") from None
