@@ -142,13 +142,17 @@ class Evaluator:
         checkpoint: a trained baseline state dict (evaluated, never retrained).
         distill: candidates learn from the trained baseline's logits when the protocol asks
             for it (``distill_alpha`` > 0); off for a stated baseline accuracy (no teacher).
+        teacher_protocol: the protocol the baseline (reference and teacher) was trained under,
+            when it differs from ``protocol`` only in its seed (the confirm stage's second seed
+            reuses the search's baseline instead of training another one).
         log: where progress lines go.
     """
 
     def __init__(self, model: str, data: TensorData, protocol: ProxyProtocol, *,
                  cache: WeightsCache | None = None, deploy_size: int = 32, latency: bool = True,
                  latency_threads: int = 1, checkpoint: str | Path | None = None,
-                 distill: bool = True, log: Log | None = None):
+                 distill: bool = True, teacher_protocol: ProxyProtocol | None = None,
+                 log: Log | None = None):
         self.model_name = model
         self.data = data
         # VGG's five max-pools (and its FC head) need 32 px; ResNets run at any size >= 8 px.
@@ -156,6 +160,8 @@ class Evaluator:
         if protocol.input_resolution(data.native_resolution) < min_res:
             protocol = protocol.replace(resolution=min_res)
         self.protocol = protocol
+        self.teacher_protocol = protocol if teacher_protocol is None else teacher_protocol.replace(
+            resolution=protocol.resolution, max_resolution=protocol.max_resolution)
         self.cache = cache
         self.deploy_size = deploy_size
         self.latency = latency
@@ -176,12 +182,12 @@ class Evaluator:
         return build_model(self.model_name, arch, num_classes=self.data.num_classes)
 
     def _key(self, arch: ArchConfig, protocol: ProxyProtocol, teacher: bool) -> str:
-        extra = {"distilled_from": self.baseline_key(protocol)} if teacher else {}
+        extra = {"distilled_from": self.baseline_key()} if teacher else {}
         return WeightsCache.key(self.model_name, {"arch": arch.to_dict(), **extra}, protocol.key(),
                                 protocol.seed, self.data.identity)
 
     def baseline_key(self, protocol: ProxyProtocol | None = None) -> str:
-        p = protocol or self.protocol
+        p = protocol or self.teacher_protocol
         src = {"checkpoint": str(self.checkpoint)} if self.checkpoint else {}
         return WeightsCache.key(self.model_name, {"arch": ArchConfig().to_dict(), **src}, p.key(), p.seed,
                                 self.data.identity)
@@ -201,17 +207,17 @@ class Evaluator:
                 model.eval()
                 self._baseline_model = model
             else:
-                self._baseline_model, _, _ = self._train(ArchConfig(), self.protocol, teacher=False)
+                self._baseline_model, _, _ = self._train(ArchConfig(), self.teacher_protocol, teacher=False)
         return self._baseline_model
 
     def _teacher_logits(self, protocol: ProxyProtocol) -> torch.Tensor | None:
         if protocol.distill_alpha <= 0 or not self.distill:
             return None
         if self._teacher is None:
-            key = self.baseline_key(protocol)
+            key = self.baseline_key()
             arr = self.cache.load_array(key, "teacher_logits") if self.cache else None
             if arr is None:
-                arr = teacher_logits(self.baseline_model(), self.data, protocol).numpy()
+                arr = teacher_logits(self.baseline_model(), self.data, self.teacher_protocol).numpy()
                 if self.cache:
                     self.cache.save_array(key, "teacher_logits", arr)
             self._teacher = torch.as_tensor(arr)
@@ -221,8 +227,10 @@ class Evaluator:
                ) -> tuple[nn.Module, dict[str, Any], bool]:
         """Build and train ``arch`` (or load it from the cache). Returns (model, meta, cache hit)."""
         logits = self._teacher_logits(protocol) if teacher else None
-        key = self._key(arch, protocol, logits is not None) if not (arch == ArchConfig() and not teacher) \
-            else self.baseline_key(protocol)
+        if arch == ArchConfig() and not teacher:
+            key = self.baseline_key(protocol)
+        else:
+            key = self._key(arch, protocol, logits is not None)
         label = arch.describe() if hasattr(arch, "describe") else "arch"
 
         def train_fn(m: nn.Module) -> dict[str, Any]:

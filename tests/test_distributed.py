@@ -20,13 +20,14 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
-PG_URL = os.environ.get("RECOMMENDER_TEST_PG_URL")
+SERVER_URL = os.environ.get("RECOMMENDER_TEST_PG_URL")
 pytestmark = [
     pytest.mark.postgres,
-    pytest.mark.skipif(not PG_URL, reason="RECOMMENDER_TEST_PG_URL is not set (no PostgreSQL server)"),
+    pytest.mark.skipif(not SERVER_URL, reason="RECOMMENDER_TEST_PG_URL is not set (no PostgreSQL server)"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,37 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pg_database() -> Iterator[str]:
+    """A fresh, empty database for this module (the workers then also race to create Optuna's
+    tables, as a fleet started on a new database does); the server's own database when the
+    user may not create one."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(SERVER_URL)
+    name = f"recommender_dist_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.DBAPIError:
+        admin.dispose()
+        yield SERVER_URL
+        return
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        for force in (" WITH (FORCE)", ""):  # FORCE needs PostgreSQL 13
+            try:
+                with admin.connect() as conn:
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"{force}'))
+                break
+            except sa.exc.DBAPIError:
+                continue
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("fleet")
     (root / "space.yaml").write_text(SPACE)
     (root / "runner.py").write_text(RUNNER)
@@ -76,7 +107,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     save_state(root / "baseline.pt", build_model("resnet18", num_classes=10))
     return {"root": root, "space": root / "space.yaml", "runner": root / "runner.py",
-            "checkpoint": root / "baseline.pt"}
+            "checkpoint": root / "baseline.pt", "url": pg_database}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -86,10 +117,10 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _worker(fleet: dict[str, Path], study: str, trials: int, k: int, **env: str) -> subprocess.Popen:
+def _worker(fleet: dict[str, Any], study: str, trials: int, k: int, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, str(fleet["runner"]), "--model", "resnet18", "--dataset", "digits",
            "--fidelity", "smoke", "--max-drop", "50%", "--budget", "20M-params", "--trials", str(trials),
-           "--storage", PG_URL, "--study-name", study, "--confirm-fidelity", "none", "--no-latency",
+           "--storage", fleet["url"], "--study-name", study, "--confirm-fidelity", "none", "--no-latency",
            "--no-warm-start", "--space", str(fleet["space"]), "--checkpoint", str(fleet["checkpoint"]),
            "--studies-dir", str(fleet["root"] / f"w{k}"), "--cache-dir", str(fleet["root"] / f"cache-w{k}"),
            "--quiet"]
@@ -119,14 +150,14 @@ def _worker_trials(out: str) -> int:
     return int(lines[-1].split("=", 1)[1])
 
 
-def _study(name: str):
+def _study(url: str, name: str):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=PG_URL)
+    return optuna.load_study(study_name=name, storage=url)
 
 
-def _states(name: str) -> dict[int, str]:
-    return {t.number: t.state.name for t in _study(name).get_trials(deepcopy=False)}
+def _states(url: str, name: str) -> dict[int, str]:
+    return {t.number: t.state.name for t in _study(url, name).get_trials(deepcopy=False)}
 
 
 def _stop(*procs: subprocess.Popen) -> None:
@@ -139,7 +170,8 @@ def _stop(*procs: subprocess.Popen) -> None:
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
-def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
+def test_two_workers_share_one_study(fleet: dict[str, Any]) -> None:
+    url = fleet["url"]
     name = f"dist-{uuid.uuid4().hex[:8]}"
     target = 8
     t0 = time.perf_counter()
@@ -153,7 +185,7 @@ def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
         assert rc == 0, out[-3000:]
     per_worker = [_worker_trials(out) for _, out in results]
 
-    study = _study(name)
+    study = _study(url, name)
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)), numbers  # no trial number twice
@@ -170,7 +202,7 @@ def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
     steps = [t.params["prune.step"] for t in trials]
     assert len(set(steps)) == len(steps), steps  # the workers did not sample in lockstep
 
-    show = subprocess.run([sys.executable, "-m", "recommender.cli", "show", name, "--storage", PG_URL, "--json"],
+    show = subprocess.run([sys.executable, "-m", "recommender.cli", "show", name, "--storage", url, "--json"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert show.returncode == 0, show.stderr[-3000:]
     rec = json.loads(show.stdout)
@@ -183,10 +215,10 @@ def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
     # The dashboard over the same database shows both workers' trials and the note they wrote.
     from recommender.dashboard import start
 
-    with start(PG_URL, "127.0.0.1", 0) as dash:
-        url = dash.study_url(name)
-        assert url is not None
-        sid = url.rsplit("/", 1)[1]
+    with start(url, "127.0.0.1", 0) as dash:
+        page = dash.study_url(name)
+        assert page is not None
+        sid = page.rsplit("/", 1)[1]
         with urllib.request.urlopen(f"{dash.url}api/studies/{sid}", timeout=30) as r:
             detail = json.loads(r.read())
     assert len(detail["trials"]) == len(trials)
@@ -196,7 +228,8 @@ def test_two_workers_share_one_study(fleet: dict[str, Path]) -> None:
     print(f"\n2 workers, {target} trials: per worker {per_worker}, {wall:.0f} s wall")
 
 
-def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Path]) -> None:
+def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Any]) -> None:
+    url = fleet["url"]
     name = f"kill-{uuid.uuid4().hex[:8]}"
     target = 6
     hb = dict(RECOMMENDER_HEARTBEAT="1", RECOMMENDER_GRACE="3")
@@ -210,24 +243,24 @@ def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Path]) -> No
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and victim.poll() is None:
             try:
-                states = _states(name)
+                states = _states(url, name)
             except KeyError:  # the study is not created yet
                 states = {}
             running = [n for n, s in states.items() if s == "RUNNING"]
             if len(running) == 2:
                 break
             time.sleep(0.2)
-        assert len(running) == 2, f"never saw both workers mid-trial: {_states(name)}"
+        assert len(running) == 2, f"never saw both workers mid-trial: {_states(url, name)}"
         os.killpg(victim.pid, signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
-        killed_at = _states(name)
+        killed_at = _states(url, name)
         rc, out = _wait(survivor, 180)
     finally:
         _stop(victim, survivor)
     wall = time.perf_counter() - t0
     assert rc == 0, out[-3000:]
 
-    study = _study(name)
+    study = _study(url, name)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     states = {n: t.state.name for n, t in trials.items()}
     # The victim's trial was RUNNING when it died; it must end FAIL (heartbeat stale), never

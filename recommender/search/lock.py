@@ -29,15 +29,19 @@ def study_lock(storage_url: str | None, study_name: str, what: str = "baseline")
         yield
         return
     if storage_url.startswith("postgresql"):
-        engine = create_engine(storage_url)
+        # Autocommit: a session-level lock held outside any transaction, so a server's
+        # idle_in_transaction_session_timeout cannot cut it during a long baseline training.
+        engine = create_engine(storage_url, isolation_level="AUTOCOMMIT")
         key = _lock_id(f"{study_name}/{what}")
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
         return
     if storage_url.startswith("sqlite:///"):
         db = Path(storage_url[len("sqlite:///"):])

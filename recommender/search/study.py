@@ -155,8 +155,8 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if heartbeat:
-        kwargs = dict(heartbeat_interval=int(os.environ.get("RECOMMENDER_HEARTBEAT", 20)),
-                      grace_period=int(os.environ.get("RECOMMENDER_GRACE", 60)),
+        kwargs = dict(heartbeat_interval=_env_seconds("RECOMMENDER_HEARTBEAT", 20),
+                      grace_period=_env_seconds("RECOMMENDER_GRACE", 60),
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     try:
         # Workers started together on an empty database would race to create Optuna's tables
@@ -167,6 +167,15 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
     except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {redact(url)}: {msg}") from None
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise RecommenderError(f"{name} must be a positive whole number of seconds, got {raw!r}")
+    return int(raw)
 
 
 def redact(url: str) -> str:
@@ -312,10 +321,19 @@ class Search:
             if not todo:
                 return confirmed
             protocol = get_protocol(spec.confirm_fidelity, seed=spec.seed + 1)
+            same = spec.confirm_fidelity == spec.fidelity
+            # At the search's own fidelity the re-check is a second seed of each finalist against
+            # the search's baseline (cached); at a higher fidelity the baseline is trained at that
+            # fidelity too (once, then cached across studies).
             ev = Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=False,
-                           checkpoint=spec.checkpoint, distill=spec.baseline_accuracy is None, log=self.log)
+                           checkpoint=spec.checkpoint, distill=spec.baseline_accuracy is None,
+                           teacher_protocol=self.protocol if same else None, log=self.log)
             base_attr = study.user_attrs.get("baseline_confirm")
-            if base_attr is None or base_attr.get("fidelity") != protocol.fidelity:
+            if same:
+                cbase = baseline
+                if base_attr is None:
+                    self.study.set_user_attr("baseline_confirm", baseline.to_dict())
+            elif base_attr is None or base_attr.get("fidelity") != protocol.fidelity:
                 self.log(f"confirm stage: baseline at {protocol.fidelity} fidelity")
                 stated = None if spec.baseline_accuracy is None else spec.baseline_accuracy / 100
                 cbase = ev.evaluate_baseline(stated)
