@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -149,9 +150,12 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     torch.save(compressed.state_dict(), files["state_dict"])
     res = protocol.input_resolution(data.native_resolution)
     example = torch.randn(1, 3, res, res)  # the resolution it was trained and evaluated at
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is what runs int8 FX
+        # models with torch alone today.
+        warnings.simplefilter("ignore")
         scripted = torch.jit.trace(compressed.eval(), example, check_trace=False)
-    torch.jit.save(scripted, str(files["torchscript"]))
+        torch.jit.save(scripted, str(files["torchscript"]))
     files["evaluation"].write_text(json.dumps({"model": name, "dataset": dataset, "fidelity": fidelity,
                                                "baseline_accuracy": baseline.accuracy if baseline else None,
                                                "input_size": [1, 3, res, res],

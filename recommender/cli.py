@@ -56,7 +56,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help="digits (default, offline), cifar10, cifar100, imagefolder:PATH")
     p.add_argument("--data-dir", help="where cifar10/cifar100 live")
     p.add_argument("--fidelity", default="proxy", help="search protocol: smoke, proxy (default), confirm, paper")
-    p.add_argument("--confirm-fidelity", default="confirm", help="re-check protocol (default confirm; none to skip)")
+    p.add_argument("--confirm-fidelity", default="search",
+                   help="re-check of the finalists: search (default: a second seed at the search fidelity), "
+                        "a fidelity name (e.g. confirm: more data and epochs, baseline retrained once), or none")
     p.add_argument("--n-confirm", type=int, default=3, help="candidates re-checked (default 3)")
     p.add_argument("--trials", type=int, default=None, help="finished trials the study should reach (default 30)")
     p.add_argument("--timeout", help="search time for this run: 90s, 20m, 1h")

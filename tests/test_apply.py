@@ -23,7 +23,7 @@ def test_apply_exports_state_dict_and_torchscript(tmp_path, capsys):
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps({"model": "resnet18", "num_classes": 10, "recipe": recipe.to_dict()}))
     out = tmp_path / "out"
-    code = main(["apply", str(path), "--dataset", "digits", "--fidelity", "smoke", "--out", str(out),
+    code = main(["apply", str(path), "--dataset", "digits", "--fidelity", "smoke", "--epochs", "6", "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache")])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out

@@ -55,7 +55,9 @@ class StudySpec:
         budgets: cost limits; the first is the primary cost objective.
         dataset: ``digits`` (offline default), ``cifar10``, ``cifar100``, ``imagefolder:PATH``.
         fidelity: proxy protocol of the search (``smoke``, ``proxy``, ``confirm``, ``paper``).
-        confirm_fidelity: protocol of the confirm stage (None or ``none``: no confirm stage).
+        confirm_fidelity: protocol of the confirm stage: ``search`` (default: the search's own
+            fidelity with a second seed, against the cached baseline), a fidelity name (the
+            baseline is then also trained at it, once), or ``none`` (no confirm stage).
         n_confirm: how many of the best feasible candidates are re-evaluated.
         trials: finished trials the study should reach (resumes count the earlier ones).
         timeout: seconds of search for this invocation (None: no limit).
@@ -76,7 +78,7 @@ class StudySpec:
     dataset: str = "digits"
     data_dir: str | None = None
     fidelity: str = "proxy"
-    confirm_fidelity: str | None = "confirm"
+    confirm_fidelity: str | None = "search"
     n_confirm: int = 3
     trials: int = 30
     timeout: float | None = None
@@ -107,8 +109,12 @@ class StudySpec:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if self.trials < 1:
             raise RecommenderError("--trials must be at least 1")
-        if self.confirm_fidelity in ("none", ""):
+        if self.confirm_fidelity in ("none", "", None):
             self.confirm_fidelity = None
+        elif self.confirm_fidelity == "search":
+            self.confirm_fidelity = self.fidelity
+        else:
+            get_protocol(self.confirm_fidelity)
 
     @property
     def name(self) -> str:
