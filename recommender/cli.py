@@ -59,8 +59,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-fidelity", default="search",
                    help="re-check of the finalists: search (default: a second seed at the search fidelity), "
                         "a fidelity name (e.g. confirm: more data and epochs, baseline retrained once), or none")
-    p.add_argument("--n-confirm", type=int, default=3, help="candidates re-checked (default 3)")
-    p.add_argument("--trials", type=int, default=None, help="finished trials the study should reach (default 30)")
+    p.add_argument("--n-confirm", type=int, default=2, help="candidates re-checked (default 2)")
+    p.add_argument("--trials", type=int, default=None, help="finished trials the study should reach (default 20)")
     p.add_argument("--timeout", help="search time for this run: 90s, 20m, 1h")
     p.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, random")
     p.add_argument("--seed", type=int, default=0)
@@ -104,7 +104,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         options["trials"] = args.trials
     spec = StudySpec(model=args.model, max_drop=args.max_drop, budgets=args.budget, dataset=args.dataset,
                      **options)  # validates the grammar before any work
-    log = (lambda s: None) if quiet else (lambda s: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {s}"))
+    log = (lambda s: None) if quiet else _logger(err)
     bar = None if quiet else TrialProgress(err, spec.trials)
     t0 = time.perf_counter()
     try:
@@ -134,6 +134,13 @@ def cmd_run(argv: Sequence[str]) -> int:
               f"Dashboard: recommend dashboard {spec.name}{show_storage}    "
               f"Apply: recommend apply {folder}/recipe.json --dataset {args.dataset} --fidelity paper")
     return 0 if rec.recipe is not None else 1
+
+
+def _logger(console: Any):
+    """Timestamped progress lines; the text is escaped (recipe labels contain [brackets])."""
+    from rich.markup import escape
+
+    return lambda s: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(s)}")
 
 
 def _redact(url: str) -> str:
@@ -290,7 +297,7 @@ def cmd_apply(argv: Sequence[str]) -> int:
     overrides = {"epochs": args.epochs} if args.epochs else {}
     res = apply_recipe(args.recipe, model=args.model, dataset=args.dataset, fidelity=args.fidelity,
                        data_dir=args.data_dir, out_dir=args.out, seed=args.seed, cache_dir=args.cache_dir,
-                       compare=args.compare, log=lambda s: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {s}"),
+                       compare=args.compare, log=_logger(err),
                        **overrides)
     e = res.evaluation
     drop = f" (drop {e.drop_pp:+.2f} pp)" if e.drop_pp is not None else ""

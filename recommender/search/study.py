@@ -79,8 +79,8 @@ class StudySpec:
     data_dir: str | None = None
     fidelity: str = "proxy"
     confirm_fidelity: str | None = "search"
-    n_confirm: int = 3
-    trials: int = 30
+    n_confirm: int = 2
+    trials: int = 20
     timeout: float | None = None
     sampler: str = "tpe"
     seed: int = 0
