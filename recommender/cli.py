@@ -62,6 +62,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-confirm", type=int, default=2, help="candidates re-checked (default 2)")
     p.add_argument("--trials", type=int, default=None, help="finished trials the study should reach (default 20)")
     p.add_argument("--timeout", help="search time for this run: 90s, 20m, 1h")
+    p.add_argument("--max-trial-time", default="3m",
+                   help="skip candidates whose proxy training is estimated to take longer (default 3m; 0: no limit)")
     p.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
@@ -99,7 +101,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         n_confirm=args.n_confirm, timeout=parse_duration(args.timeout), sampler=args.sampler, seed=args.seed,
         storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
         baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
-        latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir)
+        latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
+        max_trial_seconds=parse_duration(args.max_trial_time) or None)
     if args.trials is not None:
         options["trials"] = args.trials
     spec = StudySpec(model=args.model, max_drop=args.max_drop, budgets=args.budget, dataset=args.dataset,

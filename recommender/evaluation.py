@@ -32,7 +32,8 @@ from .models import build_model
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
 from .recipe import Recipe
-from .train import batches, evaluate, finetune_fn, paired_drop, teacher_logits, train_model
+from .train import (batches, evaluate, finetune_fn, paired_drop, protocol_data, teacher_logits, threads,
+                    train_model)
 
 Log = Callable[[str], None]
 
@@ -247,6 +248,28 @@ class Evaluator:
             return m, train_fn(m), False
         res = self.cache.get_or_train(key, build, train_fn, seed=protocol.seed)
         return res.model, res.meta, res.hit
+
+    def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2) -> float | None:
+        """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
+        (after one warm-up) at the protocol's batch size and resolution; None when the trained
+        weights are already cached (no training needed)."""
+        if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
+            return None
+        d = protocol_data(self.data, self.protocol)
+        res = self.protocol.input_resolution(d.native_resolution)
+        model = self._build(arch).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x, y = next(d.train_batches(self.protocol.batch_size, res))
+        with threads(self.protocol.resolved_threads()):
+            times = []
+            for _ in range(steps + 1):
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+        per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
+        return min(times[1:]) * per_epoch * self.protocol.epochs
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_baseline(self, stated_accuracy: float | None = None) -> Baseline:

@@ -293,7 +293,9 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     for t in all_trials:
         if t.state == TrialState.PRUNED:
             r = t.user_attrs.get("pruned_reason", "pruned")
-            reasons[r.split(":")[0] + ": " + r.split(":")[1].split()[0] if ":" in r else r] += 1
+            # "structure breaks the budget before training: params 4.2e7 > 5e6" -> "... : params"
+            head, _, tail = r.partition(":")
+            reasons[f"{head}: {tail.split()[0]}" if tail.strip() else head] += 1
     failures: Counter[str] = Counter(t.user_attrs.get("fail_reason", "stale or interrupted trial")
                                      for t in all_trials if t.state == TrialState.FAIL)
 

@@ -45,6 +45,7 @@ class Objective:
     baseline: Baseline
     max_drop: MaxDrop
     budgets: list[Budget]
+    max_trial_seconds: float | None = None
 
     @property
     def constraint_names(self) -> list[str]:
@@ -82,7 +83,17 @@ class Objective:
         return float(ev.accuracy), self.primary.value(ev.costs)
 
     def precheck(self, recipe: Recipe) -> str | None:
-        """A reason to skip training when the structure alone breaks a params/FLOPs budget."""
+        """A reason to skip training: the structure alone breaks a params/FLOPs budget, or the
+        proxy training would take longer than ``max_trial_seconds``."""
+        reason = self._structure_check(recipe)
+        if reason is None and self.max_trial_seconds:
+            est = self.evaluator.estimate_train_seconds(recipe.arch)
+            if est is not None and est > self.max_trial_seconds:
+                reason = (f"proxy training too slow: estimated {est:.0f} s > {self.max_trial_seconds:.0f} s "
+                          "per trial (--max-trial-time)")
+        return reason
+
+    def _structure_check(self, recipe: Recipe) -> str | None:
         checked = [b for b in self.budgets if b.metric in _STRUCTURAL]
         if not checked:
             return None

@@ -70,6 +70,8 @@ class StudySpec:
         checkpoint: a trained baseline state dict (evaluated, never retrained).
         baseline_accuracy: a stated baseline accuracy in percent (no baseline evaluation).
         latency: measure CPU latency of every candidate (ms, batch 1).
+        max_trial_seconds: skip (prune, with the reason) a candidate whose proxy training is
+            estimated, from two timed steps, to take longer than this; None: no limit.
     """
 
     model: str
@@ -91,6 +93,7 @@ class StudySpec:
     checkpoint: str | None = None
     baseline_accuracy: float | None = None
     latency: bool = True
+    max_trial_seconds: float | None = 180.0
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
 
@@ -285,7 +288,8 @@ class Search:
         return max(0, self.spec.trials - len(finished_trials(self.study)))
 
     def optimize(self, baseline: Baseline) -> None:
-        objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets)
+        objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
+                              self.spec.max_trial_seconds)
         remaining = self.remaining()
         if remaining <= 0:
             return
