@@ -39,7 +39,9 @@ SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Failed trials are recorded with their reason and shown in the report; optuna would also print a
+# traceback for each on stderr.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 # heartbeats, grouped multivariate TPE and metric names are "experimental" but documented and
 # stable enough for us; the warning would only clutter every run.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
