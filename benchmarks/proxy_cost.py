@@ -23,16 +23,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recommender.data import load_dataset  # noqa: E402
+from recommender.data import find_cifar10_mini, load_dataset  # noqa: E402
 from recommender.models import build_model  # noqa: E402
 from recommender.train import seed_everything, zero_init_residual  # noqa: E402
 
 
-def cifar10_mini() -> Path | None:
-    env = os.environ.get("RECOMMENDER_CIFAR10_MINI")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-mini/train")
-    return next((c for c in candidates if c.is_dir()), None)
 
 
 def measure(model, data, res: int, batch_size: int, steps: int, eval_images: int):
@@ -89,7 +84,7 @@ def main(argv=None) -> int:
     datasets = {}
     for name in args.datasets.split(","):
         if name == "cifar10-mini":
-            root = cifar10_mini()
+            root = find_cifar10_mini()
             if root is None:
                 print("cifar10-mini not found: skipped")
                 continue

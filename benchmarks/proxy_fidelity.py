@@ -22,17 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recommender.data import load_dataset  # noqa: E402
+from recommender.data import find_cifar10_mini, load_dataset  # noqa: E402
 from recommender.models import build_model  # noqa: E402
 from recommender.protocol import get_protocol  # noqa: E402
 from recommender.train import evaluate, seed_everything, train_model  # noqa: E402
 
 
-def cifar10_mini() -> Path | None:
-    env = os.environ.get("RECOMMENDER_CIFAR10_MINI")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-mini/train")
-    return next((c for c in candidates if c.is_dir()), None)
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -81,7 +76,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.dataset is None:
-        root = cifar10_mini()
+        root = find_cifar10_mini()
         if root is None:
             print("cifar10-mini not found (set RECOMMENDER_CIFAR10_MINI or give --dataset)")
             return 2

@@ -244,6 +244,15 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
 
 # --- loaders --------------------------------------------------------------------------------
 
+def find_cifar10_mini() -> Path | None:
+    """The offline CIFAR-10 sample (3,805 images, ImageFolder): ``$RECOMMENDER_CIFAR10_MINI``, or
+    ``shared/datasets/cifar10-mini/train`` beside the checkout; None when absent."""
+    env = os.environ.get("RECOMMENDER_CIFAR10_MINI")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-mini/train")
+    return next((c for c in candidates if c.is_dir()), None)
+
+
 def list_datasets() -> list[str]:
     return list(DATASETS)
 

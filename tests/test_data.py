@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from recommender.data import TensorData, load_dataset, random_crop_flip, stratified_split
+from recommender.data import find_cifar10_mini, TensorData, load_dataset, random_crop_flip, stratified_split
 from recommender.errors import DatasetError, RecommenderError, UnknownNameError
 from recommender.protocol import FIDELITIES, ProxyProtocol, get_protocol
 
 torch.set_num_threads(1)
 
 
-def cifar10_mini() -> Path | None:
-    env = os.environ.get("RECOMMENDER_CIFAR10_MINI")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-mini/train")
-    return next((c for c in candidates if c.is_dir()), None)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +121,7 @@ def test_unknown_and_missing_specs(tmp_path):
 
 
 def test_imagefolder_cifar10_mini():
-    root = cifar10_mini()
+    root = find_cifar10_mini()
     if root is None:
         pytest.skip("cifar10-mini not found (set RECOMMENDER_CIFAR10_MINI)")
     d = load_dataset(f"imagefolder:{root}")

@@ -11,33 +11,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from recommender.data import load_dataset
+from recommender.data import find_cifar10_mini, load_dataset
 from recommender.protocol import get_protocol
 from recommender.train import (
     batches, evaluate, finetune_fn, paired_drop, seed_everything, teacher_logits, train_model,
     wilson_interval)
 
+from helpers import TinyCNN  # noqa: E402
+
 torch.set_num_threads(1)
 
 
-def cifar10_mini() -> Path | None:
-    env = os.environ.get("RECOMMENDER_CIFAR10_MINI")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-mini/train")
-    return next((c for c in candidates if c.is_dir()), None)
 
 
-class TinyCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 16):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False),
-            nn.BatchNorm2d(2 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
 
 
 class NaNModel(nn.Module):
@@ -108,7 +94,7 @@ def test_threads_restored(digits):
 
 
 def test_smoke_training_on_cifar10_mini_slice():
-    root = cifar10_mini()
+    root = find_cifar10_mini()
     if root is None:
         pytest.skip("cifar10-mini not found (set RECOMMENDER_CIFAR10_MINI)")
     data = load_dataset(f"imagefolder:{root}")

@@ -212,9 +212,9 @@ def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
     def is_layer(n: Any) -> bool:
         return isinstance(n.module, (nn.Conv2d, nn.Linear)) and n.module in names
 
-    def producers(start: Iterable[Any]) -> list[nn.Module]:
-        """Conv/linear layers whose output channels reach ``start`` (through BN, activations,
-        ops and depthwise convs)."""
+    def walk(start: Iterable[Any], edges: str) -> list[nn.Module]:
+        """Conv/linear layers reached from ``start`` along ``edges`` (``inputs``: producers of its
+        channels, ``outputs``: consumers), through BN, activations, ops and depthwise convs."""
         found: list[nn.Module] = []
         stack, seen = list(start), set()
         while stack:
@@ -226,23 +226,14 @@ def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
                 found.append(n.module)
                 if not _is_depthwise(n.module):
                     continue
-            stack.extend(n.inputs)
+            stack.extend(getattr(n, edges))
         return found
 
+    def producers(start: Iterable[Any]) -> list[nn.Module]:
+        return walk(start, "inputs")
+
     def consumers(start: Iterable[Any]) -> list[nn.Module]:
-        found: list[nn.Module] = []
-        stack, seen = list(start), set()
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if is_layer(n):
-                found.append(n.module)
-                if not _is_depthwise(n.module):
-                    continue
-            stack.extend(n.outputs)
-        return found
+        return walk(start, "outputs")
 
     def add(mods: Iterable[nn.Module], reason: str) -> None:
         for m in mods:
