@@ -62,8 +62,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-confirm", type=int, default=2, help="candidates re-checked (default 2)")
     p.add_argument("--trials", type=int, default=None, help="finished trials the study should reach (default 20)")
     p.add_argument("--timeout", help="search time for this run: 90s, 20m, 1h")
-    p.add_argument("--max-trial-time", default="3m",
-                   help="skip candidates whose proxy training is estimated to take longer (default 3m; 0: no limit)")
+    p.add_argument("--max-trial-time", default="2m",
+                   help="skip candidates whose proxy training is estimated to take longer (default 2m; 0: no limit)")
     p.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")

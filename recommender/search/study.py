@@ -95,7 +95,7 @@ class StudySpec:
     checkpoint: str | None = None
     baseline_accuracy: float | None = None
     latency: bool = True
-    max_trial_seconds: float | None = 180.0
+    max_trial_seconds: float | None = 120.0
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
 
