@@ -253,8 +253,6 @@ class Evaluator:
         """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
         (after one warm-up) at the protocol's batch size and resolution; None when the trained
         weights are already cached (no training needed)."""
-        if arch == ArchConfig():  # the baseline's weights exist for every study: nothing to train
-            return None
         if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
             return None
         d = protocol_data(self.data, self.protocol)
