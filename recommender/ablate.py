@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import measure as measure_mod
-from .errors import UnknownNameError
-from .models import build_model, get_preset, list_models, list_presets
+from .errors import RecommenderError
+from .models import build_model, get_family, get_preset, list_presets
 from .models.arch import ArchConfig
 
 Progress = Callable[[str, int, int], None]
@@ -46,14 +46,14 @@ class AblationRow:
 
 
 def presets_for(model: str) -> list[str]:
-    """Presets whose base model is ``model``; for another depth of a family, the family's presets."""
-    if model not in list_models():
-        raise UnknownNameError("model", model, list_models())
-    own = list_presets(model)
-    if own:
-        return own
-    family = "vgg" if model.startswith("vgg") else "resnet"
-    return [p for p in list_presets() if get_preset(p).model.startswith(family)]
+    """The presets of ``model``'s family (a preset applies to every depth of its family); a
+    family without presets is an error that says so."""
+    names = list_presets(model)  # unknown model -> UnknownNameError
+    if not names:
+        raise RecommenderError(f"{model} ({get_family(model).name}) has no paper presets; `ablate` tabulates "
+                               f"presets of the families that have them: "
+                               f"{', '.join(sorted({get_preset(p).model for p in list_presets()}))}")
+    return names
 
 
 def ablate(model: str, num_classes: int = 10, *, structure_only: bool = True, dataset: str = "digits",

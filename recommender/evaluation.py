@@ -1,4 +1,4 @@
-"""One recipe measured end to end: build -> train (or cache) -> compress -> evaluate -> measure.
+"""One recipe measured end to end: build -> train (or inherit, or cache) -> compress -> evaluate -> measure.
 
 :class:`Evaluator` holds what every trial of a study shares (the data, the proxy protocol, the
 trained-weights cache, the baseline and its logits for distillation). Trained weights are keyed by
@@ -28,7 +28,7 @@ from .compress.pipeline import compress
 from .constraints import Budget, MaxDrop
 from .data import TensorData
 from .errors import ArchError, CheckpointError, RecommenderError
-from .models import build_model
+from .models import build_model, get_family
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
 from .recipe import Recipe
@@ -109,6 +109,7 @@ class Evaluation:
     fidelity: str = ""
     seed: int = 0
     cached_training: bool = False
+    inherited: bool = False
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -133,51 +134,90 @@ class Evaluation:
 class Evaluator:
     """Evaluates recipes of one base model on one dataset under one proxy protocol.
 
+    Trained-model-first: the baseline is trained once (or given, ``checkpoint``) and every
+    candidate that keeps its layers (pruning, quantization of the baseline architecture) starts
+    from its trained weights and recovers for ``protocol.recovery_epochs`` with logit distillation
+    from it; architecture rewrites, which cannot inherit weights, train from scratch under the
+    protocol, distilling from the trained baseline when the protocol says so.
+
     Args:
-        model: base model name (``resnet101``).
+        model: a registered model name (``resnet101``, ``tv:mobilenet_v2``, a registered user
+            module; see :func:`recommender.models.list_models`).
         data: the dataset (its ``num_classes`` sets the classifier).
         protocol: the proxy protocol that trains candidates (and the baseline).
         cache: the trained-weights cache (None: train every time, keep nothing).
-        deploy_size: input side in px at which FLOPs, size and latency are measured (paper: 32).
+        deploy_size: input side in px at which FLOPs, size and latency are measured (default:
+            the family's, e.g. 32 for the paper's CIFAR networks).
         latency: measure CPU latency (ms, batch 1, ``latency_threads`` threads).
         checkpoint: a trained baseline state dict (evaluated, never retrained).
+        weights: initial weights of the baseline (e.g. ImageNet-pretrained), loaded where shapes
+            match (a classifier of another class count is re-initialised), then trained.
         distill: candidates learn from the trained baseline's logits when the protocol asks
             for it (``distill_alpha`` > 0); off for a stated baseline accuracy (no teacher).
         teacher_protocol: the protocol the baseline (reference and teacher) was trained under,
-            when it differs from ``protocol`` only in its seed (the confirm stage's second seed
-            reuses the search's baseline instead of training another one).
+            when it differs from ``protocol`` only in its seed (a second seed reuses the
+            search's baseline instead of training another one).
         log: where progress lines go.
     """
 
     def __init__(self, model: str, data: TensorData, protocol: ProxyProtocol, *,
-                 cache: WeightsCache | None = None, deploy_size: int = 32, latency: bool = True,
+                 cache: WeightsCache | None = None, deploy_size: int | None = None, latency: bool = True,
                  latency_threads: int = 1, checkpoint: str | Path | None = None,
-                 distill: bool = True, teacher_protocol: ProxyProtocol | None = None,
-                 log: Log | None = None):
+                 weights: str | Path | None = None, distill: bool = True,
+                 teacher_protocol: ProxyProtocol | None = None, log: Log | None = None):
         self.model_name = model
+        self.family = get_family(model)
         self.data = data
-        # VGG's five max-pools (and its FC head) need 32 px; ResNets run at any size >= 8 px.
-        min_res = 32 if model.startswith("vgg") else 8
+        min_res = self.family.min_input
         if protocol.input_resolution(data.native_resolution) < min_res:
             protocol = protocol.replace(resolution=min_res)
         self.protocol = protocol
         self.teacher_protocol = protocol if teacher_protocol is None else teacher_protocol.replace(
             resolution=protocol.resolution, max_resolution=protocol.max_resolution)
         self.cache = cache
-        self.deploy_size = deploy_size
+        self.deploy_size = int(deploy_size or self.family.deploy_size(data.native_resolution))
         self.latency = latency
         self.latency_threads = latency_threads
         self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.weights = Path(weights) if weights else None
         self.log = log or (lambda s: None)
         self.distill = distill
         self._baseline_model: nn.Module | None = None
         self._teacher: torch.Tensor | None = None
-        build_model(model, None, num_classes=data.num_classes)  # fail fast on a bad model name
+        self._source = self._source_identity()
+        net = self._build(ArchConfig())  # fail fast on a bad model or class count
+        if self.family.style == "custom":
+            self._check_outputs(net)
 
-    # -- training ----------------------------------------------------------------------------
+    def _check_outputs(self, net: nn.Module) -> None:
+        """A user module has its own classifier: it must output one score per class."""
+        try:
+            with torch.no_grad():
+                out = net.eval()(torch.zeros(self.input_size))
+        except Exception as exc:
+            raise RecommenderError(f"{self.model_name} does not run on a {self.input_size} input: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != self.data.num_classes:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RecommenderError(f"{self.model_name} outputs {shape} for one image; the dataset has "
+                                   f"{self.data.num_classes} classes (expected (1, {self.data.num_classes}))")
+
+    # -- identity ----------------------------------------------------------------------------
     @property
     def input_size(self) -> tuple[int, int, int, int]:
         return (1, 3, self.deploy_size, self.deploy_size)
+
+    def _source_identity(self) -> dict[str, Any]:
+        """What besides the name identifies the baseline's weights: a user module's hash, the
+        checkpoint or initial weights (by content)."""
+        src: dict[str, Any] = {}
+        if self.family.identity:
+            src["module"] = self.family.identity
+        if self.checkpoint:
+            src["checkpoint"] = ckpt.file_digest(self.checkpoint)
+        if self.weights:
+            src["weights"] = ckpt.file_digest(self.weights)
+        return src
 
     def _build(self, arch: ArchConfig) -> nn.Module:
         return build_model(self.model_name, arch, num_classes=self.data.num_classes)
@@ -189,22 +229,17 @@ class Evaluator:
 
     def baseline_key(self, protocol: ProxyProtocol | None = None) -> str:
         p = protocol or self.teacher_protocol
-        src = {"checkpoint": str(self.checkpoint)} if self.checkpoint else {}
-        return WeightsCache.key(self.model_name, {"arch": ArchConfig().to_dict(), **src}, p.key(), p.seed,
+        return WeightsCache.key(self.model_name, {"arch": ArchConfig().to_dict(), **self._source}, p.key(), p.seed,
                                 self.data.identity)
 
+    # -- training ----------------------------------------------------------------------------
     def baseline_model(self) -> nn.Module:
         """The trained baseline: the user's checkpoint, else trained once and cached."""
         if self._baseline_model is None:
             if self.checkpoint:
                 model = self._build(ArchConfig())
-                state, _ = ckpt.load_state(self.checkpoint)
-                try:
-                    model.load_state_dict(state)
-                except (RuntimeError, KeyError) as exc:
-                    raise CheckpointError(
-                        f"checkpoint {self.checkpoint} does not fit {self.model_name} with "
-                        f"{self.data.num_classes} classes: {str(exc).splitlines()[0]}") from None
+                ckpt.load_checked(model, self.checkpoint, what=f"{self.model_name} with "
+                                  f"{self.data.num_classes} classes")
                 model.eval()
                 self._baseline_model = model
             else:
@@ -224,21 +259,28 @@ class Evaluator:
             self._teacher = torch.as_tensor(arr)
         return self._teacher
 
+    def _init_baseline(self, model: nn.Module) -> None:
+        if self.weights:
+            skipped = ckpt.load_matching(model, self.weights)
+            if skipped:
+                self.log(f"initial weights {self.weights.name}: re-initialised {', '.join(skipped[:3])}"
+                         f"{' ...' if len(skipped) > 3 else ''} (shapes differ, e.g. the class count)")
+
     def _train(self, arch: ArchConfig, protocol: ProxyProtocol, *, teacher: bool
                ) -> tuple[nn.Module, dict[str, Any], bool]:
         """Build and train ``arch`` (or load it from the cache). Returns (model, meta, cache hit)."""
         logits = self._teacher_logits(protocol) if teacher else None
-        if arch == ArchConfig() and not teacher:
-            key = self.baseline_key(protocol)
-        else:
-            key = self._key(arch, protocol, logits is not None)
-        label = arch.describe() if hasattr(arch, "describe") else "arch"
+        baseline = arch == ArchConfig() and not teacher
+        key = self.baseline_key(protocol) if baseline else self._key(arch, protocol, logits is not None)
+        label = "baseline" if baseline else arch.describe()
 
         def train_fn(m: nn.Module) -> dict[str, Any]:
+            if baseline:
+                self._init_baseline(m)
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
             res = train_model(m, self.data, protocol, teacher_logits=logits)
             if not res.ok:
-                raise _TrainingFailed(res.reason)
+                raise TrainingFailed(res.reason)
             return res.to_dict()
 
         build = lambda: self._build(arch)  # noqa: E731
@@ -249,10 +291,16 @@ class Evaluator:
         res = self.cache.get_or_train(key, build, train_fn, seed=protocol.seed)
         return res.model, res.meta, res.hit
 
+    def inherits(self, recipe: Recipe) -> bool:
+        """Whether ``recipe`` starts from the trained baseline's weights (it keeps its layers)."""
+        return recipe.arch == ArchConfig()
+
     def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2) -> float | None:
         """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
-        (after one warm-up) at the protocol's batch size and resolution; None when the trained
-        weights are already cached (no training needed)."""
+        (after one warm-up) at the protocol's batch size and resolution; None when no training is
+        needed (the baseline's architecture, or trained weights already cached)."""
+        if arch == ArchConfig():
+            return None
         if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
             return None
         d = protocol_data(self.data, self.protocol)
@@ -270,6 +318,11 @@ class Evaluator:
                 times.append(time.perf_counter() - t0)
         per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
         return min(times[1:]) * per_epoch * self.protocol.epochs
+
+    def recovery_steps(self) -> int:
+        """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
+        d = protocol_data(self.data, self.protocol)
+        return int(math.ceil(self.protocol.recovery_epochs * math.ceil(d.n_train / self.protocol.batch_size)))
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_baseline(self, stated_accuracy: float | None = None) -> Baseline:
@@ -289,7 +342,7 @@ class Evaluator:
 
     def evaluate(self, recipe: Recipe, baseline: Baseline | None, max_drop: MaxDrop | None = None,
                  *, return_model: bool = False) -> Any:
-        """Build, train (or load), prune, quantize, evaluate and measure one recipe.
+        """Build, train (or inherit), prune, recover, quantize, evaluate and measure one recipe.
 
         Returns the :class:`Evaluation`, or ``(evaluation, compressed model)`` with
         ``return_model`` (the model is None when the evaluation failed)."""
@@ -297,19 +350,21 @@ class Evaluator:
         t0 = time.perf_counter()
         out = Evaluation(recipe=recipe.to_dict(), fidelity=self.protocol.fidelity, seed=self.protocol.seed)
         try:
-            if recipe.arch == ArchConfig():
+            if self.inherits(recipe):
                 trained, meta, hit = self.baseline_model(), {}, True
+                out.inherited = True
             else:
                 trained, meta, hit = self._train(recipe.arch, self.protocol, teacher=True)
             out.cached_training = hit
             out.train_seconds = float(meta.get("seconds", 0.0)) if not hit else 0.0
             model = copy.deepcopy(trained)
             example = torch.randn(self.input_size)
-            n_batches = max(recipe.quant.calibration_batches if recipe.quant.active else 0,
-                            2 if recipe.prune.active else 0)
+            n_batches = max(cfg.batches_needed() for cfg in recipe.stages())
             train_batches = list(batches(self.data, self.protocol, n_batches)) if n_batches else None
+            teacher = self._teacher_logits(self.protocol) if recipe.prune.active else None
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
-                                     finetune=finetune_fn(self.data, self.protocol))
+                                     finetune=finetune_fn(self.data, self.protocol, teacher),
+                                     finetune_steps=self.recovery_steps())
             out.notes = compression_notes(report)
             ev = evaluate(model, self.data, self.protocol)
             out.accuracy, out.acc_low, out.acc_high = ev.accuracy, ev.ci_low, ev.ci_high
@@ -318,7 +373,7 @@ class Evaluator:
             float_model = getattr(report, "float_model", None)
             out.costs = measure_mod.measure(model, self.input_size, latency=self.latency,
                                             float_model=float_model, threads=self.latency_threads).to_dict()
-        except _TrainingFailed as exc:
+        except TrainingFailed as exc:
             out.ok, out.reason = False, f"training diverged: {exc}"
         except ArchError as exc:
             out.ok, out.reason = False, f"invalid architecture: {exc}"
@@ -361,5 +416,5 @@ def compression_notes(report: Any) -> list[str]:
     return notes
 
 
-class _TrainingFailed(Exception):
-    pass
+class TrainingFailed(Exception):
+    """A training run diverged (non-finite loss); the trial fails with the reason."""

@@ -81,7 +81,11 @@ class ProxyProtocol:
         augment: random crop (zero padding) + horizontal flip where the dataset allows it.
         distill_alpha: weight of the logit-distillation term (0 = plain cross-entropy).
         distill_temperature: softmax temperature of the distillation term.
-        finetune_lr: learning rate of the short fine-tunes between pruning rounds.
+        finetune_lr: learning rate of the recovery training after pruning (constant).
+        recovery_epochs: recovery budget after pruning, in epochs of the training subset: a
+            candidate that inherits the trained baseline's weights is pruned, then trained this
+            long (split over the rounds of iterative pruning) with distillation from the baseline
+            when ``distill_alpha`` > 0.
         calibration_batch_size: batch size of ``train.batches`` (quantization calibration, Taylor).
         seed: seed of weight init (when the caller seeds), shuffling and augmentation.
         threads: CPU threads used while training/evaluating (0 = all cores). Not in the key.
@@ -116,6 +120,7 @@ class ProxyProtocol:
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
     finetune_lr: float = 1e-3
+    recovery_epochs: float = 1.0
     calibration_batch_size: int = 64
     seed: int = 0
     threads: int = 0
@@ -136,6 +141,8 @@ class ProxyProtocol:
             bad("resolution must be in [4, 256] px")
         if not self.lr > 0 or not self.finetune_lr > 0:
             bad("lr and finetune_lr must be > 0")
+        if not 0 <= self.recovery_epochs <= 100:
+            bad("recovery_epochs must be in [0, 100]")
         if self.optimizer not in ("sgd",):
             bad(f"optimizer must be 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("onecycle", "constant"):

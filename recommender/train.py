@@ -405,22 +405,27 @@ def batches(data: TensorData, protocol: ProxyProtocol, n: int
             return
 
 
-def finetune_fn(data: TensorData, protocol: ProxyProtocol) -> Callable[[nn.Module, int], float]:
-    """A callback ``finetune(model, steps) -> mean loss`` for pruning between rounds: ``steps``
+def finetune_fn(data: TensorData, protocol: ProxyProtocol,
+                teacher_logits: torch.Tensor | np.ndarray | None = None) -> Callable[[nn.Module, int], float]:
+    """A callback ``finetune(model, steps) -> mean loss`` for recovery after pruning: ``steps``
     SGD steps (constant ``protocol.finetune_lr``, the protocol's momentum and weight decay, with
-    its augmentation) on training batches, continuing through a seeded stream across calls.
-    Pruning masks (``torch.nn.utils.prune``) stay applied. A non-finite loss stops the fine-tune
-    (the returned loss is then NaN). The model's training mode is restored."""
+    its augmentation) on training batches, continuing through a seeded stream across calls, with
+    logit distillation from ``teacher_logits`` (see :func:`teacher_logits`) when the protocol
+    asks for it. Pruning masks (``torch.nn.utils.prune``) stay applied. A non-finite loss stops
+    the fine-tune (the returned loss is then NaN). The model's training mode is restored."""
     d = protocol_data(data, protocol)
     res = protocol.input_resolution(d.native_resolution)
     gen = torch.Generator().manual_seed(protocol.seed + 2)
     state: dict = {"it": None}
+    teacher = None
+    if teacher_logits is not None and protocol.distill_alpha > 0:
+        teacher = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32)
 
     def next_batch():
         while True:
             if state["it"] is None:
                 state["it"] = d.train_batches(protocol.batch_size, res, augment=protocol.augment,
-                                              generator=gen, drop_last=True)
+                                              generator=gen, drop_last=True, with_index=True)
             try:
                 return next(state["it"])
             except StopIteration:
@@ -437,8 +442,10 @@ def finetune_fn(data: TensorData, protocol: ProxyProtocol) -> Callable[[nn.Modul
             opt = _make_optimizer(model, protocol, protocol.finetune_lr)
             model.train()
             for _ in range(steps):
-                x, y = next_batch()
-                loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
+                x, y, idx = next_batch()
+                y = y.to(dev)
+                t = None if teacher is None else teacher[idx].to(dev)
+                loss = _kd_loss(model(x.to(dev)), y, t, protocol)
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     total = float("nan")

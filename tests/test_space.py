@@ -11,7 +11,7 @@ import torch
 from recommender.errors import SearchSpaceError
 from recommender.models import build_model, get_preset
 from recommender.recipe import Recipe
-from recommender.search.space import SPACES_DIR, SearchSpace
+from recommender.search.space import SearchSpace, bundled_spaces
 
 torch.set_num_threads(1)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -25,16 +25,18 @@ def space(request):
 
 
 def test_bundled_spaces_load():
-    for name in ("resnet.yaml", "vgg.yaml"):
-        sp = SearchSpace.load(SPACES_DIR / name)
-        assert sp.keys() and sp.warm_start
+    assert {"resnet.yaml", "vgg.yaml", "torchvision.yaml", "generic.yaml"} <= set(bundled_spaces())
+    for name in bundled_spaces():
+        sp = SearchSpace.load_bundled(name)
+        assert sp.keys()
+        assert bool(sp.warm_start) == (name in ("resnet.yaml", "vgg.yaml"))
 
 
 def test_every_preset_is_a_point_of_its_space(space):
     from recommender.models import list_presets
 
     family, sp = space
-    names = [p for p in list_presets() if get_preset(p).model.startswith(family)]
+    names = list_presets(FAMILIES[family])
     assert set(sp.warm_start) <= set(names) and len(names) in (15, 13)
     for name in names:
         recipe = Recipe(arch=get_preset(name).arch)
@@ -115,7 +117,7 @@ def test_sampled_configurations_build_and_run(space):
 
 @pytest.mark.parametrize("body,needle", [
     ("arch: [1, 2]", "must be a mapping"),
-    ("arch:\n  nonsense: {choices: [1]}", "not a field"),
+    ("arch:\n  nonsense: {choices: [1]}", "not an option"),
     ("arch:\n  se: {choices: []}", "non-empty"),
     ("arch:\n  se: {low: 2, high: 1}", "low > high"),
     ("arch:\n  conv: {choices: [standard], when: {block: standard}}", "listed before"),

@@ -1,23 +1,35 @@
-"""Compression: pruning (unstructured L1 as in the paper, structured channels with torch-pruning)
-and quantization (int8 static/dynamic, fp16), and the prune-then-quantize pipeline."""
+"""Compression: registered pruning and quantization methods, and the prune-then-quantize pipeline.
 
-from .checkpoint import load_into, load_state, save_state
-from .pipeline import CompressReport, compress
-from .prune import PruneReport, apply_pruning
-from .quantize import QuantBackend, QuantReport, apply_quantization, get_backend, list_backends, register_backend
+Methods (see :mod:`recommender.compress.methods`): ``none``, ``unstructured-l1`` (the paper),
+``structured-channel`` (torch-pruning); ``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``.
+Names are imported lazily so that ``recommender.recipe`` can use the method registry without a
+cycle.
+"""
 
-__all__ = [
-    "apply_pruning",
-    "PruneReport",
-    "apply_quantization",
-    "QuantReport",
-    "QuantBackend",
-    "get_backend",
-    "list_backends",
-    "register_backend",
-    "compress",
-    "CompressReport",
-    "save_state",
-    "load_state",
-    "load_into",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "apply_pruning": "prune", "PruneReport": "prune", "NoPruning": "prune",
+    "UnstructuredL1Config": "prune", "StructuredChannelConfig": "prune",
+    "apply_quantization": "quantize", "QuantReport": "quantize", "QuantBackend": "quantize",
+    "get_backend": "quantize", "list_backends": "quantize", "register_backend": "quantize",
+    "Fp32Config": "quantize", "Fp16Config": "quantize", "Int8DynamicConfig": "quantize",
+    "Int8StaticConfig": "quantize",
+    "compress": "pipeline", "CompressReport": "pipeline",
+    "save_state": "checkpoint", "load_state": "checkpoint", "load_into": "checkpoint",
+    "register_method": "methods", "get_method": "methods", "list_methods": "methods",
+    "make_config": "methods", "MethodConfig": "methods", "CompressionMethod": "methods",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ refuse; store the float state dict plus the recipe and re-apply the quantization
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["save_state", "load_state", "load_into"]
+__all__ = ["save_state", "load_state", "load_into", "load_checked", "load_matching", "file_digest"]
 
 _FORMAT = "recommender-state-v1"
 
@@ -79,3 +80,51 @@ def load_into(model: nn.Module, path: str | Path, strict: bool = True) -> dict[s
         detail = " ".join(line.strip() for line in first[:3])
         raise CheckpointError(f"checkpoint {Path(path)} does not fit the model: {detail[:200]}") from None
     return meta
+
+
+def file_digest(path: str | Path) -> str:
+    """16 hex of the sha256 of a file's bytes (a checkpoint's identity in cache keys)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    try:
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {p}: {exc.strerror}") from None
+    return h.hexdigest()[:16]
+
+
+def _check_finite(sd: dict[str, Any], p: Path) -> None:
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {p} has non-finite (NaN/inf) values in {len(bad)} tensor(s), "
+                              f"e.g. {bad[0]}: it is not a trained model")
+
+
+def load_checked(model: nn.Module, path: str | Path, what: str = "the model") -> dict[str, Any]:
+    """Load a trained checkpoint that must fit ``model`` exactly and hold finite values; any
+    problem is a one-line :class:`CheckpointError` naming ``what`` it should fit. Returns meta."""
+    p = Path(path)
+    sd, meta = load_state(p)
+    _check_finite(sd, p)
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {p} does not fit {what}: {str(exc).strip().splitlines()[0][:200]}") from None
+    return meta
+
+
+def load_matching(model: nn.Module, path: str | Path) -> list[str]:
+    """Load initial weights where names and shapes match (e.g. ImageNet weights into a model with
+    another class count); returns the model's tensors left as initialised. No tensor in common is
+    a :class:`CheckpointError`."""
+    p = Path(path)
+    sd, _ = load_state(p)
+    _check_finite(sd, p)
+    own = model.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not take:
+        raise CheckpointError(f"weights {p} share no tensor (name and shape) with the model")
+    model.load_state_dict(take, strict=False)
+    return [k for k in own if k not in take and not k.endswith("num_batches_tracked")]

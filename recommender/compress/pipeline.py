@@ -9,9 +9,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..recipe import PruneConfig, QuantConfig, Recipe
-from .prune import Finetune, PruneReport, apply_pruning
-from .quantize import QuantReport, apply_quantization
+from .methods import CompressContext, MethodConfig, get_method
+from .prune import Finetune, PruneReport
+from .quantize import QuantReport
 
 __all__ = ["CompressReport", "compress"]
 
@@ -32,26 +32,29 @@ class CompressReport:
 
 def compress(
     model: nn.Module,
-    recipe: Recipe | tuple[PruneConfig, QuantConfig],
+    recipe: Any,
     *,
     example_input: torch.Tensor,
     batches: Iterable[Any] | None,
     finetune: Finetune | None = None,
+    finetune_steps: int = 0,
 ) -> tuple[nn.Module, CompressReport]:
-    """Apply ``recipe.prune`` then ``recipe.quant`` to a copy of ``model``.
+    """Apply the recipe's pruning then its quantization (registered methods) to a copy of
+    ``model``; ``recipe`` is a Recipe or a (prune config, quant config) pair.
 
-    ``batches``: (x, y) training batches; used for Taylor importance and, as x, for calibration
-    (at most ``quant.calibration_batches``). It is materialised once, so a one-shot iterator works.
-    ``finetune(model, steps)``: fine-tuning callback for pruning.
+    ``batches``: (x, y) training batches; used for Taylor importance and, as x, for calibration.
+    It is materialised once, so a one-shot iterator works. ``finetune(model, steps)``: recovery
+    training for pruning, ``finetune_steps`` its budget (unless the method's config sets one).
     """
     t0 = time.perf_counter()
-    if isinstance(recipe, Recipe):
-        pcfg, qcfg = recipe.prune, recipe.quant
-    else:
-        pcfg, qcfg = recipe
-    data = list(batches) if batches is not None else []
-    pruned, prep = apply_pruning(model, pcfg, example_input=example_input, batches=data or None, finetune=finetune)
+    pcfg, qcfg = (recipe.prune, recipe.quant) if hasattr(recipe, "prune") else recipe
+    ctx = CompressContext(example_input, list(batches) if batches is not None else None, finetune, finetune_steps)
+    pruned, prep = _apply(model, pcfg, ctx)
     pruned.eval()
-    quantized, qrep = apply_quantization(pruned, qcfg, calibration=data, example_input=example_input)
+    quantized, qrep = _apply(pruned, qcfg, ctx)
     report = CompressReport(prune=prep, quant=qrep, seconds=time.perf_counter() - t0, float_model=pruned)
     return quantized, report
+
+
+def _apply(model: nn.Module, cfg: MethodConfig, ctx: CompressContext) -> tuple[nn.Module, Any]:
+    return get_method(cfg.stage, cfg.method).apply(model, cfg, ctx)

@@ -28,6 +28,7 @@ The model passed in is never modified: the pruned model is a copy.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,12 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 from ..measure import count_flops, count_nonzero_params, count_params, safe_deepcopy, size_mb, sparse_size_mb
-from ..recipe import PruneConfig
+from ..errors import RecommenderError
+from .methods import (CompressContext, MethodConfig, StructureCosts, check_fraction, check_int, get_method,
+                      register_method)
 
-__all__ = ["PruneReport", "apply_pruning", "unstructured_prune", "structured_prune", "prunable_tensors"]
+__all__ = ["PruneReport", "apply_pruning", "unstructured_prune", "structured_prune", "prunable_tensors",
+           "NoPruning", "UnstructuredL1Config", "StructuredChannelConfig", "MAX_ROUNDS"]
 
 Finetune = Callable[[nn.Module, int], Any]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -450,50 +454,176 @@ def structured_prune(
 
 
 # ============================================================================================
-# entry point
+# configs, registration and entry point
+
+#: Upper bound on unstructured pruning rounds: a tiny ``step`` would otherwise mean millions.
+MAX_ROUNDS = 100
+IMPORTANCES = ("l1", "taylor")
+#: Training batches whose gradients score channels for Taylor importance.
+TAYLOR_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class NoPruning(MethodConfig):
+    """No pruning."""
+
+    @property
+    def sparsity(self) -> float:
+        return 0.0
+
+    def describe(self) -> str:
+        return "no pruning"
+
+
+@dataclass(frozen=True)
+class UnstructuredL1Config(MethodConfig):
+    """The paper's iterative global L1 unstructured pruning of conv weights.
+
+    Args:
+        sparsity: target fraction of conv weights zeroed, in [0, 1).
+        step: fraction of the remaining weights removed per round, in (0, 1) (paper: 0.2); at
+            most ``MAX_ROUNDS`` rounds.
+        finetune_steps: optimiser steps of recovery training after each round; 0 = the
+            protocol's recovery budget (``recovery_epochs``) split over the rounds.
+    """
+
+    sparsity: float = 0.0
+    step: float = 0.2
+    finetune_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsity", check_fraction("pruning sparsity", self.sparsity))
+        object.__setattr__(self, "step", check_fraction("pruning step", self.step, lo_open=True))
+        check_int("finetune_steps", self.finetune_steps)
+        if self.rounds > MAX_ROUNDS:
+            raise RecommenderError(f"pruning to {self.sparsity:.0%} in steps of {self.step:g} takes "
+                                   f"{self.rounds} rounds (at most {MAX_ROUNDS}); use a larger step")
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0.0
+
+    @property
+    def rounds(self) -> int:
+        """Pruning rounds to reach ``sparsity`` (each removes ``step`` of what remains)."""
+        if self.sparsity <= 0:
+            return 0
+        return max(1, math.ceil(math.log(1.0 - self.sparsity) / math.log(1.0 - self.step) - 1e-9))
+
+    def describe(self) -> str:
+        return f"unstructured-l1 {self.sparsity:.0%}" if self.active else "no pruning"
+
+
+@dataclass(frozen=True)
+class StructuredChannelConfig(MethodConfig):
+    """Structured channel pruning with torch-pruning (dependency-aware).
+
+    Args:
+        sparsity: fraction of output channels removed per prunable layer, in [0, 1).
+        importance: ``l1`` magnitude or ``taylor`` (first-order, needs a few batches).
+        finetune_steps: recovery steps after pruning; 0 = the protocol's recovery budget.
+    """
+
+    sparsity: float = 0.0
+    importance: str = "l1"
+    finetune_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsity", check_fraction("pruning sparsity", self.sparsity))
+        if self.importance not in IMPORTANCES:
+            raise RecommenderError(f"unknown pruning importance {self.importance!r}; valid: {', '.join(IMPORTANCES)}")
+        check_int("finetune_steps", self.finetune_steps)
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0.0
+
+    def batches_needed(self) -> int:
+        return TAYLOR_BATCHES if self.importance == "taylor" else 0
+
+    def describe(self) -> str:
+        return f"structured-channel {self.sparsity:.0%}" if self.active else "no pruning"
+
+
+def _report_unpruned(model: nn.Module, cfg: MethodConfig) -> PruneReport:
+    rep = PruneReport(method=cfg.method, target_sparsity=float(getattr(cfg, "sparsity", 0.0)), prunable=True,
+                      note="no pruning requested")
+    rep.params_before = rep.params_after = count_params(model)
+    rep.nonzero_before = rep.nonzero_after = count_nonzero_params(model)
+    rep.size_mb = size_mb(model)
+    rep.sparse_size_mb = sparse_size_mb(model)
+    return rep
 
 
 def apply_pruning(
     model: nn.Module,
-    cfg: PruneConfig,
+    cfg: MethodConfig,
     *,
     example_input: torch.Tensor,
     batches: Batches | None = None,
     finetune: Finetune | None = None,
+    finetune_steps: int = 0,
     include_linear: bool = False,
     measure_flops: bool = True,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune a copy of ``model`` as ``cfg`` says; returns (pruned model, report).
 
     ``example_input``: one input batch (e.g. 1x3x32x32) for graph tracing. ``batches``: (x, y)
-    batches for Taylor importance. ``finetune(model, steps)``: optional fine-tuning callback.
-    ``include_linear``: unstructured only, also prune Linear weights (the paper does not).
-    ``measure_flops``: structured only, put fvcore MFLOPs before/after into the report.
+    batches for Taylor importance. ``finetune(model, steps)``: optional recovery training;
+    ``finetune_steps`` its budget for the whole pruning (used when the config's own
+    ``finetune_steps`` is 0). ``include_linear``: unstructured only, also prune Linear weights
+    (the paper does not). ``measure_flops``: structured only, fvcore MFLOPs in the report.
     """
     if not cfg.active:
-        rep = PruneReport(method=cfg.method, target_sparsity=float(cfg.sparsity), prunable=True,
-                          note="no pruning requested")
-        rep.params_before = rep.params_after = count_params(model)
-        rep.nonzero_before = rep.nonzero_after = count_nonzero_params(model)
-        rep.size_mb = size_mb(model)
-        rep.sparse_size_mb = sparse_size_mb(model)
-        return model, rep
-    if cfg.method == "unstructured-l1":
-        return unstructured_prune(
-            safe_deepcopy(model),
-            cfg.sparsity,
-            step=cfg.step,
-            finetune=finetune,
-            finetune_steps=cfg.finetune_steps,
-            include_linear=include_linear,
-        )
-    return structured_prune(
-        model,
-        cfg.sparsity,
-        example_input=example_input,
-        importance=cfg.importance,
-        batches=batches,
-        finetune=finetune,
-        finetune_steps=cfg.finetune_steps,
-        measure_flops=measure_flops,
-    )
+        return model, _report_unpruned(model, cfg)
+    if isinstance(cfg, UnstructuredL1Config):
+        per_round = cfg.finetune_steps or (math.ceil(finetune_steps / cfg.rounds) if finetune_steps else 0)
+        return unstructured_prune(safe_deepcopy(model), cfg.sparsity, step=cfg.step, finetune=finetune,
+                                  finetune_steps=per_round, include_linear=include_linear)
+    if isinstance(cfg, StructuredChannelConfig):
+        return structured_prune(model, cfg.sparsity, example_input=example_input, importance=cfg.importance,
+                                batches=batches, finetune=finetune,
+                                finetune_steps=cfg.finetune_steps or finetune_steps, measure_flops=measure_flops)
+    return get_method("prune", cfg.method).apply(
+        model, cfg, CompressContext(example_input, list(batches) if batches else None, finetune, finetune_steps))
+
+
+def _apply(model: nn.Module, cfg: MethodConfig, ctx: CompressContext) -> tuple[nn.Module, PruneReport]:
+    return apply_pruning(model, cfg, example_input=ctx.example_input, batches=ctx.batches, finetune=ctx.finetune,
+                         finetune_steps=ctx.finetune_steps, measure_flops=False)
+
+
+def _conv_weights(model: nn.Module) -> int:
+    return sum(getattr(m, n).numel() for m, n in prunable_tensors(model))
+
+
+def _estimate_unstructured(model: nn.Module, cfg: MethodConfig, costs: StructureCosts,
+                           ctx: CompressContext) -> tuple[nn.Module, StructureCosts]:
+    # exactly round(sparsity * conv weights) zeros; params, FLOPs and the dense size stay
+    zeroed = round(cfg.sparsity * _conv_weights(model)) if cfg.active else 0
+    return model, StructureCosts(costs.params, max(0.0, costs.nonzero_params - zeroed), costs.mflops,
+                                 costs.size_mb, costs.notes)
+
+
+def _estimate_structured(model: nn.Module, cfg: MethodConfig, costs: StructureCosts,
+                         ctx: CompressContext) -> tuple[nn.Module, StructureCosts]:
+    # channel counts do not depend on the weights: prune the untrained structure (L1) and measure
+    if not cfg.active:
+        return model, costs
+    pruned, rep = structured_prune(model, cfg.sparsity, example_input=ctx.example_input, importance="l1",
+                                   measure_flops=False)
+    f = count_flops(pruned, tuple(ctx.example_input.shape)) if costs.mflops is not None else None
+    n = count_params(pruned)
+    notes = list(costs.notes) + ([rep.note] if rep.note and not rep.prunable else [])
+    return pruned, StructureCosts(n, n, None if f is None else f / 1e6, size_mb(pruned), notes)
+
+
+register_method("none", "prune", NoPruning, lowers=set(), apply=_apply,
+                estimate=lambda m, c, costs, ctx: (m, costs), description="no pruning")
+register_method("unstructured-l1", "prune", UnstructuredL1Config, lowers={"nonzero-params"}, apply=_apply,
+                estimate=_estimate_unstructured,
+                description="the paper's iterative global L1 unstructured pruning of conv weights")
+register_method("structured-channel", "prune", StructuredChannelConfig,
+                lowers={"params", "nonzero-params", "flops", "size", "latency"}, apply=_apply,
+                estimate=_estimate_structured,
+                description="torch-pruning dependency-aware channel pruning (L1 or Taylor)")

@@ -45,7 +45,9 @@ import torch
 from torch import nn
 
 from ..measure import safe_deepcopy, size_mb
-from ..recipe import QuantConfig
+from ..errors import RecommenderError
+from .methods import (CompressContext, MethodConfig, StructureCosts, check_int, get_method, list_methods,
+                      register_method)
 
 __all__ = [
     "QuantReport",
@@ -56,6 +58,10 @@ __all__ = [
     "apply_quantization",
     "Fp16Model",
     "quiet_quantization_warnings",
+    "Fp32Config",
+    "Fp16Config",
+    "Int8DynamicConfig",
+    "Int8StaticConfig",
 ]
 
 Calibration = Iterable[Any]
@@ -140,28 +146,30 @@ class QuantBackend(abc.ABC):
         """Return the deployable model."""
 
 
-_REGISTRY: dict[str, Callable[[str | None], QuantBackend]] = {}
+_BACKENDS: dict[str, Callable[[str | None], QuantBackend]] = {}
 
 
 def register_backend(name: str) -> Callable[[type[QuantBackend]], type[QuantBackend]]:
+    """Class decorator: the backend that implements quantization method ``name``."""
     def deco(cls: type[QuantBackend]) -> type[QuantBackend]:
         cls.name = name
-        _REGISTRY[name] = cls
+        _BACKENDS[name] = cls
         return cls
 
     return deco
 
 
 def list_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered quantization methods (``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``)."""
+    return sorted(list_methods("quant"))
 
 
 def get_backend(name: str, engine: str | None = None) -> QuantBackend:
     from ..errors import UnknownNameError
 
-    if name not in _REGISTRY:
+    if name not in _BACKENDS:
         raise UnknownNameError("quantization scheme", name, list_backends())
-    return _REGISTRY[name](engine)
+    return _BACKENDS[name](engine)
 
 
 def _inputs(batch: Any) -> torch.Tensor:
@@ -425,7 +433,7 @@ def _runs(model: nn.Module, x: torch.Tensor, ref_shape: tuple[int, ...]) -> tupl
 
 
 def _static_int8(
-    model: nn.Module, cfg: QuantConfig, batches: list[torch.Tensor], example_input: torch.Tensor
+    model: nn.Module, cfg: "Int8StaticConfig", batches: list[torch.Tensor], example_input: torch.Tensor
 ) -> tuple[nn.Module, QuantReport]:
     report = QuantReport(scheme="int8-static", engine=cfg.engine)
     with torch.no_grad():
@@ -500,7 +508,7 @@ def _static_int8(
 
 
 def _quantize_children(
-    q: nn.Module, names: list[str], cfg: QuantConfig, batches: list[torch.Tensor], example_input: torch.Tensor,
+    q: nn.Module, names: list[str], cfg: "Int8StaticConfig", batches: list[torch.Tensor], example_input: torch.Tensor,
     report: QuantReport,
 ) -> nn.Module:
     """Quantize the traceable children of non-traceable modules one by one (each gets its own
@@ -565,12 +573,81 @@ def _quantize_children(
 
 
 # --------------------------------------------------------------------------------------------
-# entry point
+# configs, registration and entry point
+
+QUANT_ENGINES = ("x86", "qnnpack")
+QUANT_OBSERVERS = ("histogram", "minmax")
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in QUANT_ENGINES:
+        raise RecommenderError(f"unknown quantization engine {engine!r}; valid: {', '.join(QUANT_ENGINES)}")
+
+
+@dataclass(frozen=True)
+class Fp32Config(MethodConfig):
+    """No quantization (float32)."""
+
+    def describe(self) -> str:
+        return "fp32"
+
+
+@dataclass(frozen=True)
+class Fp16Config(MethodConfig):
+    """Half-precision weights and activations (the model still takes and returns float32)."""
+
+    def describe(self) -> str:
+        return "fp16"
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig(MethodConfig):
+    """int8 weights of nn.Linear, activations quantized on the fly; convolutions stay float.
+
+    Args:
+        engine: int8 kernels: ``x86`` (servers, laptops) or ``qnnpack`` (ARM phones, boards).
+    """
+
+    engine: str = "x86"
+
+    def __post_init__(self) -> None:
+        _check_engine(self.engine)
+
+    def describe(self) -> str:
+        return f"int8-dynamic/{self.engine}"
+
+
+@dataclass(frozen=True)
+class Int8StaticConfig(MethodConfig):
+    """Post-training static int8 (FX graph mode): conv, linear and activations.
+
+    Args:
+        engine: int8 kernels: ``x86`` or ``qnnpack``.
+        calibration_batches: training batches observed to calibrate the activation ranges.
+        observer: ``histogram`` (PyTorch's default, searches the clipping range; slow with
+            hundreds of layers) or ``minmax`` (fast, plain min/max range).
+    """
+
+    engine: str = "x86"
+    calibration_batches: int = 8
+    observer: str = "histogram"
+
+    def __post_init__(self) -> None:
+        _check_engine(self.engine)
+        check_int("calibration_batches", self.calibration_batches, 1)
+        if self.observer not in QUANT_OBSERVERS:
+            raise RecommenderError(f"unknown activation observer {self.observer!r}; valid: {', '.join(QUANT_OBSERVERS)}")
+
+    def batches_needed(self) -> int:
+        return self.calibration_batches
+
+    def describe(self) -> str:
+        return f"int8-static/{self.engine}"
 
 
 def apply_quantization(
     model: nn.Module,
-    cfg: QuantConfig,
+    cfg: MethodConfig,
     *,
     calibration: Calibration | None,
     example_input: torch.Tensor | None = None,
@@ -582,23 +659,23 @@ def apply_quantization(
     calibration batch (or a random 1x3x32x32 tensor if there is none).
     """
     t0 = time.perf_counter()
-    batches = [_inputs(b) for b in islice(iter(calibration or []), cfg.calibration_batches)]
+    batches = [_inputs(b) for b in islice(iter(calibration or []), max(cfg.batches_needed(), 0))]
     if example_input is None:
         example_input = batches[0][:1] if batches else torch.randn(1, 3, 32, 32)
     before = size_mb(model)
     note = ""
-    if cfg.scheme == "int8-static":
+    if isinstance(cfg, Int8StaticConfig):
         if not batches:
             batches = [torch.randn(8, *example_input.shape[1:])]
             note = "no calibration data given: calibrated on random normal input (activation ranges are guesses)"
         q, report = _static_int8(model, cfg, batches, example_input)
     else:
-        backend = get_backend(cfg.scheme, cfg.engine if cfg.scheme.startswith("int8") else None)
+        backend = get_backend(cfg.method, getattr(cfg, "engine", None))
         prepared = backend.prepare(model, example_input)
         backend.report.calibration_batches = backend.calibrate(prepared, batches)
         q = backend.convert(prepared)
         report = backend.report
-        report.scheme = cfg.scheme
+        report.scheme = cfg.method
     q.eval()
     report.size_mb_before = before
     report.size_mb_after = size_mb(q)
@@ -606,3 +683,39 @@ def apply_quantization(
         report.note = (note + "; " + report.note).strip("; ")
     report.seconds = time.perf_counter() - t0
     return q, report
+
+
+def _apply(model: nn.Module, cfg: MethodConfig, ctx: CompressContext) -> tuple[nn.Module, QuantReport]:
+    return apply_quantization(model, cfg, calibration=ctx.batches, example_input=ctx.example_input)
+
+
+def _linear_weight_mb(model: nn.Module) -> float:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if type(m) is nn.Linear) / 1024**2
+
+
+def _scaled_size(factor: float) -> Callable[..., tuple[nn.Module, StructureCosts]]:
+    def estimate(model: nn.Module, cfg: MethodConfig, costs: StructureCosts, ctx: CompressContext
+                 ) -> tuple[nn.Module, StructureCosts]:
+        # a lower bound: every float32 tensor shrinks by ``factor`` at best
+        return model, StructureCosts(costs.params, costs.nonzero_params, costs.mflops, costs.size_mb * factor,
+                                     costs.notes)
+
+    return estimate
+
+
+def _estimate_dynamic(model: nn.Module, cfg: MethodConfig, costs: StructureCosts, ctx: CompressContext
+                      ) -> tuple[nn.Module, StructureCosts]:
+    # only nn.Linear weights go to int8 (4 -> 1 byte)
+    return model, StructureCosts(costs.params, costs.nonzero_params, costs.mflops,
+                                 max(0.0, costs.size_mb - 0.75 * _linear_weight_mb(model)), costs.notes)
+
+
+register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_scaled_size(1.0),
+                description="no quantization")
+register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_scaled_size(0.5),
+                description="half-precision weights and activations")
+register_method("int8-dynamic", "quant", Int8DynamicConfig, lowers={"size", "latency"}, apply=_apply,
+                estimate=_estimate_dynamic, description="int8 nn.Linear weights, dynamic activations")
+register_method("int8-static", "quant", Int8StaticConfig, lowers={"size", "latency"}, apply=_apply,
+                estimate=_scaled_size(0.25), description="post-training static int8 (FX graph mode)")

@@ -1,41 +1,39 @@
-"""Model catalog: CIFAR ResNet / VGG base models, technique blocks and the paper's presets.
+"""Model catalog: registered model families, technique blocks and the paper's presets.
 
-``build_model(model, arch=None, num_classes=10)`` builds ``model`` (see :func:`list_models`) for
-32x32 inputs with the techniques of ``arch`` (an :class:`ArchConfig`, a preset name from
-:func:`list_presets`, or None for the unmodified base model).
+``build_model(model, arch=None, num_classes=10)`` builds a registered model (see
+:func:`list_models`; ``create_model`` is the same function under timm's name) with the techniques
+of ``arch`` (an :class:`ArchConfig`, a preset name from :func:`list_presets`, or None for the
+unmodified base model). Families: the paper's CIFAR ResNets and VGGs (``resnet101``,
+``vgg19_bn``, ...), torchvision's ImageNet-style models (``tv:mobilenet_v2``, ...) and a user's
+own modules (:func:`register_module`, :func:`resolve_model`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ArchError, UnknownNameError
+from ..errors import ArchError
 from .arch import ArchConfig
-from .presets import Preset, family_of, get_preset, list_presets
-from .resnet import DEPTHS, build_resnet
-from .vgg import CONFIGS, build_vgg
+from .presets import Preset, get_preset, list_presets
+from .registry import (ModelFamily, get_family, list_families, list_models, model_hash, register_family,
+                       register_module, resolve_model)
 
-__all__ = ["ArchConfig", "Preset", "build_model", "get_preset", "list_models", "list_presets",
-           "resolve_arch"]
-
-_MODELS = [*DEPTHS] + [f"{v}{bn}" for v in CONFIGS for bn in ("", "_bn")]
-
-
-def list_models() -> list[str]:
-    """Supported base models: resnet18/34/50/101/152, vgg11/13/16/19 and their _bn forms."""
-    return list(_MODELS)
+__all__ = ["ArchConfig", "ModelFamily", "Preset", "build_model", "create_model", "get_family", "get_preset",
+           "list_families", "list_models", "list_presets", "model_hash", "register_family",
+           "register_module", "resolve_arch", "resolve_model"]
 
 
-def resolve_arch(model: str, arch: ArchConfig | str | None) -> ArchConfig:
-    """ArchConfig for ``arch`` given as a config, a preset name or None (the base model)."""
+def resolve_arch(model: str, arch: ArchConfig | str | dict | None) -> ArchConfig:
+    """ArchConfig for ``arch`` given as a config, a preset name, a dict or None (the base model)."""
     if arch is None:
         return ArchConfig()
     if isinstance(arch, ArchConfig):
         return arch
     if isinstance(arch, str):
         preset = get_preset(arch)
-        if preset.family != family_of(model):
-            raise ArchError(f"preset {arch!r} is for {preset.family} models, not {model}")
+        fam = get_family(model)
+        if preset.family != fam.name:
+            raise ArchError(f"preset {arch!r} is for {preset.family} models, not {model} ({fam.name})")
         return preset.arch
     if isinstance(arch, dict):
         return ArchConfig.from_dict(arch)
@@ -43,16 +41,16 @@ def resolve_arch(model: str, arch: ArchConfig | str | None) -> ArchConfig:
 
 
 def build_model(model: str, arch: ArchConfig | str | None = None, num_classes: int = 10) -> nn.Module:
-    """Build ``model`` for 3x32x32 inputs and ``num_classes`` classes with ``arch`` applied.
+    """Build the registered ``model`` with ``num_classes`` outputs and ``arch`` applied (untrained).
 
     Unknown model or preset -> :class:`UnknownNameError`; a technique that cannot apply to the
-    model -> :class:`ArchError`.
+    model -> :class:`ArchError`. CIFAR families expect 3x32x32 inputs (they run at 8..64 px);
+    ImageNet-style ones run at 32 px and more.
     """
-    if model not in _MODELS:
-        raise UnknownNameError("model", model, _MODELS)
+    fam = get_family(model)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ArchError(f"num_classes must be a positive integer, got {num_classes!r}")
-    cfg = resolve_arch(model, arch)
-    if model.startswith("resnet"):
-        return build_resnet(model, cfg, num_classes)
-    return build_vgg(model, cfg, num_classes)
+    return fam.build(model, resolve_arch(model, arch), num_classes)
+
+
+create_model = build_model

@@ -18,6 +18,7 @@ from torchvision.models.resnet import ResNet
 from ..errors import ArchError
 from . import blocks as B
 from .arch import ArchConfig
+from .registry import ModelFamily, register_family
 
 #: blocks per stage for each depth (torchvision).
 DEPTHS: dict[str, tuple[int, int, int, int]] = {
@@ -202,3 +203,19 @@ def build_resnet(model: str, arch: ArchConfig, num_classes: int) -> nn.Module:
         _tv_init(conv1)
     _tv_init(bn1)
     return CifarResNet(conv1, bn1, stages, fc)
+
+
+FAMILY = register_family(ModelFamily(
+    name="cifar-resnet",
+    models=tuple(DEPTHS),
+    build=build_resnet,
+    space="resnet.yaml",
+    presets="resnet101.yaml",
+    techniques=frozenset({"stem", "stem_width", "block", "conv", "groups", "se", "se_ratio", "ghost_dw",
+                          "widths", "inner", "inner_first", "downsample", "last_width", "drop_last",
+                          "pre_gap", "head", "width_multiplier"}),
+    style="cifar",
+    min_input=8,
+    deploy_input=INPUT_SIZE,
+    description="CIFAR ResNets (3x3 stride-1 stem, no max-pool) with the paper's techniques",
+))

@@ -16,6 +16,7 @@ from torchvision.models import vgg as tv_vgg
 from ..errors import ArchError
 from . import blocks as B
 from .arch import ArchConfig
+from .registry import ModelFamily, register_family
 
 CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 INPUT_SIZE = 32
@@ -138,3 +139,19 @@ def build_vgg(model: str, arch: ArchConfig, num_classes: int) -> nn.Module:
     else:
         head = B.ConvClassifier(width, num_classes, bn=arch.head == "nofc", act="relu")
     return CifarVGG(features, head)
+
+
+FAMILY = register_family(ModelFamily(
+    name="cifar-vgg",
+    models=tuple(f"{v}{bn}" for v in CONFIGS for bn in ("", "_bn")),
+    build=build_vgg,
+    space="vgg.yaml",
+    presets="vgg19.yaml",
+    techniques=frozenset({"block", "conv", "expand3", "groups", "se", "se_ratio", "widths", "head",
+                          "width_multiplier"}),
+    style="cifar",
+    # five max-pools and the flatten -> 512 head need 32 px
+    min_input=INPUT_SIZE,
+    deploy_input=INPUT_SIZE,
+    description="CIFAR VGGs (torchvision features, 512->4096->4096 head) with the paper's techniques",
+))

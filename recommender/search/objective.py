@@ -5,31 +5,23 @@ Constraints (Optuna's ``constraints_func``, <= 0 is feasible): the drop against 
 the tolerance, then every budget's relative excess. Every trial stores its recipe, evaluation and
 constraint values as user attributes, so ``recommend show`` and the dashboard can explain it.
 
-Before any training, the candidate's *structure* is measured (an untrained build, plus structured
-pruning at the recipe's ratio, which removes the same channel counts on any weights): a recipe
-whose params or FLOPs already break a budget that nothing later in its recipe can lower is
-pruned in seconds instead of trained for minutes.
+Before any training, the candidate's *structure* is measured and its compression methods' best
+case estimated (:mod:`recommender.search.structure`): a recipe whose best case already breaks a
+budget is skipped in seconds instead of trained for minutes.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any
 
 import optuna
-import torch
 
-from .. import measure as measure_mod
-from ..compress.prune import apply_pruning
 from ..constraints import Budget, MaxDrop
 from ..errors import ArchError
 from ..evaluation import Baseline, Evaluation, Evaluator
-from ..recipe import PruneConfig, Recipe
+from ..recipe import Recipe
 from .space import SearchSpace
-
-# Metrics that only structured pruning can lower (int8 and zeros keep params and MACs).
-_STRUCTURAL = ("params", "flops")
+from .structure import check_structure
 
 
 class TrialFailed(Exception):
@@ -83,43 +75,20 @@ class Objective:
         return float(ev.accuracy), self.primary.value(ev.costs)
 
     def precheck(self, recipe: Recipe) -> str | None:
-        """A reason to skip training: the structure alone breaks a params/FLOPs budget, or the
-        proxy training would take longer than ``max_trial_seconds``."""
-        reason = self._structure_check(recipe)
-        if reason is None and self.max_trial_seconds:
-            est = self.evaluator.estimate_train_seconds(recipe.arch)
+        """A reason to skip training: the structure's best case breaks a budget, or the proxy
+        training would take longer than ``max_trial_seconds``."""
+        ev = self.evaluator
+        check = check_structure(ev.model_name, ev.data.num_classes, recipe, self.budgets, ev.input_size)
+        if not check.feasible:
+            return check.reason()
+        if self.max_trial_seconds:
+            est = ev.estimate_train_seconds(recipe.arch)
             if est is not None and est > self.max_trial_seconds:
-                reason = (f"proxy training too slow: estimated {est:.0f} s > {self.max_trial_seconds:.0f} s "
-                          "per trial (--max-trial-time)")
-        return reason
-
-    def _structure_check(self, recipe: Recipe) -> str | None:
-        checked = [b for b in self.budgets if b.metric in _STRUCTURAL]
-        if not checked:
-            return None
-        model = self.evaluator._build(recipe.arch)
-        if recipe.prune.method == "structured-channel" and recipe.prune.active:
-            example = torch.randn(self.evaluator.input_size)
-            cfg = PruneConfig("structured-channel", recipe.prune.sparsity, "l1")
-            model, _ = apply_pruning(model, cfg, example_input=example, measure_flops=False)
-        costs = {"params": measure_mod.count_params(model)}
-        if any(b.metric == "flops" for b in checked):
-            costs["mflops"] = measure_mod.count_flops(model, self.evaluator.input_size) / 1e6
-        for b in checked:
-            if b.violation(costs) > 0:
-                return (f"structure breaks the budget before training: {b.metric} "
-                        f"{b.value(costs):.4g} > {b.limit:.4g}")
+                return (f"proxy training too slow: estimated {est:.0f} s > {self.max_trial_seconds:.0f} s "
+                        "per trial (--max-trial-time)")
         return None
 
 
 def trial_evaluation(trial: optuna.trial.FrozenTrial) -> Evaluation | None:
     d = trial.user_attrs.get("evaluation")
     return Evaluation.from_dict(d) if d else None
-
-
-def warm_start_params(space: SearchSpace, presets: list[tuple[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """Optuna parameters of each preset (name, ArchConfig) with no pruning or quantization."""
-    out = []
-    for name, arch in presets:
-        out.append((name, space.params_for(Recipe(arch=arch))))
-    return out

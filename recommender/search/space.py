@@ -29,13 +29,29 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from ..compress.methods import STAGES, stage_fields
 from ..errors import SearchSpaceError
 from ..models.arch import ArchConfig
-from ..recipe import PruneConfig, QuantConfig, Recipe
+from ..models.registry import get_family
+from ..recipe import Recipe
+from ..resources import bundled, bundled_names
 
-SECTIONS: dict[str, type] = {"arch": ArchConfig, "prune": PruneConfig, "quant": QuantConfig}
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
-FAMILY_SPACES = {"resnet": "resnet.yaml", "vgg": "vgg.yaml"}
+SECTIONS: tuple[str, ...] = ("arch", *STAGES)
+#: The space of a model whose family names none: what applies to any module.
+GENERIC_SPACE = "generic.yaml"
+
+
+def section_fields(section: str) -> set[str]:
+    """The keys a space may give in a section: ArchConfig fields, or the options of the stage's
+    registered compression methods (plus ``method`` / ``scheme``)."""
+    if section == "arch":
+        return {f.name for f in fields(ArchConfig)}
+    return stage_fields(section)
+
+
+def bundled_spaces() -> list[str]:
+    """File names of the bundled search spaces."""
+    return bundled_names()
 
 
 def _encode(value: Any) -> Any:
@@ -157,13 +173,24 @@ class SearchSpace:
         """Read and validate a space file; any problem is a one-line :class:`SearchSpaceError`."""
         p = Path(path)
         try:
-            raw = yaml.safe_load(p.read_text())
+            text = p.read_text()
         except OSError as exc:
             raise SearchSpaceError(f"cannot read search space {p}: {exc.strerror}") from None
+        return cls.parse(text, str(p))
+
+    @classmethod
+    def load_bundled(cls, name: str) -> "SearchSpace":
+        """A search space shipped with the package (``resnet.yaml``, ``generic.yaml``, ...)."""
+        return cls.parse(bundled(name).read_text(), f"search_spaces/{name}")
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "SearchSpace":
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "syntax error"
-            raise SearchSpaceError(f"search space {p} is not valid YAML: {first}") from None
-        return cls.from_dict(raw, source=str(p))
+            raise SearchSpaceError(f"search space {source} is not valid YAML: {first}") from None
+        return cls.from_dict(raw, source=source)
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>") -> "SearchSpace":
@@ -177,14 +204,15 @@ class SearchSpace:
             raise bad(f"unknown top-level keys {sorted(unknown)}")
         dims: list[Dimension] = []
         seen: set[str] = set()
-        for section, cfg_cls in SECTIONS.items():
+        for section in SECTIONS:
             body = raw.get(section) or {}
             if not isinstance(body, dict):
                 raise bad(f"section {section!r} must be a mapping")
-            valid = {f.name for f in fields(cfg_cls)}
+            valid = section_fields(section)
             for name, spec in body.items():
                 if name not in valid:
-                    raise bad(f"{section}.{name} is not a field of {cfg_cls.__name__} (valid: {', '.join(sorted(valid))})")
+                    what = "ArchConfig" if section == "arch" else f"any registered {section} method"
+                    raise bad(f"{section}.{name} is not an option of {what} (valid: {', '.join(sorted(valid))})")
                 dims.append(_dimension(section, name, spec, seen, bad))
                 seen.add(f"{section}.{name}")
         warm = raw.get("warm_start") or []
@@ -194,11 +222,27 @@ class SearchSpace:
 
     @classmethod
     def for_model(cls, model: str, path: str | Path | None = None) -> "SearchSpace":
-        """The space given by ``path``, or the bundled one for the model's family."""
+        """The space given by ``path``, or the bundled one of the model's family (the generic
+        pruning x quantization space for a family that names none), without the architecture
+        dimensions the model does not support (and those that depend on them)."""
+        fam = get_family(model)
         if path is not None:
             return cls.load(path)
-        family = "vgg" if model.startswith("vgg") else "resnet"
-        return cls.load(SPACES_DIR / FAMILY_SPACES[family])
+        return cls.load_bundled(fam.space or GENERIC_SPACE).restricted(fam.techniques_for(model))
+
+    def restricted(self, techniques: Iterable[str]) -> "SearchSpace":
+        """This space without the arch dimensions outside ``techniques`` (and their dependants)."""
+        allowed = set(techniques)
+        keep: list[Dimension] = []
+        dropped: set[str] = set()
+        for d in self.dimensions:
+            if (d.section == "arch" and d.name not in allowed) or any(p in dropped for p, _ in d.when):
+                dropped.add(d.key)
+                continue
+            keep.append(d)
+        if not dropped:
+            return self
+        return SearchSpace(self.family, tuple(keep), self.warm_start, self.source, self.fixed_defaults)
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, trial: Any) -> Recipe:
@@ -219,7 +263,7 @@ class SearchSpace:
 
     def params_for(self, recipe: Recipe) -> dict[str, Any]:
         """The Optuna parameters that reproduce ``recipe``; raises if it is not a point of the space."""
-        values = {"arch": recipe.arch.to_dict(), "prune": _asdict(recipe.prune), "quant": _asdict(recipe.quant)}
+        values = recipe.to_dict()
         assigned: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for dim in self.dimensions:
@@ -243,16 +287,12 @@ class SearchSpace:
         return [d.key for d in self.dimensions if not d.fixed]
 
 
-def _asdict(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-
-
 def _diff(want: Recipe, got: Recipe) -> str:
     out = []
     for section in SECTIONS:
         a = want.to_dict()[section]
         b = got.to_dict()[section]
-        for k in a:
+        for k in sorted(set(a) | set(b)):
             if not _same(a.get(k), b.get(k)):
                 out.append(f"{section}.{k}: wanted {a.get(k)!r}, the space gives {b.get(k)!r}")
     return "; ".join(out) or "differs"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
+from torch import nn
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -70,6 +71,8 @@ class StudySpec:
         space: a search-space YAML (default: the bundled one for the model family).
         warm_start: enqueue the paper's presets (in the space's ``warm_start`` list) first.
         checkpoint: a trained baseline state dict (evaluated, never retrained).
+        weights: initial weights of the baseline (e.g. ImageNet-pretrained; loaded where shapes
+            match), trained under the protocol once and cached.
         baseline_accuracy: a stated baseline accuracy in percent (no baseline evaluation).
         latency: measure CPU latency of every candidate (ms, batch 1).
         max_trial_seconds: skip (prune, with the reason) a candidate whose proxy training is
@@ -93,6 +96,7 @@ class StudySpec:
     space: str | None = None
     warm_start: bool = True
     checkpoint: str | None = None
+    weights: str | None = None
     baseline_accuracy: float | None = None
     latency: bool = True
     max_trial_seconds: float | None = 120.0
@@ -100,10 +104,15 @@ class StudySpec:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        from ..models import list_models
+        from ..models import register_module, resolve_model
+        from ..models.registry import is_registered
 
-        if self.model not in list_models():
-            raise UnknownNameError("model", self.model, list_models())
+        if isinstance(self.model, nn.Module):
+            self.model = register_module(self.model)
+        elif not is_registered(self.model):
+            resolve_model(self.model, check_only=True)  # an unknown name fails before any work
+        if self.checkpoint and self.weights:
+            raise RecommenderError("give --checkpoint (a trained baseline) or --weights (initial weights), not both")
         get_protocol(self.fidelity)  # an unknown fidelity fails before any storage is touched
         if isinstance(self.max_drop, str):
             self.max_drop = MaxDrop.parse(self.max_drop)
@@ -237,18 +246,22 @@ class Search:
         self.spec = spec
         self.log = log or (lambda s: None)
         self.callbacks = list(callbacks)
-        self.space = SearchSpace.for_model(spec.model, spec.space)
         self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed)
         self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
-        self.cache = WeightsCache(spec.cache_root)
-        if spec.checkpoint:  # a corrupt checkpoint fails before a study is created
-            from ..compress.checkpoint import load_state
+        from ..models import resolve_model
 
-            load_state(spec.checkpoint)
+        spec.model = resolve_model(spec.model, num_classes=self.data.num_classes, seed=spec.seed)
+        self.space = SearchSpace.for_model(spec.model, spec.space)
+        self.cache = WeightsCache(spec.cache_root)
+        for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
+            if path:
+                from ..compress.checkpoint import load_state
+
+                load_state(path)
         self.study = open_study(spec)
         self.log(f"study {spec.name} in {redact(spec.storage_url)}")
         self.evaluator = Evaluator(spec.model, self.data, self.protocol, cache=self.cache,
-                                   latency=spec.latency, checkpoint=spec.checkpoint,
+                                   latency=spec.latency, checkpoint=spec.checkpoint, weights=spec.weights,
                                    distill=spec.baseline_accuracy is None, log=self.log)
         self.trials_run = 0
 
@@ -338,7 +351,8 @@ class Search:
             # the search's baseline (cached); at a higher fidelity the baseline is trained at that
             # fidelity too (once, then cached across studies).
             ev = Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=False,
-                           checkpoint=spec.checkpoint, distill=spec.baseline_accuracy is None,
+                           checkpoint=spec.checkpoint, weights=spec.weights,
+                           distill=spec.baseline_accuracy is None,
                            teacher_protocol=self.protocol if same else None, log=self.log)
             base_attr = study.user_attrs.get("baseline_confirm")
             if same:

@@ -1,0 +1,1 @@
+"""Bundled search spaces and the paper's presets (package data of ``recommender``)."""
