@@ -1,138 +1,181 @@
-"""Does the cheap ``proxy`` fidelity rank architectures like the dearer ``confirm`` one?
+"""Does the search's rung rank candidates, and call their drops, as a properly trained reference does?
 
-Trains each ResNet-101 preset (default: paper variants 6..15) on cifar10-mini at both fidelities,
-prints the accuracies with their intervals, the wall time of every run and Kendall's tau between
-the two rankings. A GPU is used when available (``torch.cuda.is_available()``).
+For the baseline and the paper's ResNet-101 presets 6-14 (and, with ``--pruned``, pruned
+candidates of the baseline), this compares the search rung (the ``proxy`` fidelity as the search
+runs it: trained-model-first, with or without distillation) with a reference protocol trained long
+(``benchmarks/fidelity_reference.py`` writes it; hours on a 2-core CPU, so it runs once). Printed,
+side by side in one run, for each search-rung variant:
 
-    python benchmarks/proxy_fidelity.py                         # presets 6..15, proxy vs confirm
-    python benchmarks/proxy_fidelity.py --presets 6,11,13 --fidelities smoke,proxy
-    python benchmarks/proxy_fidelity.py --dataset digits --override epochs=4
+- Kendall's tau (scipy, with its p-value) between the search rung's accuracies and the reference's,
+  and the same tau for the rankings that cost nothing: by MFLOPs and by params (a proxy training
+  must carry information that the cost columns do not);
+- drop calibration: mean absolute difference (pp) between each candidate's drop from the baseline
+  at the search rung and at the reference;
+- feasibility agreement at the tolerance (2 pp): how many models are classified within / outside
+  the tolerance the same way as the reference.
+
+    python benchmarks/fidelity_reference.py                     # once: the reference trainings
+    python benchmarks/proxy_fidelity.py                         # cifar10-mini, variants kd and nokd
+    python benchmarks/proxy_fidelity.py --dataset digits --reference benchmarks/results/digits-reference.json
+    python benchmarks/proxy_fidelity.py --variants kd --override epochs=8 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
+from scipy.stats import kendalltau
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recommender.cache import WeightsCache  # noqa: E402
+from recommender.constraints import MaxDrop  # noqa: E402
 from recommender.data import find_cifar10_mini, load_dataset  # noqa: E402
-from recommender.models import build_model  # noqa: E402
+from recommender.evaluation import Evaluator, unpack_bools  # noqa: E402
+from recommender.measure import count_flops, count_params  # noqa: E402
+from recommender.models import build_model, get_preset  # noqa: E402
 from recommender.protocol import get_protocol  # noqa: E402
-from recommender.train import evaluate, seed_everything, train_model  # noqa: E402
+from recommender.recipe import PruneConfig, Recipe  # noqa: E402
+from recommender.stats import paired_drop  # noqa: E402
+
+#: search-rung variants: protocol overrides of the ``proxy`` fidelity
+VARIANTS = {
+    "kd": {"distill_alpha": 0.5},
+    "nokd": {"distill_alpha": 0.0},
+}
+PRESETS = [f"paper-resnet101-{i}" for i in range(6, 15)]
+#: pruned candidates of the baseline (they inherit its trained weights)
+PRUNED = {"struct30": ("structured-channel", 0.3), "struct50": ("structured-channel", 0.5),
+          "unstruct59": ("unstructured-l1", 0.59), "unstruct80": ("unstructured-l1", 0.8)}
 
 
+def _recipe(name: str) -> Recipe:
+    if name == "baseline":
+        return Recipe()
+    if name in PRUNED:
+        method, s = PRUNED[name]
+        return Recipe(prune=PruneConfig(method, s))
+    return Recipe(arch=get_preset(name).arch)
 
 
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b (ties in either ranking handled); nan with fewer than 2 items."""
-    n = len(a)
-    conc = disc = ties_a = ties_b = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = ((conc + disc + ties_a) * (conc + disc + ties_b)) ** 0.5
-    return (conc - disc) / denom if denom else float("nan")
-
-
-def _parse_overrides(items: list[str]) -> dict:
+def _reference(path: Path, model: str) -> dict[str, dict]:
+    """Reference runs by name ('baseline', preset names, pruned names)."""
+    data = json.loads(path.read_text())
     out = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+    for run in data["runs"].values():
+        if run["model"] != model:
+            continue
+        out[run.get("name") or run["arch"]] = run
     return out
 
 
-def main(argv=None) -> int:
+def _costs(model: str, names: list[str], nc: int) -> dict[str, tuple[int, float]]:
+    out = {}
+    for n in names:
+        net = build_model(model, _recipe(n).arch, nc).eval()
+        out[n] = (count_params(net), count_flops(net, (1, 3, 32, 32)) / 1e6)
+    return out
+
+
+def _tau(x: list[float], y: list[float]) -> tuple[float, float]:
+    res = kendalltau(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default="6,7,8,9,10,11,12,13,14,15",
-                    help="comma list of ResNet-101 variant numbers or preset names")
-    ap.add_argument("--fidelities", default="proxy,confirm")
     ap.add_argument("--dataset", default=None, help="default: imagefolder:cifar10-mini")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
-    ap.add_argument("--override", action="append", default=[],
-                    help="protocol field=value applied to every fidelity (repeatable)")
-    ap.add_argument("--json", default=None, help="write the results to this JSON file")
+    ap.add_argument("--model", default="resnet101")
+    ap.add_argument("--reference", default=None, help="default benchmarks/results/<dataset>-reference.json")
+    ap.add_argument("--variants", default="kd,nokd", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--fidelity", default="proxy", help="the search rung's fidelity")
+    ap.add_argument("--override", action="append", default=[], help="protocol field=value (repeatable)")
+    ap.add_argument("--pruned", action="store_true", help="also pruned candidates of the baseline")
+    ap.add_argument("--max-drop", type=float, default=2.0, help="tolerance in pp (default 2)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cache-dir", default="studies/cache")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     if args.dataset is None:
         root = find_cifar10_mini()
         if root is None:
-            print("cifar10-mini not found (set RECOMMENDER_CIFAR10_MINI or give --dataset)")
+            print("cifar10-mini not found; pass --dataset", file=sys.stderr)
             return 2
         args.dataset = f"imagefolder:{root}"
-    data = load_dataset(args.dataset)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    presets = [p if not p.isdigit() else f"paper-resnet101-{p}" for p in args.presets.split(",")]
-    fids = args.fidelities.split(",")
-    extra = _parse_overrides(args.override)
-    protos = {f: get_protocol(f, device=device, threads=args.threads, seed=args.seed, **extra)
-              for f in fids}
-    print(f"{data.describe()}; device {device}; load average {os.getloadavg()[0]:.2f}")
-    for f, p in protos.items():
-        print(f"  {p.describe()} -> {p.input_resolution(data.native_resolution)} px")
-    results: dict[str, dict[str, dict]] = {f: {} for f in fids}
-    for f in fids:
-        for preset in presets:
-            seed_everything(args.seed)
-            model = build_model("resnet101", preset, num_classes=data.num_classes)
-            t0 = time.perf_counter()
-            tr = train_model(model, data, protos[f])
-            ev = evaluate(model, data, protos[f])
-            wall = time.perf_counter() - t0
-            results[f][preset] = {"acc": ev.accuracy, "lo": ev.ci_low, "hi": ev.ci_high,
-                                  "n": ev.n, "ok": tr.ok, "train_s": tr.seconds, "wall_s": wall,
-                                  "final_loss": tr.final_loss}
-            print(f"[{f:>7}] {preset:<20} acc {ev.accuracy * 100:5.1f}% "
-                  f"[{ev.ci_low * 100:4.1f}, {ev.ci_high * 100:4.1f}] n={ev.n} "
-                  f"train {tr.seconds:6.1f}s wall {wall:6.1f}s{'' if tr.ok else ' ' + tr.reason}",
-                  flush=True)
+    tag = "cifar10-mini" if "cifar10-mini" in args.dataset else args.dataset.split(":")[0]
+    ref_path = Path(args.reference or f"benchmarks/results/{tag}-reference.json")
+    if not ref_path.exists():
+        print(f"no reference results at {ref_path}: run benchmarks/fidelity_reference.py first", file=sys.stderr)
+        return 2
+    ref = _reference(ref_path, args.model)
+    data = load_dataset(args.dataset, seed=0)
+    names = ["baseline"] + [p for p in PRESETS if p in ref] + ([n for n in PRUNED if n in ref] if args.pruned else [])
+    names = [n for n in names if n in ref]
+    if "baseline" not in ref:
+        print("the reference has no baseline run yet", file=sys.stderr)
+        return 2
+    costs = _costs(args.model, names, data.num_classes)
+    tol = MaxDrop(args.max_drop)
+    ref_base = unpack_bools(ref["baseline"]["correct"])
+    ref_acc = {n: 100 * ref[n]["accuracy"] for n in names}
+    ref_drop = {n: paired_drop(ref_base, unpack_bools(ref[n]["correct"])).drop_pp for n in names}
+    overrides = {}
+    for item in args.override:
+        k, _, v = item.partition("=")
+        overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
 
+    results = {"dataset": data.describe(), "reference": str(ref_path), "models": names,
+               "reference_protocol": ref["baseline"]["protocol"], "variants": {}}
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        protocol = get_protocol(args.fidelity, seed=0, threads=args.threads, **{**VARIANTS[variant], **overrides})
+        ev = Evaluator(args.model, data, protocol, cache=WeightsCache(args.cache_dir), latency=False)
+        t0 = time.perf_counter()
+        base = ev.evaluate_baseline()
+        rows = {"baseline": {"accuracy": 100 * base.accuracy, "drop": 0.0, "seconds": base.train_seconds}}
+        for n in names[1:]:
+            t1 = time.perf_counter()
+            e = ev.evaluate(_recipe(n), base, tol)
+            rows[n] = {"accuracy": 100 * (e.accuracy or 0.0), "drop": e.drop_pp, "ok": e.ok, "reason": e.reason,
+                       "seconds": round(time.perf_counter() - t1, 1), "inherited": e.inherited}
+            print(f"[{variant}] {n}: {rows[n]['accuracy']:.2f}% drop {e.drop_pp:+.2f} pp "
+                  f"(reference {ref_acc[n]:.2f}%, drop {ref_drop[n]:+.2f}) in {rows[n]['seconds']:.0f} s", flush=True)
+        search_acc = [rows[n]["accuracy"] for n in names]
+        reference = [ref_acc[n] for n in names]
+        tau, p = _tau(search_acc, reference)
+        tau_f, p_f = _tau([costs[n][1] for n in names], reference)
+        tau_p, p_p = _tau([costs[n][0] for n in names], reference)
+        calib = float(np.mean([abs(rows[n]["drop"] - ref_drop[n]) for n in names[1:]]))
+        agree = sum((rows[n]["drop"] <= tol.value) == (ref_drop[n] <= tol.value) for n in names)
+        results["variants"][variant] = {
+            "protocol": protocol.describe(), "rows": rows, "tau": tau, "p": p, "tau_mflops": tau_f, "p_mflops": p_f,
+            "tau_params": tau_p, "p_params": p_p, "drop_calibration_pp": calib, "feasibility_agreement": agree,
+            "n": len(names), "seconds": round(time.perf_counter() - t0, 1)}
+
+    print(f"\n{results['dataset']}; reference: {ref['baseline']['protocol']['fidelity']} "
+          f"{ref['baseline']['protocol']['epochs']} epochs, {ref['baseline']['protocol'].get('max_resolution')} px, "
+          f"aug {ref['baseline']['protocol']['augment']}")
+    print(f"{'model':22} {'MFLOPs':>8} {'ref acc':>8} {'ref drop':>9}" +
+          "".join(f" {v + ' acc':>10} {v + ' drop':>10}" for v in results["variants"]))
+    for n in names:
+        line = f"{n:22} {costs[n][1]:8.1f} {ref_acc[n]:8.2f} {ref_drop[n]:+9.2f}"
+        for v, r in results["variants"].items():
+            line += f" {r['rows'][n]['accuracy']:10.2f} {r['rows'][n]['drop']:+10.2f}"
+        print(line)
     print()
-    head = f"{'preset':<20}" + "".join(f"{f + ' acc%':>14}{'s':>8}" for f in fids)
-    print(head)
-    print("-" * len(head))
-    for preset in presets:
-        row = f"{preset:<20}"
-        for f in fids:
-            r = results[f][preset]
-            row += f"{r['acc'] * 100:>14.1f}{r['wall_s']:>8.1f}"
-        print(row)
-    total = {f: sum(r["wall_s"] for r in results[f].values()) for f in fids}
-    print("total s".ljust(20) + "".join(f"{'':>14}{total[f]:>8.1f}" for f in fids))
-    for i in range(len(fids)):
-        for j in range(i + 1, len(fids)):
-            a = [results[fids[i]][p]["acc"] for p in presets]
-            b = [results[fids[j]][p]["acc"] for p in presets]
-            print(f"Kendall tau ({fids[i]} vs {fids[j]}, {len(presets)} presets): "
-                  f"{kendall_tau(a, b):.3f}")
+    for v, r in results["variants"].items():
+        print(f"{v:6} tau {r['tau']:+.3f} (p {r['p']:.3f}) | by MFLOPs {r['tau_mflops']:+.3f} (p {r['p_mflops']:.3f}) | "
+              f"by params {r['tau_params']:+.3f} (p {r['p_params']:.3f}) | drop calibration {r['drop_calibration_pp']:.2f} pp | "
+              f"feasibility agreement at {tol.value:g} pp {r['feasibility_agreement']}/{r['n']} | {r['seconds']:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"dataset": data.name, "device": device,
-                                               "protocols": {f: p.to_dict() for f, p in
-                                                             protos.items()},
-                                               "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -183,6 +183,7 @@ class Evaluator:
         self.log = log or (lambda s: None)
         self.distill = distill
         self._baseline_model: nn.Module | None = None
+        self._baseline_seconds = 0.0
         self._teacher: torch.Tensor | None = None
         self._source = self._source_identity()
         net = self._build(ArchConfig())  # fail fast on a bad model or class count
@@ -243,7 +244,8 @@ class Evaluator:
                 model.eval()
                 self._baseline_model = model
             else:
-                self._baseline_model, _, _ = self._train(ArchConfig(), self.teacher_protocol, teacher=False)
+                self._baseline_model, meta, _ = self._train(ArchConfig(), self.teacher_protocol, teacher=False)
+                self._baseline_seconds = float(meta.get("seconds", 0.0))
         return self._baseline_model
 
     def _teacher_logits(self, protocol: ProxyProtocol) -> torch.Tensor | None:
@@ -266,9 +268,10 @@ class Evaluator:
                 self.log(f"initial weights {self.weights.name}: re-initialised {', '.join(skipped[:3])}"
                          f"{' ...' if len(skipped) > 3 else ''} (shapes differ, e.g. the class count)")
 
-    def _train(self, arch: ArchConfig, protocol: ProxyProtocol, *, teacher: bool
+    def _train(self, arch: ArchConfig, protocol: ProxyProtocol, *, teacher: bool, deadline: float | None = None
                ) -> tuple[nn.Module, dict[str, Any], bool]:
-        """Build and train ``arch`` (or load it from the cache). Returns (model, meta, cache hit)."""
+        """Build and train ``arch`` (or load it from the cache). Returns (model, meta, cache hit).
+        A training stopped at ``deadline`` (``time.monotonic()``) fails and is not cached."""
         logits = self._teacher_logits(protocol) if teacher else None
         baseline = arch == ArchConfig() and not teacher
         key = self.baseline_key(protocol) if baseline else self._key(arch, protocol, logits is not None)
@@ -278,7 +281,7 @@ class Evaluator:
             if baseline:
                 self._init_baseline(m)
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
-            res = train_model(m, self.data, protocol, teacher_logits=logits)
+            res = train_model(m, self.data, protocol, teacher_logits=logits, **_deadline(deadline))
             if not res.ok:
                 raise TrainingFailed(res.reason)
             return res.to_dict()
@@ -337,13 +340,17 @@ class Evaluator:
         model = self.baseline_model()
         ev = evaluate(model, self.data, self.protocol)
         src = "checkpoint" if self.checkpoint else "trained"
+        # the training's own seconds (also when its weights came from the cache): what a rung
+        # above costs is estimated from it
         return Baseline(ev.accuracy, ev.ci_low, ev.ci_high, costs, src, self.protocol.fidelity,
-                        ev.correct, time.perf_counter() - t0)
+                        ev.correct, self._baseline_seconds or time.perf_counter() - t0)
 
     def evaluate(self, recipe: Recipe, baseline: Baseline | None, max_drop: MaxDrop | None = None,
-                 *, return_model: bool = False) -> Any:
+                 *, return_model: bool = False, deadline: float | None = None) -> Any:
         """Build, train (or inherit), prune, recover, quantize, evaluate and measure one recipe.
 
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole evaluation: training stops
+        there and the evaluation fails with the reason (the trial time limit).
         Returns the :class:`Evaluation`, or ``(evaluation, compressed model)`` with
         ``return_model`` (the model is None when the evaluation failed)."""
         model = None
@@ -354,7 +361,8 @@ class Evaluator:
                 trained, meta, hit = self.baseline_model(), {}, True
                 out.inherited = True
             else:
-                trained, meta, hit = self._train(recipe.arch, self.protocol, teacher=True)
+                trained, meta, hit = self._train(recipe.arch, self.protocol, teacher=True, deadline=deadline)
+            _check_deadline(deadline, "after training")
             out.cached_training = hit
             out.train_seconds = float(meta.get("seconds", 0.0)) if not hit else 0.0
             model = copy.deepcopy(trained)
@@ -366,6 +374,7 @@ class Evaluator:
                                      finetune=finetune_fn(self.data, self.protocol, teacher),
                                      finetune_steps=self.recovery_steps())
             out.notes = compression_notes(report)
+            _check_deadline(deadline, "after compression")
             ev = evaluate(model, self.data, self.protocol)
             out.accuracy, out.acc_low, out.acc_high = ev.accuracy, ev.ci_low, ev.ci_high
             if baseline is not None:
@@ -373,8 +382,11 @@ class Evaluator:
             float_model = getattr(report, "float_model", None)
             out.costs = measure_mod.measure(model, self.input_size, latency=self.latency,
                                             float_model=float_model, threads=self.latency_threads).to_dict()
+        except TrialTimeout as exc:
+            out.ok, out.reason = False, str(exc)
         except TrainingFailed as exc:
-            out.ok, out.reason = False, f"training diverged: {exc}"
+            reason = str(exc)
+            out.ok, out.reason = False, reason if reason.startswith("time limit") else f"training diverged: {reason}"
         except ArchError as exc:
             out.ok, out.reason = False, f"invalid architecture: {exc}"
         except RecommenderError:
@@ -417,4 +429,22 @@ def compression_notes(report: Any) -> list[str]:
 
 
 class TrainingFailed(Exception):
-    """A training run diverged (non-finite loss); the trial fails with the reason."""
+    """A training run diverged (non-finite loss) or hit its time limit; the trial fails with the reason."""
+
+
+class TrialTimeout(Exception):
+    """The evaluation passed its deadline (the trial time limit)."""
+
+
+def _check_deadline(deadline: float | None, where: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TrialTimeout(f"time limit reached {where} (--max-trial-time)")
+
+
+def _deadline(deadline: float | None) -> dict[str, Any]:
+    # train_model takes a deadline once the devices work lands; until then only between stages
+    import inspect
+
+    if deadline is None or "deadline" not in inspect.signature(train_model).parameters:
+        return {}
+    return {"deadline": deadline}

@@ -28,6 +28,7 @@ from rich.text import Text
 from .constraints import Budget, MaxDrop, format_quantity
 from .evaluation import Baseline, Evaluation
 from .recipe import Recipe
+from .search.rungs import RungResult, rung_results
 
 COST_ROWS = (  # (Costs field, label, unit)
     ("params", "params", "params"),
@@ -93,17 +94,37 @@ def knee(front: list[FrozenTrial]) -> FrozenTrial | None:
 
 @dataclass
 class Choice:
-    """One recipe on the front with its proxy evaluation and, if any, its confirmed one."""
+    """One recipe with its rung-0 (search) evaluation and its evaluations on higher rungs."""
 
     trial: int
     recipe: Recipe
     proxy: Evaluation
-    confirmed: Evaluation | None = None
+    rungs: list[RungResult] = field(default_factory=list)
     preset: str | None = None
 
     @property
+    def confirmed(self) -> Evaluation | None:
+        """The evaluation on the highest rung it reached above the search rung (None: none)."""
+        return self.rungs[-1].evaluation if self.rungs else None
+
+    @property
+    def top_rung(self) -> int:
+        return self.rungs[-1].rung if self.rungs else 0
+
+    @property
     def best(self) -> Evaluation:
-        return self.confirmed if self.confirmed is not None and self.confirmed.ok else self.proxy
+        """The highest-fidelity evaluation that ran."""
+        for r in reversed(self.rungs):
+            if r.evaluation.ok:
+                return r.evaluation
+        return self.proxy
+
+    def drop_growth(self) -> float | None:
+        """pp by which the drop grew from the search rung to the highest rung (None: one rung)."""
+        top = self.confirmed
+        if top is None or top.drop_pp is None or self.proxy.drop_pp is None:
+            return None
+        return top.drop_pp - self.proxy.drop_pp
 
 
 @dataclass
@@ -114,9 +135,12 @@ class Recommendation:
     storage: str
     spec: dict[str, Any]
     baseline: Baseline | None
-    baseline_confirm: Baseline | None
     chosen: Choice | None
     feasible: bool
+    rung_baselines: dict[int, Baseline] = field(default_factory=dict)
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    power: dict[str, Any] = field(default_factory=dict)
+    warm_start_skipped: dict[str, str] = field(default_factory=dict)
     alternatives: dict[str, Choice] = field(default_factory=dict)
     front: list[Choice] = field(default_factory=list)
     closest: list[Choice] = field(default_factory=list)
@@ -167,12 +191,45 @@ class Recommendation:
         nc = num_classes or self.spec.get("num_classes") or 10
         return build_model(self.spec["model"], self.recipe.arch, num_classes=nc)
 
+    def baseline_at(self, rung: int) -> Baseline | None:
+        """The baseline a rung's drops are measured against."""
+        return self.rung_baselines.get(rung, self.baseline if rung == 0 else None)
+
+    @property
+    def baseline_confirm(self) -> Baseline | None:
+        """The baseline of the highest rung the recommendation reached."""
+        return self.baseline_at(self.chosen.top_rung) if self.chosen else None
+
     def uncertain(self, e: Evaluation | None = None) -> bool:
+        """The drop's 95 % interval crosses the tolerance (the data cannot settle it)."""
         e = e or self.evaluation
-        base = self.baseline_confirm if (self.chosen and self.chosen.confirmed) else self.baseline
+        base = self.baseline_at(self.chosen.top_rung) if self.chosen else self.baseline
         if e is None or e.drop_high_pp is None or base is None:
             return False
         return e.drop_high_pp > self.max_drop.allowed_pp(base.accuracy)
+
+    def rung_rows(self, c: Choice) -> list[dict[str, Any]]:
+        """A candidate's evaluation on every rung it ran, lowest first:
+        ``{rung, fidelity, label, accuracy, drop, drop_interval}`` (fractions, pp)."""
+        labels = {r["index"]: r.get("label") for r in self.rungs}
+        rows = [(0, c.proxy)] + [(r.rung, r.evaluation) for r in c.rungs]
+        out = []
+        for k, e in rows:
+            out.append({"rung": k, "fidelity": e.fidelity, "label": labels.get(k, e.fidelity),
+                        "accuracy": e.accuracy, "drop": e.drop_pp,
+                        "drop_interval": [e.drop_low_pp, e.drop_high_pp], "ok": e.ok})
+        return out
+
+    def warning(self, c: Choice) -> str | None:
+        """A warning when the drop grew with fidelity (the cheap rung flattered the candidate)."""
+        g = c.drop_growth()
+        base = self.baseline_at(c.top_rung) or self.baseline
+        if g is None or base is None:
+            return None
+        if g > max(1.0, 0.5 * self.max_drop.allowed_pp(base.accuracy)):
+            return (f"trial {c.trial}: its drop grew by {g:+.1f} pp from the search rung to rung {c.top_rung}: "
+                    "the cheap rung flattered it; full training may show a larger drop still")
+        return None
 
     # -- output ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -184,9 +241,10 @@ class Recommendation:
                     "describe": c.recipe.describe(),
                     "accuracy": e.accuracy, "accuracy_interval": [e.acc_low, e.acc_high],
                     "drop": e.drop_pp, "drop_interval": [e.drop_low_pp, e.drop_high_pp],
-                    "prob_within": e.prob_within, "fidelity": e.fidelity,
+                    "prob_within": e.prob_within, "fidelity": e.fidelity, "rung": c.top_rung,
                     "confirmed": c.confirmed is not None,
                     "proxy_accuracy": c.proxy.accuracy, "proxy_drop": c.proxy.drop_pp,
+                    "rungs": self.rung_rows(c), "warning": self.warning(c),
                     **{k: e.costs.get(k) for k, _, _ in COST_ROWS},
                     "peak_memory_mb": e.costs.get("peak_memory_mb"),
                     "notes": e.notes}
@@ -205,6 +263,9 @@ class Recommendation:
                 "fidelity": b.fidelity, **{k: b.costs.get(k) for k, _, _ in COST_ROWS}},
             "recommended": rec,
             "feasible": self.feasible,
+            "power": self.power,
+            "rungs": self.rungs,
+            "warm_start_skipped": self.warm_start_skipped,
             "alternatives": {k: choice(v) for k, v in self.alternatives.items()},
             "pareto": [choice(c) for c in self.front],
             "closest_infeasible": [choice(c) for c in self.closest],
@@ -250,10 +311,9 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else 100.0 * x
 
 
-def _choice(t: FrozenTrial, confirmed: dict[str, Any]) -> Choice:
-    conf = confirmed.get(str(t.number))
+def _choice(t: FrozenTrial, rungs: dict[int, list[RungResult]]) -> Choice:
     return Choice(t.number, Recipe.from_dict(t.user_attrs["recipe"]), Evaluation.from_dict(t.user_attrs["evaluation"]),
-                  Evaluation.from_dict(conf) if conf else None, t.user_attrs.get("preset"))
+                  sorted(rungs.get(t.number, []), key=lambda r: r.rung), t.user_attrs.get("preset"))
 
 
 def _violations(t: FrozenTrial, budgets: list[Budget]) -> list[str]:
@@ -262,27 +322,55 @@ def _violations(t: FrozenTrial, budgets: list[Budget]) -> list[str]:
     return [n for n, c in zip(names, cons) if c > 0]
 
 
+def _holds(e: Evaluation, base: Baseline | None, max_drop: MaxDrop, budgets: list[Budget]) -> bool:
+    return (e.ok and e.drop_pp is not None and base is not None
+            and e.drop_pp <= max_drop.allowed_pp(base.accuracy)
+            and all(b.violation(e.costs) <= 0 for b in budgets))
+
+
+def _excess(e: Evaluation, base: Baseline | None, max_drop: MaxDrop, budgets: list[Budget]) -> float:
+    if not e.ok or e.drop_pp is None or base is None:
+        return math.inf
+    allowed = max_drop.allowed_pp(base.accuracy)
+    return max(0.0, (e.drop_pp - allowed) / max(allowed, 0.1)) + sum(max(0.0, b.violation(e.costs)) for b in budgets)
+
+
 def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recommendation:
-    """Build the answer from what the study stored (trials, baseline, confirm stage)."""
+    """Build the answer from what the study stored (trials, baselines, promotion rungs).
+
+    The recommendation is chosen at the highest rung reached: the candidate with the lowest
+    primary cost whose drop there stays within the tolerance (and whose costs meet every budget).
+    Without promotions, the lowest-cost point of the feasible Pareto front of the search rung.
+    """
     attrs = study.user_attrs
     spec = dict(attrs.get("spec", {}))
     budgets = [Budget(**b) for b in spec.get("budgets", [])]
     max_drop = MaxDrop(**spec["max_drop"]) if "max_drop" in spec else MaxDrop(0.0)
     baseline = Baseline.from_dict(attrs["baseline"]) if "baseline" in attrs else None
-    bconf = Baseline.from_dict(attrs["baseline_confirm"]) if "baseline_confirm" in attrs else None
-    confirmed = dict(attrs.get("confirmed", {}))
+    infos, per_trial = rung_results(study._storage, study.study_name)
+    rung_baselines = {0: baseline} if baseline else {}
+    for info in infos:
+        if info.get("baseline"):
+            rung_baselines[info["index"]] = Baseline.from_dict(info["baseline"])
+    rung0 = next((r for r in attrs.get("rungs", []) if r.get("index") == 0), None)
+    rungs_info = [{"index": 0, "label": rung0["label"] if rung0 else spec.get("fidelity", "search")}]
+    rungs_info += [{k: v for k, v in i.items() if k in ("index", "label", "promoted", "skipped")} for i in infos]
 
     all_trials = study.get_trials(deepcopy=False)
-    done = completed(study)
+    done = [t for t in completed(study) if not t.user_attrs.get("skipped_by_structure")]
     feas = [t for t in done if is_feasible(t)]
-    front = [_choice(t, confirmed) for t in pareto_front(feas)]
+    by_number = {t.number: t for t in done}
+    front = [_choice(t, per_trial) for t in pareto_front(feas)]
+    promoted = {n for n, rs in per_trial.items() if rs}
     counts = {
         "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials),
-        "complete": len(done), "feasible": len(feas), "infeasible": len(done) - len(feas),
-        "pruned": sum(t.state == TrialState.PRUNED for t in all_trials),
+        "evaluated": len(done), "complete": len(done), "feasible": len(feas), "infeasible": len(done) - len(feas),
+        "pruned": sum(t.state == TrialState.PRUNED for t in all_trials)
+        + sum(bool(t.user_attrs.get("skipped_by_structure")) for t in all_trials if t.state == TrialState.COMPLETE),
         "failed": sum(t.state == TrialState.FAIL for t in all_trials),
         "running": sum(t.state == TrialState.RUNNING for t in all_trials),
-        "confirmed": len(confirmed),
+        "sampled": sum(1 for t in done if not t.user_attrs.get("preset")),
+        "confirmed": len(promoted),
         "baseline_evaluations": int(attrs.get("baseline_evaluations", 0)),
     }
     reasons: Counter[str] = Counter()
@@ -291,46 +379,57 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
             for v in _violations(t, budgets):
                 reasons[v] += 1
     for t in all_trials:
-        if t.state == TrialState.PRUNED:
-            r = t.user_attrs.get("pruned_reason", "pruned")
-            # "structure breaks the budget before training: params 4.2e7 > 5e6" -> "... : params"
-            head, _, tail = r.partition(":")
-            reasons[f"{head}: {tail.split()[0]}" if tail.strip() else head] += 1
+        r = t.user_attrs.get("pruned_reason") if t.state == TrialState.PRUNED else t.user_attrs.get("skipped_by_structure")
+        if r:
+            # "structure breaks the budget before training: params <= 5M best case ..." -> its head
+            head, _, tail = str(r).partition(":")
+            reasons[f"{head}: {tail.split(' best case')[0].strip()}" if tail.strip() else head] += 1
     failures: Counter[str] = Counter(t.user_attrs.get("fail_reason", "stale or interrupted trial")
                                      for t in all_trials if t.state == TrialState.FAIL)
 
-    # Lowest primary cost whose confirmed drop (or proxy drop, without a confirm stage) is within
-    # the tolerance.
-    chosen, feasible = None, False
-    for c in front:
-        if c.confirmed is not None:
-            base = bconf or baseline
-            if c.confirmed.ok and c.confirmed.drop_pp is not None and base is not None and \
-                    c.confirmed.drop_pp <= max_drop.allowed_pp(base.accuracy):
-                chosen, feasible = c, True
-                break
-        elif not confirmed:
-            chosen, feasible = c, True
-            break
-    if chosen is None and front:
-        # Nothing confirmed: the most accurate confirmed candidate is shown, marked infeasible.
-        chosen = max(front, key=lambda c: (c.best.accuracy or 0.0))
-        feasible = False
-    closest = []
-    if not front:
-        by_excess = sorted(done, key=lambda t: sum(max(0.0, c) for c in t.user_attrs.get("constraints", [1e9])))
-        closest = [_choice(t, confirmed) for t in by_excess[:3]]
+    top = max((r.rung for rs in per_trial.values() for r in rs if r.evaluation.ok), default=0)
+    chosen, feasible, closest = None, False, []
+    primary = budgets[0] if budgets else None
+
+    def cost(c: Choice) -> float:
+        return primary.value(c.best.costs) if primary else 0.0
+
+    if top == 0:
+        # Lowest primary cost on the feasible front of the search rung.
+        if front:
+            chosen, feasible = front[0], True
+    else:
+        at_top = [_choice(by_number[n], per_trial) for n, rs in per_trial.items()
+                  if n in by_number and any(r.rung == top for r in rs)]
+        holding = [c for c in at_top if c.top_rung == top and _holds(c.best, rung_baselines.get(top), max_drop, budgets)]
+        if holding:
+            chosen, feasible = min(holding, key=lambda c: (cost(c), c.trial)), True
+        else:
+            closest = sorted(at_top, key=lambda c: (_excess(c.best, rung_baselines.get(top), max_drop, budgets), cost(c)))[:3]
+    if not feasible and not closest:
+        # The answer always names trained candidates: those that missed the constraints least.
+        by_excess = sorted(done, key=lambda t: (sum(max(0.0, c) for c in t.user_attrs.get("constraints", [1e9])),
+                                                t.values[1] if t.values else math.inf))
+        closest = [_choice(t, per_trial) for t in by_excess[:3]]
 
     alternatives: dict[str, Choice] = {}
     if front:
         alternatives["most accurate"] = max(front, key=lambda c: (c.proxy.accuracy or 0.0, -c.trial))
         k = knee(pareto_front(feas))
         if k is not None:
-            alternatives["knee"] = _choice(k, confirmed)
+            alternatives["knee"] = _choice(k, per_trial)
     binding = _binding(chosen, done, budgets, max_drop) if chosen and feasible else []
+    power = dict(attrs.get("power", {}))
+    widths = sorted((e.drop_high_pp - e.drop_low_pp) / 2 for e in (Evaluation.from_dict(t.user_attrs["evaluation"])
+                                                                   for t in done)
+                    if e.drop_high_pp is not None and e.drop_low_pp is not None and e.ok)
+    if power and widths and baseline is not None and baseline.correct is not None:
+        power["measured_pp"] = round(widths[len(widths) // 2], 3)  # median half-width of the candidates' intervals
     return Recommendation(
-        study_name=study.study_name, storage=storage, spec=spec, baseline=baseline, baseline_confirm=bconf,
-        chosen=chosen, feasible=feasible, alternatives=alternatives, front=front, closest=closest,
+        study_name=study.study_name, storage=storage, spec=spec, baseline=baseline, chosen=chosen,
+        feasible=feasible, rung_baselines=rung_baselines, rungs=rungs_info, power=power,
+        warm_start_skipped=dict(attrs.get("warm_start_skipped", {})),
+        alternatives=alternatives, front=front, closest=closest,
         counts=counts, infeasible_reasons=dict(reasons), failures=dict(failures),
         importances=_importances(study), binding=binding, study=study)
 
@@ -387,6 +486,33 @@ def _factor(base: Any, new: Any) -> str:
     return ""
 
 
+def _power_line(rec: Recommendation) -> str | None:
+    """One line when the validation set cannot resolve the tolerance (honest power)."""
+    p = rec.power
+    if not p or p.get("min_resolvable_drop_pp") is None:
+        return None
+    mrd, tol = float(p["min_resolvable_drop_pp"]), float(p.get("tolerance_pp", rec.max_drop.value))
+    measured = p.get("measured_pp")
+    seen = f"; measured on the candidates: ±{measured:.1f} pp" if measured is not None else ""
+    if max(mrd, measured or 0.0) <= tol and (measured is None or measured <= tol):
+        return None
+    return (f"Power: {p.get('n_val')} validation images at a {100 * p.get('baseline_accuracy', 0):.1f}% baseline "
+            f"resolve drops of about ±{mrd:.1f} pp (errors independent of the baseline's{seen}), wider than the "
+            f"{tol:g} pp tolerance: this data cannot establish 'within {tol:g} pp'; use more validation images.")
+
+
+def _rung_table(rec: Recommendation, c: Choice) -> Table:
+    t = Table(box=box.SIMPLE, title="Drop on every rung it ran (lowest fidelity first)", title_justify="left")
+    for col in ("rung", "fidelity", "baseline", "candidate", "drop pp [95% CI]"):
+        t.add_column(col, justify="left" if col == "fidelity" else "right")
+    for row in rec.rung_rows(c):
+        k = row["rung"]
+        e = c.proxy if k == 0 else next(r.evaluation for r in c.rungs if r.rung == k)
+        t.add_row(str(k), str(row["label"]), _fmt_acc(rec.baseline_at(k)), _fmt_acc(e) if e.ok else e.reason[:40],
+                  _fmt_drop(e))
+    return t
+
+
 def render(rec: Recommendation) -> Group:
     parts: list[Any] = []
     spec = rec.spec
@@ -395,74 +521,95 @@ def render(rec: Recommendation) -> Group:
     head.append(f"{spec.get('model', '?')} on {spec.get('dataset', '?')}", style="bold")
     head.append(f" — max drop {md.describe()}; budgets: " + ", ".join(b.describe() for b in budgets))
     parts.append(head)
+    power = _power_line(rec)
+    if power:
+        parts.append(Text(power, style="yellow"))
     c = rec.chosen
-    if c is None:
-        parts.append(Panel(Text("No candidate finished yet: no recommendation.", style="bold red")))
+    if c is None and not rec.closest:
+        parts.append(Panel(Text("No candidate was evaluated yet: no recommendation.", style="bold red")))
+    elif c is None:
+        parts.append(Panel(Text("Nothing met every constraint: no recommendation (closest candidates below).",
+                                style="bold red")))
     else:
         e = c.best
         status = ("[bold green]FEASIBLE[/]" if rec.feasible else "[bold red]NOT FEASIBLE[/]")
         if rec.feasible and rec.uncertain():
             status += " [yellow](uncertain: the drop's 95% interval crosses the tolerance)[/]"
-        title = f"Recommended recipe (trial {c.trial}{', preset ' + c.preset if c.preset else ''}) {status}"
+        where = f"rung {c.top_rung}: {rec.rung_rows(c)[-1]['label']}"
+        title = f"Recommended recipe (trial {c.trial}{', preset ' + c.preset if c.preset else ''}; {where}) {status}"
         t = Table(box=box.SIMPLE_HEAVY, show_edge=False)
         t.add_column("")
         t.add_column("baseline", justify="right")
         t.add_column("recommended", justify="right")
         t.add_column("change", justify="right")
-        b = rec.baseline_confirm if c.confirmed is not None and rec.baseline_confirm else rec.baseline
-        t.add_row("accuracy (95% CI)", _fmt_acc(b), _fmt_acc(e), "drop " + _fmt_drop(e))
-        if c.confirmed is not None:
-            t.add_row("  at search fidelity", _fmt_acc(rec.baseline), _fmt_acc(c.proxy), "drop " + _fmt_drop(c.proxy))
+        t.add_row(f"accuracy (95% CI) at rung {c.top_rung}", _fmt_acc(rec.baseline_at(c.top_rung)), _fmt_acc(e),
+                  "drop " + _fmt_drop(e))
         bc = rec.baseline.costs if rec.baseline else {}
         for key, label, unit in COST_ROWS:
             nv = e.costs.get(key) if e.costs.get(key) is not None else c.proxy.costs.get(key)
             t.add_row(label, format_quantity(bc.get(key), unit), format_quantity(nv, unit), _factor(bc.get(key), nv))
         body = [Text(c.recipe.describe(), style="bold cyan"), t]
+        if len(rec.rungs) > 1:
+            body.append(_rung_table(rec, c))
         notes = list(e.notes or [])
-        if c.recipe.quant.scheme.startswith("int8"):
-            notes.append("int8 changes size and latency, not the multiply-accumulate count (MFLOPs).")
-        if c.recipe.prune.method == "unstructured-l1" and c.recipe.prune.active:
-            notes.append("unstructured pruning zeroes weights: params and dense size stay, non-zero "
+        warn = rec.warning(c)
+        if warn:
+            notes.insert(0, "WARNING: " + warn)
+        if c.recipe.quant.active and "flops" not in _lowers(c.recipe.quant):
+            notes.append(f"{c.recipe.quant.method} changes size and latency, not the multiply-accumulate count (MFLOPs).")
+        if c.recipe.prune.active and "params" not in _lowers(c.recipe.prune):
+            notes.append(f"{c.recipe.prune.method} zeroes weights: params and dense size stay, non-zero "
                          "params and the sparse encoding fall.")
         if rec.binding:
             notes.append("what bound the answer: " + "; ".join(rec.binding))
         for n in notes:
-            body.append(Text("• " + n, style="dim"))
+            body.append(Text("• " + n, style="yellow" if n.startswith("WARNING") else "dim"))
         parts.append(Panel(Group(*body), title=title, title_align="left"))
     if not rec.feasible and rec.closest:
-        parts.append(Text("Nothing met every constraint. Closest candidates:", style="bold red"))
+        parts.append(Text("Nothing met every constraint at the highest rung reached. Closest candidates "
+                          "(what they miss):", style="bold red"))
+        for ch in rec.closest:
+            base = rec.baseline_at(ch.top_rung)
+            miss = _misses(ch.best, base, md, budgets)
+            parts.append(Text(f"  trial {ch.trial} (rung {ch.top_rung}): {ch.recipe.describe()} — "
+                              f"{_fmt_acc(ch.best)}, drop {_fmt_drop(ch.best)}; misses: {miss}"))
     rows = rec.front or rec.closest
     if rows:
-        t = Table(title="Feasible Pareto front (accuracy vs primary cost)" if rec.front else "Closest candidates",
-                  box=box.SIMPLE, title_justify="left")
-        for col in ("trial", "accuracy", "drop pp", "confirmed", "params", "MFLOPs", "MB", "ms"):
+        t = Table(title="Feasible Pareto front at the search rung (accuracy vs primary cost)" if rec.front
+                  else "Closest candidates", box=box.SIMPLE, title_justify="left")
+        top_col = "top rung drop" if len(rec.rungs) > 1 else None
+        cols = ("trial", "accuracy", "drop pp") + ((top_col,) if top_col else ()) + ("params", "MFLOPs", "MB", "ms")
+        for col in cols:
             t.add_column(col, justify="right", no_wrap=True)
         t.add_column("recipe", justify="left", overflow="fold", ratio=1, min_width=30)
         for ch in rows:
             e = ch.proxy
-            t.add_row(str(ch.trial) + (" *" if rec.chosen and ch.trial == rec.chosen.trial else ""),
-                      f"{100 * (e.accuracy or 0):.2f}%",
-                      f"{e.drop_pp:+.2f}" if e.drop_pp is not None else "n/a",
-                      f"{ch.confirmed.drop_pp:+.2f}" if ch.confirmed and ch.confirmed.drop_pp is not None else "",
-                      format_quantity(e.costs.get("params"), "params").replace(" params", ""),
+            cells = [str(ch.trial) + (" *" if rec.chosen and ch.trial == rec.chosen.trial else ""),
+                     f"{100 * (e.accuracy or 0):.2f}%", f"{e.drop_pp:+.2f}" if e.drop_pp is not None else "n/a"]
+            if top_col:
+                cells.append(f"{ch.confirmed.drop_pp:+.2f} (r{ch.top_rung})"
+                             if ch.confirmed and ch.confirmed.drop_pp is not None else "")
+            cells += [format_quantity(e.costs.get("params"), "params").replace(" params", ""),
                       f"{e.costs.get('mflops'):.1f}" if e.costs.get("mflops") is not None else "n/a",
                       f"{e.costs.get('size_mb'):.2f}" if e.costs.get("size_mb") is not None else "n/a",
                       f"{e.costs.get('latency_ms'):.1f}" if e.costs.get("latency_ms") is not None else "n/a",
-                      (ch.preset + ": " if ch.preset else "") + ch.recipe.describe())
+                      (ch.preset + ": " if ch.preset else "") + ch.recipe.describe()]
+            t.add_row(*cells)
         parts.append(t)
     if rec.alternatives:
-        lines = [f"{name}: trial {ch.trial} — {ch.recipe.describe()} — {100 * (ch.proxy.accuracy or 0):.2f}%, "
+        lines = [f"{name}: trial {ch.trial} — {ch.recipe.describe()} — {100 * (ch.proxy.accuracy or 0):.2f}% at rung 0, "
                  + format_quantity(ch.proxy.costs.get(budgets[0].cost_field) if budgets else None,
                                    budgets[0].unit if budgets else "")
                  for name, ch in rec.alternatives.items()]
         parts.append(Panel("\n".join(lines), title="Alternatives", title_align="left"))
-    n = rec.counts
-    summary = (f"{n.get('finished', 0)} trials: {n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} infeasible, "
-               f"{n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed; "
-               f"{n.get('confirmed', 0)} re-checked at the confirm fidelity.")
-    parts.append(Text(summary))
+    parts.append(Text(_summary(rec)))
+    for info in rec.rungs[1:]:
+        if info.get("skipped"):
+            parts.append(Text(f"Rung {info['index']} ({info.get('label')}) not run: {info['skipped']}.", style="yellow"))
+    if rec.warm_start_skipped:
+        parts.append(Text(f"Skipped by structure (not enqueued): {', '.join(rec.warm_start_skipped)}.", style="dim"))
     if rec.infeasible_reasons:
-        parts.append(Text("Why candidates were infeasible: " + "; ".join(
+        parts.append(Text("Why candidates were infeasible or skipped: " + "; ".join(
             f"{k} ({v})" for k, v in sorted(rec.infeasible_reasons.items(), key=lambda kv: -kv[1])), style="dim"))
     if rec.failures:
         parts.append(Text("Failures: " + "; ".join(f"{k} ({v})" for k, v in rec.failures.items()), style="dim"))
@@ -470,6 +617,36 @@ def render(rec: Recommendation) -> Group:
         top = sorted(imp.items(), key=lambda kv: -kv[1])[:5]
         parts.append(Text(f"What mattered for {obj}: " + ", ".join(f"{k} {v:.2f}" for k, v in top), style="dim"))
     return Group(*parts)
+
+
+def _lowers(cfg: Any) -> frozenset[str]:
+    from .compress.methods import get_method
+
+    return get_method(cfg.stage, cfg.method).lowers
+
+
+def _misses(e: Evaluation, base: Baseline | None, md: MaxDrop, budgets: list[Budget]) -> str:
+    out = []
+    if not e.ok:
+        return e.reason or "failed"
+    if e.drop_pp is not None and base is not None and e.drop_pp > md.allowed_pp(base.accuracy):
+        out.append(f"drop {e.drop_pp:+.2f} pp > {md.allowed_pp(base.accuracy):g} pp")
+    for b in budgets:
+        if b.violation(e.costs) > 0:
+            out.append(f"{b.metric} {format_quantity(b.value(e.costs), b.unit)} > {format_quantity(b.limit, b.unit)}")
+    return "; ".join(out) or "nothing (within every constraint)"
+
+
+def _summary(rec: Recommendation) -> str:
+    n = rec.counts
+    promoted = n.get("confirmed", 0)
+    rungs = len(rec.rungs)
+    text = (f"{n.get('evaluated', 0)} candidates evaluated ({n.get('sampled', 0)} chosen by the sampler): "
+            f"{n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} infeasible at the search rung; "
+            f"{n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed.")
+    if rungs > 1:
+        text += f" {promoted} promoted to higher rungs ({rungs} rungs)."
+    return text
 
 
 def markdown(rec: Recommendation) -> str:
@@ -500,9 +677,7 @@ def markdown(rec: Recommendation) -> str:
         lines.append(f"| {p['trial']} | {p['describe']} | {100 * (p['proxy_accuracy'] or 0):.2f}% | "
                      f"{(p['proxy_drop'] or 0):+.2f} | {p['params']} | {p['mflops'] and round(p['mflops'], 1)} | "
                      f"{p['size_mb'] and round(p['size_mb'], 2)} | {p['latency_ms'] and round(p['latency_ms'], 1)} |")
-    n = rec.counts
-    lines += ["", f"{n.get('finished', 0)} trials: {n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} "
-              f"infeasible, {n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed."]
+    lines += ["", _summary(rec)]
     if rec.binding:
         lines.append("What bound the answer: " + "; ".join(rec.binding))
     return "\n".join(lines) + "\n"

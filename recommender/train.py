@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .data import TensorData
 from .protocol import ProxyProtocol
+from .stats import DropEstimate, paired_drop, wilson_interval
 
 __all__ = [
     "TrainResult", "EvalResult", "DropEstimate", "train_model", "evaluate", "paired_drop",
@@ -84,29 +85,6 @@ class EvalResult:
                 "n": self.n, "seconds": self.seconds}
 
 
-@dataclass
-class DropEstimate:
-    """Accuracy drop of a candidate against the baseline on the same images, in percentage
-    points (positive = worse). ``ci_low_pp``..``ci_high_pp`` is a 95% paired-bootstrap interval;
-    ``samples_pp`` holds the bootstrap replicates."""
-
-    drop_pp: float
-    ci_low_pp: float
-    ci_high_pp: float
-    n: int
-    samples_pp: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-
-    def prob_within(self, max_drop_pp: float) -> float:
-        """Bootstrap probability that the true drop is <= ``max_drop_pp``."""
-        if self.samples_pp.size == 0:
-            return float(self.drop_pp <= max_drop_pp)
-        return float(np.mean(self.samples_pp <= max_drop_pp + 1e-12))
-
-    def to_dict(self) -> dict:
-        return {"drop_pp": self.drop_pp, "ci_low_pp": self.ci_low_pp,
-                "ci_high_pp": self.ci_high_pp, "n": self.n}
-
-
 # --- helpers --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -138,19 +116,6 @@ def protocol_data(data: TensorData, protocol: ProxyProtocol) -> TensorData:
 
 def _device(protocol: ProxyProtocol) -> torch.device:
     return torch.device(protocol.resolved_device())
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion k/n."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k <= 0 else max(0.0, centre - half)
-    hi = 1.0 if k >= n else min(1.0, centre + half)
-    return lo, hi
 
 
 def _make_optimizer(model: nn.Module, protocol: ProxyProtocol, lr: float) -> torch.optim.SGD:
@@ -337,32 +302,6 @@ def _is_quantized(model: nn.Module) -> bool:
             return True
     return any(type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
                for m in model.modules())
-
-
-def paired_drop(base_correct: np.ndarray, cand_correct: np.ndarray, *, n_boot: int = 2000,
-                seed: int = 0) -> DropEstimate:
-    """Drop (pp) = baseline accuracy - candidate accuracy on the same images, with a 95% paired
-    bootstrap interval (images resampled with replacement, both models together).
-
-    Only the per-image difference (-1, 0, +1) matters, so a resample is a multinomial draw of the
-    three counts: exact and O(n_boot) whatever the number of images.
-    """
-    b = np.asarray(base_correct, dtype=bool)
-    c = np.asarray(cand_correct, dtype=bool)
-    if b.shape != c.shape or b.ndim != 1:
-        raise ValueError(f"paired_drop needs two equal-length vectors, got {b.shape} and {c.shape}")
-    n = b.size
-    if n == 0:
-        return DropEstimate(0.0, -100.0, 100.0, 0)
-    diff = b.astype(np.int8) - c.astype(np.int8)  # +1: only the baseline was right
-    counts = np.array([(diff == 1).sum(), (diff == 0).sum(), (diff == -1).sum()], dtype=float)
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n, counts / n, size=n_boot)
-    samples = (draws[:, 0] - draws[:, 2]) * (100.0 / n)
-    drop = float(diff.mean() * 100.0)
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return DropEstimate(drop_pp=drop, ci_low_pp=float(lo), ci_high_pp=float(hi), n=n,
-                        samples_pp=samples)
 
 
 # --- distillation, pruning fine-tune, calibration batches ------------------------------------

@@ -12,6 +12,7 @@ budget is skipped in seconds instead of trained for minutes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import optuna
@@ -22,6 +23,11 @@ from ..evaluation import Baseline, Evaluation, Evaluator
 from ..recipe import Recipe
 from .space import SearchSpace
 from .structure import check_structure
+
+
+#: A trial estimated within ``max_trial_seconds`` is stopped (failed) at this multiple of it: the
+#: estimate is a two-step timing, the limit a hard bound on the whole evaluation.
+HARD_LIMIT_FACTOR = 1.5
 
 
 class TrialFailed(Exception):
@@ -59,7 +65,8 @@ class Objective:
         if verdict:
             trial.set_user_attr("pruned_reason", verdict)
             raise optuna.TrialPruned(verdict)
-        ev = self.evaluator.evaluate(recipe, self.baseline, self.max_drop)
+        deadline = (time.monotonic() + HARD_LIMIT_FACTOR * self.max_trial_seconds) if self.max_trial_seconds else None
+        ev = self.evaluator.evaluate(recipe, self.baseline, self.max_drop, deadline=deadline)
         return self.record(trial, ev)
 
     def record(self, trial: optuna.Trial, ev: Evaluation) -> tuple[float, float]:

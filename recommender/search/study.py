@@ -1,11 +1,18 @@
-"""The study: storage, sampler, baseline, warm start, search, confirm stage.
+"""The study: storage, sampler, baseline, warm start, search, promotion rungs.
 
 A study lives in an Optuna storage (default ``sqlite:///studies/<name>.db``). Running the same
-command again resumes it: ``trials`` is the number of finished trials the study should reach, so a
-resumed study runs only what is missing and a completed trial is never lost. Many machines join
-one study by giving the same ``--storage postgresql://...`` and study name (Optuna's own
-distributed mode); work done once per study (the baseline, the warm start, the confirm stage)
-runs under a study-wide lock (:mod:`recommender.search.lock`).
+command again resumes it: ``trials`` is the number of candidates the study should have evaluated
+(trials skipped before training do not count), so a resumed study runs only what is missing and a
+completed trial is never lost. Many machines join one study by giving the same
+``--storage postgresql://...`` and study name (Optuna's own distributed mode); ``--jobs N`` runs N
+worker processes on one machine the same way. Work done once per study (the baseline of each
+rung, the warm start, each promotion decision) runs under a study-wide lock
+(:mod:`recommender.search.lock`).
+
+Flow: baseline (rung 0) -> warm start (presets whose structure fits) -> search (every candidate
+on rung 0) -> promotions (the best fraction re-trained on each higher rung, within the time
+budget; :mod:`recommender.search.rungs`) -> the answer is read back from storage
+(:mod:`recommender.report`).
 """
 
 from __future__ import annotations
@@ -29,12 +36,15 @@ from ..constraints import Budget, MaxDrop, parse_budgets
 from ..data import TensorData, load_dataset
 from ..errors import RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
-from ..models import get_preset, list_presets
+from ..models import get_family, get_preset
 from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
 from .lock import study_lock
 from .objective import Objective, TrialFailed, trial_evaluation
+from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
 from .space import SearchSpace
+from .structure import check_structure
+from .workers import run_workers
 
 SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -57,13 +67,21 @@ class StudySpec:
         max_drop: tolerated accuracy drop (``2%``, ``2pp``, ``5%rel``).
         budgets: cost limits; the first is the primary cost objective.
         dataset: ``digits`` (offline default), ``cifar10``, ``cifar100``, ``imagefolder:PATH``.
-        fidelity: proxy protocol of the search (``smoke``, ``proxy``, ``confirm``, ``paper``).
-        confirm_fidelity: protocol of the confirm stage: ``search`` (default: the search's own
-            fidelity with a second seed, against the cached baseline), a fidelity name (the
-            baseline is then also trained at it, once), or ``none`` (no confirm stage).
-        n_confirm: how many of the best feasible candidates are re-evaluated.
-        trials: finished trials the study should reach (resumes count the earlier ones).
-        timeout: seconds of search for this invocation (None: no limit).
+        fidelity: proxy protocol of the search, rung 0 (``smoke``, ``proxy``, ``confirm``, ``paper``).
+        rungs: the promotion ladder (:func:`recommender.search.rungs.ladder`): ``auto`` (rung 0
+            and one derived rung: 3x the epochs, native resolution, augmentation), a count of
+            derived rungs, or a comma list of fidelity names.
+        confirm_fidelity: the older single re-check, overriding ``rungs``: ``search`` (the
+            search's own fidelity with a second seed), a fidelity name, or ``none``.
+        n_confirm: with ``confirm_fidelity``: how many candidates are re-checked.
+        promote_fraction, max_promoted: share of the eligible candidates promoted per rung, and
+            the most promoted per rung.
+        trials: candidates the study should have evaluated (resumes count the earlier ones;
+            trials skipped before training do not count).
+        timeout: seconds for this invocation, baseline and promotions included (None: no limit);
+            the search stops early enough to leave the promotions their estimated time.
+        jobs: worker processes on this machine (1: in this process).
+        threads: CPU threads in all (0: what this process may use); each worker gets threads/jobs.
         sampler: ``tpe`` (default), ``nsga2`` or ``random``.
         seed: seeds the sampler and the protocol.
         storage: Optuna storage URL (default ``sqlite:///<studies_dir>/<study>.db``).
@@ -85,10 +103,16 @@ class StudySpec:
     dataset: str = "digits"
     data_dir: str | None = None
     fidelity: str = "proxy"
-    confirm_fidelity: str | None = "search"
+    rungs: str = "auto"
+    confirm_fidelity: str | None = None
     n_confirm: int = 2
+    promote_fraction: float = 1 / 3
+    max_promoted: int = 4
     trials: int = 20
     timeout: float | None = None
+    jobs: int = 1
+    threads: int = 0
+    model_source: str | None = None
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
@@ -123,12 +147,28 @@ class StudySpec:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if self.trials < 1:
             raise RecommenderError("--trials must be at least 1")
-        if self.confirm_fidelity in ("none", "", None):
-            self.confirm_fidelity = None
-        elif self.confirm_fidelity == "search":
+        if self.jobs < 1:
+            raise RecommenderError("--jobs must be at least 1")
+        if self.threads < 0:
+            raise RecommenderError("--threads must be >= 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise RecommenderError("--timeout must be positive")
+        if self.confirm_fidelity == "search":
             self.confirm_fidelity = self.fidelity
-        else:
+        elif self.confirm_fidelity not in (None, "none", ""):
             get_protocol(self.confirm_fidelity)
+        self.policy()  # validates the promotion settings
+        if isinstance(self.rungs, str) and self.rungs not in ("auto", "") and not self.rungs.isdigit():
+            for name in self.rungs.split(","):
+                if name.strip():
+                    get_protocol(name.strip())
+
+    def policy(self) -> PromotionPolicy:
+        """The promotion policy (the older confirm stage re-checks exactly ``n_confirm``)."""
+        if self.confirm_fidelity is not None:
+            n = max(1, self.n_confirm)
+            return PromotionPolicy(fraction=1.0, min_promoted=n, max_promoted=n)
+        return PromotionPolicy(fraction=self.promote_fraction, max_promoted=max(2, self.max_promoted))
 
     @property
     def name(self) -> str:
@@ -155,6 +195,11 @@ class StudySpec:
         return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
                 "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
                 "seed": self.seed}
+
+    def worker_threads(self) -> int:
+        """Threads of each worker: the CPUs this process may use, shared among the jobs."""
+        total = self.threads or available_cpus()
+        return max(1, total // self.jobs)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -234,23 +279,58 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(keys))
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 
 
+def is_counted(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial counts towards ``--trials`` when a candidate was evaluated or failed on its own:
+    not when it was skipped before training (by structure or time) or interrupted."""
+    if t.state == TrialState.COMPLETE:
+        return not t.user_attrs.get("skipped_by_structure")
+    if t.state == TrialState.FAIL:
+        return not t.user_attrs.get("interrupted") and "fail_reason" in t.user_attrs
+    return False
+
+
+def counted_trials(study: optuna.Study) -> int:
+    return sum(is_counted(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
+
+
+#: A study stops drawing after this many trials per requested trial, however many were skipped.
+MAX_DRAWS_PER_TRIAL = 5
+
+
 class Search:
-    """Runs one study: baseline (once), warm start (once), search, confirm stage (once)."""
+    """Runs one study: baseline (once), warm start (once), search, promotion rungs (each once).
+
+    ``worker`` numbers the worker processes of ``--jobs`` (0: the coordinator)."""
 
     def __init__(self, spec: StudySpec, *, log: Callable[[str], None] | None = None,
-                 callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = ()):
+                 callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+                 worker: int = 0):
         self.spec = spec
+        self.worker = worker
         self.log = log or (lambda s: None)
         self.callbacks = list(callbacks)
-        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed)
+        threads = spec.worker_threads() if worker else (spec.threads or 0)
+        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed, threads=threads)
         self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
         from ..models import resolve_model
+        from ..models.registry import is_registered
 
-        spec.model = resolve_model(spec.model, num_classes=self.data.num_classes, seed=spec.seed)
+        source = spec.model_source or spec.model
+        spec.model = resolve_model(source, num_classes=self.data.num_classes, seed=spec.seed)
+        if isinstance(source, str) and not is_registered(source.split("#")[0]) and spec.model != source:
+            spec.model_source = source  # a factory: worker processes import and call it again
         self.space = SearchSpace.for_model(spec.model, spec.space)
         self.cache = WeightsCache(spec.cache_root)
         for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
@@ -259,56 +339,104 @@ class Search:
 
                 load_state(path)
         self.study = open_study(spec)
-        self.log(f"study {spec.name} in {redact(spec.storage_url)}")
-        self.evaluator = Evaluator(spec.model, self.data, self.protocol, cache=self.cache,
-                                   latency=spec.latency, checkpoint=spec.checkpoint, weights=spec.weights,
-                                   distill=spec.baseline_accuracy is None, log=self.log)
+        if not worker:
+            self.log(f"study {spec.name} in {redact(spec.storage_url)}")
+        self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
+        self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
+                                        spec.confirm_fidelity, spec.policy())
         self.trials_run = 0
+        self.deadline: float | None = None
+        self._rung_evaluators: dict[int, Evaluator] = {}
+
+    def _evaluator(self, protocol: ProxyProtocol, *, latency: bool, teacher: ProxyProtocol | None = None
+                   ) -> Evaluator:
+        spec = self.spec
+        return Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=latency,
+                         checkpoint=spec.checkpoint, weights=spec.weights,
+                         distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log)
+
+    def _time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
 
     # -- once per study ----------------------------------------------------------------------
-    def baseline(self) -> Baseline:
-        """The study's baseline, evaluated by the first worker and read by the others."""
-        attr = self.study.user_attrs.get("baseline")
+    def baseline(self, rung: int = 0) -> Baseline:
+        """The baseline of a rung, evaluated by the first worker and read by the others."""
+        st = self.study if rung == 0 else self._rung_study(rung)
+        attr = st.user_attrs.get("baseline")
         if attr is None:
-            with study_lock(self.spec.storage_url, self.spec.name, "baseline"):
-                attr = _reload(self.study).user_attrs.get("baseline")
+            with study_lock(self.spec.storage_url, self.spec.name, f"baseline{rung or ''}"):
+                attr = _reload(st).user_attrs.get("baseline")
                 if attr is None:
-                    self.log("evaluating the baseline (trained once, then cached across studies)")
+                    ev = self.evaluator if rung == 0 else self._rung_evaluator(rung)
+                    what = "the baseline" if rung == 0 else f"the baseline at rung {rung} ({self.rungs[rung].label})"
+                    self.log(f"evaluating {what} (trained once, then cached across studies)")
                     stated = None if self.spec.baseline_accuracy is None else self.spec.baseline_accuracy / 100
-                    base = self.evaluator.evaluate_baseline(stated)
-                    self.study.set_user_attr("baseline", base.to_dict())
-                    self.study.set_user_attr("baseline_evaluations",
-                                             int(self.study.user_attrs.get("baseline_evaluations", 0)) + 1)
+                    base = ev.evaluate_baseline(stated)
+                    st.set_user_attr("baseline", base.to_dict())
+                    st.set_user_attr("baseline_evaluations", int(st.user_attrs.get("baseline_evaluations", 0)) + 1)
+                    if rung == 0:
+                        self._record_power(base)
                     return base
         return Baseline.from_dict(attr)
 
+    def _record_power(self, base: Baseline) -> None:
+        from ..stats import min_resolvable_drop
+
+        n = len(base.correct) if base.correct is not None else 0
+        if not n:
+            return
+        mrd = min_resolvable_drop(n, base.accuracy)
+        tol = self.spec.max_drop.allowed_pp(base.accuracy)
+        self.study.set_user_attr("power", {"n_val": n, "baseline_accuracy": base.accuracy,
+                                           "min_resolvable_drop_pp": round(mrd, 3), "tolerance_pp": tol,
+                                           "assumption": "errors independent of the baseline's"})
+        if mrd > tol:
+            self.log(f"power: {n} validation images at {100 * base.accuracy:.1f}% resolve drops of about "
+                     f"±{mrd:.1f} pp, wider than the {tol:g} pp tolerance: 'within tolerance' cannot be "
+                     "established from this data alone (answers are marked uncertain)")
+
     def warm_start(self) -> int:
-        """Enqueue the paper's presets once per study; returns how many were enqueued."""
+        """Enqueue the paper's presets once per study, except those whose structure already breaks
+        a budget (listed once as skipped by structure); returns how many were enqueued."""
         if not self.spec.warm_start or self.study.user_attrs.get("warm_started"):
             return 0
         with study_lock(self.spec.storage_url, self.spec.name, "warm_start"):
             if _reload(self.study).user_attrs.get("warm_started"):
                 return 0
-            n = 0
+            n, skipped = 0, {}
+            ev = self.evaluator
             for name in self.space.warm_start:
-                preset = get_preset(name)
-                params = self.space.params_for(Recipe(arch=preset.arch))
-                self.study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
+                recipe = Recipe(arch=get_preset(name).arch)
+                check = check_structure(ev.model_name, self.data.num_classes, recipe, self.spec.budgets,
+                                        ev.input_size)
+                if not check.feasible:
+                    skipped[name] = check.reason()
+                    continue
+                self.study.enqueue_trial(self.space.params_for(recipe), user_attrs={"preset": name},
+                                         skip_if_exists=True)
                 n += 1
+            self.study.set_user_attr("warm_start_skipped", skipped)
             self.study.set_user_attr("warm_started", True)
+            if skipped:
+                self.log(f"warm start: {n} presets enqueued; {len(skipped)} skipped by structure "
+                         f"({', '.join(skipped)})")
             return n
 
     # -- search ------------------------------------------------------------------------------
     def remaining(self) -> int:
-        return max(0, self.spec.trials - len(finished_trials(self.study)))
+        return max(0, self.spec.trials - counted_trials(self.study))
 
-    def optimize(self, baseline: Baseline) -> None:
+    def _draw_cap(self) -> int:
+        return self.spec.trials * MAX_DRAWS_PER_TRIAL
+
+    def optimize(self, baseline: Baseline, reserve: Callable[[], float] | None = None) -> None:
+        """Run trials until the study has ``trials`` counted ones (or the draw cap, or the time
+        left minus what ``reserve()`` keeps for the promotions)."""
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
                               self.spec.max_trial_seconds)
-        remaining = self.remaining()
-        if remaining <= 0:
+        if self.remaining() <= 0:
             return
-        target = self.spec.trials
+        target, cap = self.spec.trials, self._draw_cap()
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Count the trials other workers are running too: with finished trials alone, every
@@ -316,7 +444,12 @@ class Search:
             # target by up to one trial per worker. A dead worker's trial stops counting once its
             # heartbeat is stale (failed here, and retried by the next trial of a live worker).
             optuna.storages.fail_stale_trials(study)
-            if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target:
+            trials = study.get_trials(deepcopy=False)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if sum(is_counted(t) for t in trials) + running >= target or len(trials) >= cap:
+                study.stop()
+            elif self._time_left() <= (reserve() if reserve else 0.0):
+                self.log("time budget: the search stops here to leave the promotions their time")
                 study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -326,65 +459,192 @@ class Search:
             start = getattr(cb, "start", None)
             if start is not None:
                 start(self.study)
-
-        self.study.optimize(objective, n_trials=remaining, timeout=self.spec.timeout,
+        timeout = None if self.deadline is None else max(1.0, self._time_left())
+        self.study.optimize(objective, n_trials=max(1, cap - len(self.study.trials)), timeout=timeout,
                             catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
 
-    # -- confirm stage -----------------------------------------------------------------------
-    def confirm(self, baseline: Baseline) -> dict[str, Any]:
-        """Re-evaluate the best feasible candidates at the confirm fidelity (second seed)."""
-        spec = self.spec
-        if not spec.confirm_fidelity or spec.n_confirm <= 0:
-            return {}
-        from ..report import feasible_pareto  # the report owns the Pareto logic
+    # -- promotion rungs ---------------------------------------------------------------------
+    def _rung_study(self, k: int) -> optuna.Study:
+        st = optuna.create_study(storage=self.study._storage, study_name=rung_study_name(self.spec.name, k),
+                                 load_if_exists=True, direction="maximize",
+                                 sampler=optuna.samplers.RandomSampler(seed=self.spec.seed))
+        if "label" not in st.user_attrs:
+            st.set_user_attr("label", self.rungs[k].label)
+            st.set_user_attr("protocol", self.rungs[k].protocol.to_dict())
+        return st
 
-        with study_lock(spec.storage_url, spec.name, "confirm"):
+    def _rung_evaluator(self, k: int) -> Evaluator:
+        """Candidates of rung k train under its protocol and distil from the rung's baseline; a
+        second-seed rung reuses the search's baseline."""
+        if k not in self._rung_evaluators:
+            p = self.rungs[k].protocol.replace(threads=self.protocol.threads)
+            same = p.replace(seed=self.evaluator.protocol.seed) == self.evaluator.protocol
+            self._rung_evaluators[k] = self._evaluator(p, latency=False,
+                                                       teacher=self.evaluator.protocol if same else None)
+        return self._rung_evaluators[k]
+
+    def _rung_candidates(self, k: int) -> list:
+        """Candidates evaluated at rung k (their source trial numbers, recipes, evaluations)."""
+        if k == 0:
+            return candidates_from(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        from .rungs import Candidate
+
+        out = []
+        for t in self._rung_study(k).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            d = t.user_attrs.get("evaluation")
+            if d is not None:
+                out.append(Candidate(int(t.user_attrs["source_trial"]), t.user_attrs["recipe"],
+                                     Evaluation.from_dict(d), {}))
+        return out
+
+    def _estimate_rung_seconds(self, k: int, cands: list) -> tuple[float, float]:
+        """(baseline seconds, seconds per promoted candidate) of rung k, scaled from rung k-1 by
+        epochs x pixels x training images (0 for what is cached or given)."""
+        lo, hi = self.rungs[k - 1].protocol, self.rungs[k].protocol
+        native = self.data.native_resolution
+        n = self.data.n_train
+
+        def work(p: ProxyProtocol) -> float:
+            size = min(p.train_size or n, n)
+            return p.epochs * p.input_resolution(native) ** 2 * size
+
+        factor = work(hi) / max(work(lo), 1.0)
+        base_attr = (self.study if k == 1 else self._rung_study(k - 1)).user_attrs.get("baseline", {})
+        base_s = 0.0
+        if self.spec.checkpoint is None and self.spec.baseline_accuracy is None:
+            ev = self._rung_evaluator(k)
+            if not (self.cache and self.cache.contains(ev.baseline_key())):
+                base_s = float(base_attr.get("train_seconds") or 0.0) * factor
+        secs = [max(c.evaluation.train_seconds, c.evaluation.wall_seconds) for c in cands]
+        per = (sorted(secs)[len(secs) // 2] if secs else 0.0) * factor
+        return base_s, per
+
+    def promotion_reserve(self) -> float:
+        """Seconds the next promotion rung is estimated to need (0 when it will not run)."""
+        if len(self.rungs) < 2 or self.study.user_attrs.get("promoted_1") is not None:
+            return 0.0
+        cands = self._rung_candidates(0)
+        base_s, per = self._estimate_rung_seconds(1, cands)
+        return base_s + per * self.spec.policy().min_promoted / max(1, self.spec.jobs)
+
+    def decide(self, k: int, baseline: Baseline) -> list[int]:
+        """Choose (once per study, under the lock) the candidates promoted to rung k and enqueue
+        them in rung k's study; returns their source trial numbers ([] when the rung is skipped)."""
+        key = f"promoted_{k}"
+        if self.study.user_attrs.get(key) is not None:
+            return list(self.study.user_attrs[key])
+        with study_lock(self.spec.storage_url, self.spec.name, key):
             study = _reload(self.study)
-            confirmed: dict[str, Any] = dict(study.user_attrs.get("confirmed", {}))
-            front = feasible_pareto(study)
-            todo = [t for t in front[: spec.n_confirm] if str(t.number) not in confirmed]
-            if not todo:
-                return confirmed
-            protocol = get_protocol(spec.confirm_fidelity, seed=spec.seed + 1)
-            same = spec.confirm_fidelity == spec.fidelity
-            # At the search's own fidelity the re-check is a second seed of each finalist against
-            # the search's baseline (cached); at a higher fidelity the baseline is trained at that
-            # fidelity too (once, then cached across studies).
-            ev = Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=False,
-                           checkpoint=spec.checkpoint, weights=spec.weights,
-                           distill=spec.baseline_accuracy is None,
-                           teacher_protocol=self.protocol if same else None, log=self.log)
-            base_attr = study.user_attrs.get("baseline_confirm")
-            if same:
-                cbase = baseline
-                if base_attr is None:
-                    self.study.set_user_attr("baseline_confirm", baseline.to_dict())
-            elif base_attr is None or base_attr.get("fidelity") != protocol.fidelity:
-                self.log(f"confirm stage: baseline at {protocol.fidelity} fidelity")
-                stated = None if spec.baseline_accuracy is None else spec.baseline_accuracy / 100
-                cbase = ev.evaluate_baseline(stated)
-                self.study.set_user_attr("baseline_confirm", cbase.to_dict())
-            else:
-                cbase = Baseline.from_dict(base_attr)
-            for t in todo:
-                recipe = Recipe.from_dict(t.user_attrs["recipe"])
-                self.log(f"confirm stage: trial {t.number} ({recipe.describe()})")
-                res = ev.evaluate(recipe, cbase, spec.max_drop)
-                prev = trial_evaluation(t)
-                if prev is not None:  # costs do not depend on the fidelity; keep the measured latency
-                    res.costs = {**res.costs, "latency_ms": prev.costs.get("latency_ms")}
-                confirmed[str(t.number)] = res.to_dict()
-                self.study.set_user_attr("confirmed", confirmed)
-            return confirmed
+            if study.user_attrs.get(key) is not None:
+                return list(study.user_attrs[key])
+            cands = self._rung_candidates(k - 1)
+            base_s, per = self._estimate_rung_seconds(k, cands)
+            left = self._time_left()
+            limit = None
+            reason = ""
+            if base_s + per > left:
+                reason = (f"estimated {base_s + per:.0f} s (baseline {base_s:.0f} s + one candidate {per:.0f} s) "
+                          f"> {max(0.0, left):.0f} s left of the time budget")
+                limit = 0
+            elif per > 0 and math.isfinite(left):
+                limit = int((left - base_s) * max(1, self.spec.jobs) // per)
+            chosen = [] if limit == 0 else select_for_promotion(
+                cands, self.spec.max_drop, self.spec.budgets, baseline.accuracy, self.spec.policy(), limit)
+            if not chosen and not reason:
+                reason = "no candidate of the rung below is eligible (budgets met, drop interval reaching the tolerance)"
+            rst = self._rung_study(k)
+            if reason:
+                rst.set_user_attr("skipped", reason)
+                self.log(f"rung {k} ({self.rungs[k].label}) not run: {reason}")
+            main_trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+            for c in chosen:
+                src = main_trials.get(c.trial)
+                prev = c.evaluation
+                rst.enqueue_trial({}, user_attrs={"source_trial": c.trial, "recipe": c.recipe,
+                                                  "preset": src.user_attrs.get("preset") if src else None,
+                                                  "latency_ms": prev.costs.get("latency_ms")})
+            numbers = [c.trial for c in chosen]
+            rst.set_user_attr("promoted", numbers)
+            self.study.set_user_attr(key, numbers)
+            if numbers:
+                self.log(f"promoting {len(numbers)} candidate(s) to rung {k} ({self.rungs[k].label}): "
+                         f"trials {', '.join(map(str, numbers))}")
+            return numbers
+
+    def run_rung(self, k: int) -> int:
+        """Evaluate the enqueued candidates of rung k (this worker's share); returns how many.
+
+        Each is an Optuna trial of rung k's study run through ``optimize`` (heartbeats: a dead
+        worker's candidate is failed and re-enqueued with the same attributes)."""
+        rst = self._rung_study(k)
+        baseline = self.baseline(k)
+        ev = self._rung_evaluator(k)
+        done = 0
+
+        def objective(trial: optuna.Trial) -> float:
+            src = trial.user_attrs.get("source_trial")
+            if src is None:  # another worker took the last candidate: nothing to do in this trial
+                raise optuna.TrialPruned("no candidate left to promote")
+            recipe = Recipe.from_dict(trial.user_attrs["recipe"])
+            self.log(f"rung {k}: trial {src} ({recipe.describe()})")
+            res = ev.evaluate(recipe, baseline, self.spec.max_drop)
+            if trial.user_attrs.get("latency_ms") is not None:  # costs do not depend on the fidelity
+                res.costs = {**res.costs, "latency_ms": trial.user_attrs["latency_ms"]}
+            trial.set_user_attr("evaluation", res.to_dict())
+            if not res.ok:
+                trial.set_user_attr("fail_reason", res.reason)
+                raise TrialFailed(res.reason)
+            return float(res.accuracy)
+
+        while rst.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            rst.optimize(objective, n_trials=1, catch=(TrialFailed,))
+            done += 1
+        return done
+
+    def _parallel(self) -> int:
+        """Worker processes to use (1: this process). A user module passed as an object cannot be
+        rebuilt in another process: it runs in this one."""
+        jobs = self.spec.jobs
+        if jobs > 1 and get_family(self.spec.model).style == "custom" and not self.spec.model_source:
+            self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
+            return 1
+        return jobs
+
+    def _poll(self) -> None:
+        for cb in self.callbacks:
+            cb(self.study, None)
 
     def run(self) -> optuna.Study:
         t0 = time.perf_counter()
+        if self.spec.timeout:
+            self.deadline = time.monotonic() + self.spec.timeout
         baseline = self.baseline()
         self.warm_start()
-        self.optimize(baseline)
-        self.confirm(baseline)
+        jobs = self._parallel()
+        if jobs > 1:
+            if self.remaining() > 0:
+                for cb in self.callbacks:
+                    start = getattr(cb, "start", None)
+                    if start is not None:
+                        start(self.study)
+                self._teacher_ready()
+                run_workers(self.spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
+        else:
+            self.optimize(baseline, reserve=self.promotion_reserve)
+        self.promote(jobs)
         self.study.set_user_attr("last_run_seconds", round(time.perf_counter() - t0, 1))
+        self.study.set_user_attr("rungs", [r.to_dict() for r in self.rungs])
         return self.study
+
+
+def _wait_for(study: optuna.Study, poll: float = 2.0) -> None:
+    """Wait until no trial of ``study`` is running (other workers finishing their share); a dead
+    worker's trial is failed once its heartbeat is stale."""
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            return
+        time.sleep(poll)
 
 
 def _reload(study: optuna.Study) -> optuna.Study:
