@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import optuna
 
@@ -44,6 +45,8 @@ class Objective:
     max_drop: MaxDrop
     budgets: list[Budget]
     max_trial_seconds: float | None = None
+    #: ``gate(trial)`` -> a reason not to run this trial at all (it is pruned, not counted)
+    gate: Callable[[optuna.Trial], str | None] | None = None
 
     @property
     def constraint_names(self) -> list[str]:
@@ -54,6 +57,11 @@ class Objective:
         return self.budgets[0]
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        if self.gate is not None:
+            why = self.gate(trial)
+            if why:  # e.g. other workers' running trials already complete the study
+                trial.set_user_attr("pruned_reason", why)
+                raise optuna.TrialPruned(why)
         recipe = self.space.sample(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("describe", recipe.describe())

@@ -432,11 +432,21 @@ class Search:
     def optimize(self, baseline: Baseline, reserve: Callable[[], float] | None = None) -> None:
         """Run trials until the study has ``trials`` counted ones (or the draw cap, or the time
         left minus what ``reserve()`` keeps for the promotions)."""
+        target, cap = self.spec.trials, self._draw_cap()
+
+        def gate(trial: optuna.Trial) -> str | None:
+            # Workers that start a trial at the same moment would overshoot the target: the
+            # lower-numbered running trials have priority, a trial they already complete yields.
+            trials = self.study.get_trials(deepcopy=False)
+            ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+            if sum(is_counted(t) for t in trials) + ahead >= target:
+                return "the study reached its target (other workers' trials complete it)"
+            return None
+
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
-                              self.spec.max_trial_seconds)
+                              self.spec.max_trial_seconds, gate=gate)
         if self.remaining() <= 0:
             return
-        target, cap = self.spec.trials, self._draw_cap()
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Count the trials other workers are running too: with finished trials alone, every
@@ -579,6 +589,7 @@ class Search:
         rst = self._rung_study(k)
         baseline = self.baseline(k)
         ev = self._rung_evaluator(k)
+        self._requeue(k)
         done = 0
 
         def objective(trial: optuna.Trial) -> float:
@@ -600,6 +611,46 @@ class Search:
             rst.optimize(objective, n_trials=1, catch=(TrialFailed,))
             done += 1
         return done
+
+    def _teacher_ready(self, ev: Evaluator | None = None) -> None:
+        """Compute the teacher logits once here (cached on disk) before workers need them."""
+        ev = ev or self.evaluator
+        if ev.distill and self.spec.baseline_accuracy is None:
+            ev._teacher_logits(ev.protocol)
+
+    def promote(self, jobs: int = 1) -> None:
+        """Promotion rungs 1.. in order, each decided once and evaluated by every worker."""
+        for k in range(1, len(self.rungs)):
+            base_below = self.baseline(k - 1)
+            if not self.decide(k, base_below):
+                return
+            self.baseline(k)  # trained here with every thread, before the workers start
+            if jobs > 1:
+                self._teacher_ready(self._rung_evaluator(k))
+                run_workers(self.spec, jobs, "rung", rung=k, deadline=self.deadline, log=self.log)
+            else:
+                self.run_rung(k)
+            _wait_for(self._rung_study(k))
+
+    def _requeue(self, k: int) -> None:
+        """Enqueue again the promoted candidates of rung k whose evaluation never finished (an
+        interrupted run): a resumed study continues its promotions where it stopped."""
+        promoted = self.study.user_attrs.get(f"promoted_{k}") or []
+        if not promoted:
+            return
+        with study_lock(self.spec.storage_url, self.spec.name, f"requeue_{k}"):
+            rst = _reload(self._rung_study(k))
+            live = {int(t.user_attrs["source_trial"]) for t in rst.get_trials(deepcopy=False)
+                    if t.user_attrs.get("source_trial") is not None and (
+                        t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+                        or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs))}
+            by_src = {int(t.user_attrs["source_trial"]): t for t in rst.get_trials(deepcopy=False)
+                      if t.user_attrs.get("source_trial") is not None}
+            for n in promoted:
+                if n not in live and n in by_src:
+                    attrs = {a: v for a, v in by_src[n].user_attrs.items() if a not in ("evaluation", "fail_reason")}
+                    rst.enqueue_trial({}, user_attrs=attrs)
+                    self.log(f"rung {k}: trial {n} was interrupted; enqueued again")
 
     def _parallel(self) -> int:
         """Worker processes to use (1: this process). A user module passed as an object cannot be

@@ -1,0 +1,164 @@
+"""Multi-fidelity promotion rungs, honest power, and parallel workers on one machine (SQLite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from recommender import recommend
+from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results, select_for_promotion
+from recommender.search.study import counted_trials
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+
+SPACE = textwrap.dedent("""
+    family: cifar-resnet
+    arch:
+      stem: {value: dws}
+      stem_width: {value: 16}
+      block: {value: ghost}
+      widths: {choices: [[16, 24, 40, 88], [10, 22, 42, 86]]}
+      inner: {value: [32, 64, 128, 256]}
+      drop_last: {value: true}
+      head: {value: nofc}
+      width_multiplier: {choices: [0.25, 0.5, 1.0]}
+    prune:
+      method: {choices: [none, unstructured-l1]}
+      sparsity: {low: 0.3, high: 0.6, step: 0.3, when: {method: unstructured-l1}}
+    quant:
+      scheme: {choices: [fp32]}
+""")
+
+
+def common(tmp_path: Path, name: str, **kw):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    return dict(model="resnet18", max_drop="60%", budgets=["1M-params"], dataset="digits", fidelity="smoke",
+                space=str(space), latency=False, studies_dir=str(tmp_path / "studies"), warm_start=False,
+                seed=0, study_name=name, write_files=False, **kw)
+
+
+def test_ladder_and_selection():
+    from recommender.protocol import get_protocol
+
+    rungs = ladder(get_protocol("proxy"), 32, "auto")
+    assert len(rungs) == 2
+    r0, r1 = rungs[0].protocol, rungs[1].protocol
+    assert r1.epochs == 3 * r0.epochs and r1.input_resolution(32) == 32 and r1.augment and r1.val_size == 0
+    assert len(ladder(get_protocol("proxy"), 8, "3")) == 3
+    assert [r.protocol.fidelity for r in ladder(get_protocol("smoke"), 8, "smoke,proxy")] == ["smoke", "proxy"]
+    # the older confirm stage: a second seed at the search fidelity
+    two = ladder(get_protocol("proxy"), 8, "auto", confirm_fidelity="proxy")
+    assert two[1].protocol == get_protocol("proxy", seed=1)
+    assert pareto_ranks([(0.9, 10), (0.7, 20), (0.85, 5)]) == [0, 1, 0]
+    assert PromotionPolicy().count(9) == 3 and PromotionPolicy().count(2) == 2 and PromotionPolicy().count(0) == 0
+
+
+def test_power_line_when_validation_set_is_too_small(tmp_path):
+    rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
+    p = rec.to_dict()["power"]
+    assert p["n_val"] == 256 and p["min_resolvable_drop_pp"] > 0.5
+    assert "Power: 256 validation images" in rec.explain(width=200)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch):
+    kw = common(tmp_path, "promo", trials=6, rungs="auto", max_promoted=3)
+    from recommender.evaluation import Evaluator
+
+    real = Evaluator.evaluate
+    calls = {"n": 0}
+
+    def flaky(self, recipe, baseline, max_drop=None, **k):
+        if "+r1" in self.protocol.fidelity:
+            calls["n"] += 1
+            if calls["n"] == 2:  # Ctrl-C while the second promoted candidate trains
+                raise KeyboardInterrupt
+        return real(self, recipe, baseline, max_drop, **k)
+
+    monkeypatch.setattr(Evaluator, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        recommend(**kw)
+    monkeypatch.setattr(Evaluator, "evaluate", real)
+    storage = f"sqlite:///{tmp_path / 'studies' / 'promo.db'}"
+    study = optuna.load_study(study_name="promo", storage=storage)
+    promoted = study.user_attrs["promoted_1"]
+    assert 2 <= len(promoted) <= 3
+    _, before = rung_results(study._storage, "promo")
+    assert len(before) == 1  # one finished, one interrupted, the rest waiting
+
+    rec = recommend(**kw)  # the same command resumes: the rest of rung 1, nothing twice
+    study = optuna.load_study(study_name="promo", storage=storage)
+    assert study.user_attrs["promoted_1"] == promoted  # decided once
+    _, after = rung_results(study._storage, "promo")
+    assert sorted(after) == sorted(promoted) and all(len(v) == 1 for v in after.values())
+    rung1 = optuna.load_study(study_name="promo.rung1", storage=storage)
+    assert rung1.user_attrs["baseline_evaluations"] == 1
+    assert counted_trials(study) == 6 and study.user_attrs["baseline_evaluations"] == 1
+    d = rec.to_dict()
+    assert d["rungs"][1]["index"] == 1 and d["rungs"][1]["promoted"] == promoted
+    if d["recommended"] is not None and d["feasible"]:
+        assert d["recommended"]["rung"] == 1
+        assert [r["rung"] for r in d["recommended"]["rungs"]] == [0, 1]
+
+
+RUNNER = """
+import sys, json
+from recommender import recommend
+kw = json.loads(sys.argv[1])
+rec = recommend(**kw)
+print("DONE", rec.feasible)
+"""
+
+
+def test_two_workers_on_sqlite_reach_the_target_once(tmp_path):
+    kw = common(tmp_path, "jobs", trials=5, rungs="1", jobs=2)
+    rec = recommend(**kw)
+    storage = f"sqlite:///{tmp_path / 'studies' / 'jobs.db'}"
+    study = optuna.load_study(study_name="jobs", storage=storage)
+    assert counted_trials(study) == 5
+    assert study.user_attrs["baseline_evaluations"] == 1
+    assert rec.counts["evaluated"] >= 4
+
+
+def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
+    kw = common(tmp_path, "sigint", trials=6, rungs="1", jobs=2)
+    script = tmp_path / "run.py"
+    script.write_text(RUNNER)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, str(script), json.dumps(kw)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    storage = f"sqlite:///{tmp_path / 'studies' / 'sigint.db'}"
+    deadline = time.monotonic() + 500
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        try:
+            study = optuna.load_study(study_name="sigint", storage=storage)
+        except Exception:
+            continue
+        if counted_trials(study) >= 2:
+            break
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0, out
+    study = optuna.load_study(study_name="sigint", storage=storage)
+    kept = counted_trials(study)
+    assert 2 <= kept < 6
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), "no trial left RUNNING"
+    recommend(**kw)  # the same command resumes and reaches the target
+    study = optuna.load_study(study_name="sigint", storage=storage)
+    assert counted_trials(study) == 6 and study.user_attrs["baseline_evaluations"] == 1
