@@ -69,8 +69,21 @@ def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def feasible_pareto(study: optuna.Study) -> list[FrozenTrial]:
-    """The Pareto front of the feasible trials, lowest primary cost first."""
-    return pareto_front([t for t in completed(study) if is_feasible(t)])
+    """The Pareto front of the feasible trials, lowest primary cost first (equal points: the
+    first trial only).
+
+    Trials that stored their constraints with ``trial.set_constraint`` (Optuna 5) are read with
+    ``study.best_trials``, which keeps only feasible trials in a constrained study; a study whose
+    trials carry the constraints in their user attributes only (written before Optuna 5) is
+    filtered here.
+    """
+    done = completed(study)
+    if done and all(t.constraints for t in done):
+        numbers = {t.number for t in done}
+        # best_trials returns every trial of a duplicated point, in trial order: pareto_front()
+        # keeps the first and sorts by cost (it re-checks dominance on this small set, no-op).
+        return pareto_front([t for t in study.best_trials if t.number in numbers])
+    return pareto_front([t for t in done if is_feasible(t)])
 
 
 def knee(front: list[FrozenTrial]) -> FrozenTrial | None:
@@ -126,6 +139,9 @@ class Recommendation:
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     binding: list[str] = field(default_factory=list)
     study: optuna.Study | None = None
+    #: files written for this answer by :func:`recommender.api.write_outputs` (name -> path);
+    #: ``recipe`` only when the answer is feasible.
+    files: dict[str, str] = field(default_factory=dict)
 
     # -- convenience for the API -------------------------------------------------------------
     @property
@@ -275,7 +291,8 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     all_trials = study.get_trials(deepcopy=False)
     done = completed(study)
     feas = [t for t in done if is_feasible(t)]
-    front = [_choice(t, confirmed) for t in pareto_front(feas)]
+    front_trials = feasible_pareto(study)
+    front = [_choice(t, confirmed) for t in front_trials]
     counts = {
         "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials),
         "complete": len(done), "feasible": len(feas), "infeasible": len(done) - len(feas),
@@ -324,7 +341,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     alternatives: dict[str, Choice] = {}
     if front:
         alternatives["most accurate"] = max(front, key=lambda c: (c.proxy.accuracy or 0.0, -c.trial))
-        k = knee(pareto_front(feas))
+        k = knee(front_trials)
         if k is not None:
             alternatives["knee"] = _choice(k, confirmed)
     binding = _binding(chosen, done, budgets, max_drop) if chosen and feasible else []
@@ -396,8 +413,10 @@ def render(rec: Recommendation) -> Group:
     head.append(f" — max drop {md.describe()}; budgets: " + ", ".join(b.describe() for b in budgets))
     parts.append(head)
     c = rec.chosen
-    if c is None:
+    if c is None and not rec.counts.get("finished"):
         parts.append(Panel(Text("No candidate finished yet: no recommendation.", style="bold red")))
+    elif c is None:
+        pass  # nothing feasible: said below, with the closest candidates if any trained
     else:
         e = c.best
         status = ("[bold green]FEASIBLE[/]" if rec.feasible else "[bold red]NOT FEASIBLE[/]")
@@ -429,8 +448,9 @@ def render(rec: Recommendation) -> Group:
         for n in notes:
             body.append(Text("• " + n, style="dim"))
         parts.append(Panel(Group(*body), title=title, title_align="left"))
-    if not rec.feasible and rec.closest:
-        parts.append(Text("Nothing met every constraint. Closest candidates:", style="bold red"))
+    note = nothing_feasible_note(rec)
+    if note:
+        parts.append(Text(note + (" Closest candidates:" if rec.closest and not rec.front else ""), style="bold red"))
     rows = rec.front or rec.closest
     if rows:
         t = Table(title="Feasible Pareto front (accuracy vs primary cost)" if rec.front else "Closest candidates",
@@ -456,13 +476,9 @@ def render(rec: Recommendation) -> Group:
                                    budgets[0].unit if budgets else "")
                  for name, ch in rec.alternatives.items()]
         parts.append(Panel("\n".join(lines), title="Alternatives", title_align="left"))
-    n = rec.counts
-    summary = (f"{n.get('finished', 0)} trials: {n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} infeasible, "
-               f"{n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed; "
-               f"{n.get('confirmed', 0)} re-checked at the confirm fidelity.")
-    parts.append(Text(summary))
+    parts.append(Text(summary_line(rec.counts)))
     if rec.infeasible_reasons:
-        parts.append(Text("Why candidates were infeasible: " + "; ".join(
+        parts.append(Text("Why candidates were infeasible or pruned: " + "; ".join(
             f"{k} ({v})" for k, v in sorted(rec.infeasible_reasons.items(), key=lambda kv: -kv[1])), style="dim"))
     if rec.failures:
         parts.append(Text("Failures: " + "; ".join(f"{k} ({v})" for k, v in rec.failures.items()), style="dim"))
@@ -472,16 +488,55 @@ def render(rec: Recommendation) -> Group:
     return Group(*parts)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    """One sentence counting the study's trials: finished = complete (feasible + infeasible) +
+    pruned + failed; running trials (other workers) are not finished and are named apart."""
+    n = counts
+    text = (f"{_plural(n.get('finished', 0), 'finished trial')}: {n.get('feasible', 0)} feasible, "
+            f"{n.get('infeasible', 0)} infeasible, {n.get('pruned', 0)} pruned (skipped before training or "
+            f"stopped early), {n.get('failed', 0)} failed")
+    if n.get("running"):
+        text += f"; {n['running']} still running"
+    return text + f"; {n.get('confirmed', 0)} re-checked in the confirm stage."
+
+
+def nothing_feasible_note(rec: Recommendation) -> str:
+    """Why there is no feasible answer (empty when there is one or no trial finished yet)."""
+    if rec.feasible or not rec.counts.get("finished"):
+        return ""
+    if rec.front:  # feasible at the search fidelity, but the confirm stage did not confirm any
+        return ("Nothing feasible was found: the candidates that met every constraint in the search "
+                "exceeded the tolerance when re-checked in the confirm stage; no recipe is recommended.")
+    if not rec.closest:
+        return ("Nothing feasible was found: no candidate was trained to the end (all were pruned or failed: "
+                "reasons below); no recipe is recommended.")
+    return "Nothing feasible was found: no candidate met every constraint; no recipe is recommended."
+
+
+def _md(value: Any) -> str:
+    """A Markdown table cell: ``|`` escaped (it would split the cell), no line breaks."""
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
+def _md_row(*cells: Any) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
+
+
 def markdown(rec: Recommendation) -> str:
-    """The explanation as Markdown (the dashboard note, ``studies/<study>/report.md``)."""
+    """The explanation as Markdown (the dashboard note, ``studies/<study>/report.md``); every
+    table cell is escaped."""
     d = rec.to_dict()
     lines = [f"# Recommendation for {rec.spec.get('model')} on {rec.spec.get('dataset')}", ""]
     lines.append(f"Max drop {rec.max_drop.describe()}; budgets: " + ", ".join(b.describe() for b in rec.budgets))
     lines.append("")
     r = d["recommended"]
-    if r is None:
+    if r is None and not rec.counts.get("finished"):
         lines.append("**No candidate finished yet.**")
-    else:
+    elif r is not None:
         state = "feasible" if rec.feasible else "NOT feasible"
         if r.get("uncertain"):
             state += " (uncertain: the drop interval crosses the tolerance)"
@@ -489,20 +544,37 @@ def markdown(rec: Recommendation) -> str:
                   "| | baseline | recommended |", "|---|---:|---:|"]
         b = d["baseline"] or {}
         acc = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
-        lines.append(f"| accuracy | {acc(b.get('accuracy'))} | {acc(r['accuracy'])} |")
-        lines.append(f"| drop (pp) | | {r['drop']:+.2f} [{r['drop_interval'][0]:+.1f}, {r['drop_interval'][1]:+.1f}] |"
-                     if r["drop"] is not None else "| drop | | n/a |")
+        lines.append(_md_row("accuracy", acc(b.get("accuracy")), acc(r["accuracy"])))
+        drop = (f"{r['drop']:+.2f} [{r['drop_interval'][0]:+.1f}, {r['drop_interval'][1]:+.1f}]"
+                if r["drop"] is not None else "n/a")
+        lines.append(_md_row("drop (pp)", "", drop))
         for key, label, unit in COST_ROWS:
-            lines.append(f"| {label} | {format_quantity(b.get(key), unit)} | {format_quantity(r.get(key), unit)} |")
-    lines += ["", "## Feasible Pareto front", "", "| trial | recipe | accuracy | drop (pp) | params | MFLOPs | MB | ms |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for p in d["pareto"]:
-        lines.append(f"| {p['trial']} | {p['describe']} | {100 * (p['proxy_accuracy'] or 0):.2f}% | "
-                     f"{(p['proxy_drop'] or 0):+.2f} | {p['params']} | {p['mflops'] and round(p['mflops'], 1)} | "
-                     f"{p['size_mb'] and round(p['size_mb'], 2)} | {p['latency_ms'] and round(p['latency_ms'], 1)} |")
-    n = rec.counts
-    lines += ["", f"{n.get('finished', 0)} trials: {n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} "
-              f"infeasible, {n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed."]
+            lines.append(_md_row(label, format_quantity(b.get(key), unit), format_quantity(r.get(key), unit)))
+        lines.append("")
+    note = nothing_feasible_note(rec)
+    if note:
+        lines += [f"**{note}**"]
+    tables = [("Feasible Pareto front", d["pareto"]), ("Closest candidates (infeasible)", d["closest_infeasible"])]
+    for title, rows in tables:
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", "| trial | recipe | accuracy | drop (pp) | params | MFLOPs | MB | ms |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for p in rows:
+            lines.append(_md_row(p["trial"], p["describe"], f"{100 * (p['proxy_accuracy'] or 0):.2f}%",
+                                 "n/a" if p["proxy_drop"] is None else f"{p['proxy_drop']:+.2f}", p["params"],
+                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1)))
+    lines += ["", summary_line(rec.counts)]
+    if rec.infeasible_reasons:
+        lines.append("")
+        lines.append("Why candidates were infeasible or pruned: " + "; ".join(
+            f"{k} ({v})" for k, v in sorted(rec.infeasible_reasons.items(), key=lambda kv: -kv[1])))
+    if rec.failures:
+        lines += ["", "Failures: " + "; ".join(f"{k} ({v})" for k, v in rec.failures.items())]
     if rec.binding:
         lines.append("What bound the answer: " + "; ".join(rec.binding))
     return "\n".join(lines) + "\n"
+
+
+def _round(x: float | None, digits: int) -> str:
+    return "n/a" if x is None else str(round(x, digits))

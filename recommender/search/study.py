@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,13 +38,6 @@ from .space import SearchSpace
 SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
-
-# Failed trials are recorded with their reason and shown in the report; optuna would also print a
-# traceback for each on stderr.
-optuna.logging.set_verbosity(optuna.logging.ERROR)
-# heartbeats, grouped multivariate TPE and metric names are "experimental" but documented and
-# stable enough for us; the warning would only clutter every run.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
