@@ -176,6 +176,7 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     from .data import load_dataset
     from .evaluation import Evaluator
     from .export import check_formats, default_formats, export_model
+    from .models import resolve_model
     from .protocol import get_protocol
 
     t0 = time.perf_counter()
@@ -187,6 +188,7 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     formats = list(formats) if formats is not None else default_formats(int8)
     check_formats(formats, int8)  # before minutes of training
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    name = resolve_model(name, num_classes=data.num_classes, seed=seed)  # package.module:factory too
     protocol = get_protocol(fidelity, seed=seed, **protocol_overrides)
     ev = Evaluator(name, data, protocol, cache=WeightsCache(cache_dir) if cache_dir else None,
                    distill=compare, log=log, progress=progress)

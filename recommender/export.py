@@ -71,7 +71,7 @@ class ExportResult:
     def describe(self) -> str:
         if self.path is None:
             return f"{self.format}: not exported ({self.note})"
-        check = (f"max abs diff vs PyTorch {self.max_abs_diff:.2e} ({self.checked_with})"
+        check = (f"max abs diff {self.max_abs_diff:.2e} vs PyTorch, run with {self.checked_with}"
                  if self.max_abs_diff is not None else "not checked")
         state = "" if self.ok else f" — CHECK FAILED (tolerance {self.tolerance:.1e})" if self.tolerance else ""
         note = f"; {self.note}" if self.note else ""
@@ -113,8 +113,8 @@ def check_formats(formats: Sequence[str], int8: bool) -> None:
             raise ExportError(f"cannot export an int8 recipe as {', '.join(bad)}: {INT8_REASON}; "
                               "use --format torchscript")
     if "onnx" in formats and not onnx_available():
-        missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
-        raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install \"recommender[export]\"")
+        raise ExportError(f"ONNX export needs {', '.join(ONNX_PACKAGES)} (not all installed): "
+                          "pip install \"recommender[export]\"")
 
 
 def is_int8_model(model: nn.Module) -> bool:
@@ -152,12 +152,13 @@ def _export_pt2(model: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tensor
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tensor, res: ExportResult) -> None:
-    import onnx
     import onnxruntime as ort
 
     batch = ({0: torch.export.Dim.AUTO},)
     program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=batch, verbose=False)
-    atomic_write(path, lambda f: onnx.save_model(program.model_proto, f))
+    # The serialised proto (not onnx.save_model on a file object, which reads the file's name
+    # for external data): our models are far below protobuf's 2 GB limit.
+    atomic_write(path, program.model_proto.SerializeToString())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     out = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
