@@ -233,16 +233,21 @@ def build_parser() -> _Parser:
 def command_environment(verbose: bool = False, *, console: Any = None) -> Iterator[None]:
     """Log levels and warning filters for one command, restored afterwards.
 
-    Without ``verbose``: optuna logs errors only (a failed trial is recorded with its reason and
-    shown in the report; optuna would also print a traceback for each), optuna's experimental
-    warnings (heartbeats, grouped TPE: documented and stable enough) and the quantized cat
-    kernel's per-forward note are hidden, and the library's own log shows warnings. With
-    ``verbose``: optuna logs at INFO (every trial) and the library at DEBUG.
+    Optuna's experimental warnings (heartbeats, grouped TPE, metric names: documented and stable
+    enough) are always hidden. Without ``verbose``: optuna logs errors only (a failed trial is
+    recorded with its reason and shown in the report; optuna would also print a traceback for
+    each), the quantized cat kernel's per-forward note is hidden, and the library's own log shows
+    warnings. With ``verbose``: optuna logs warnings, the library logs at DEBUG, and the progress
+    prints a line per finished trial and training run. Log records of both go to ``console``.
     """
     import optuna
 
     logger = logging.getLogger("recommender")
     old_verbosity, old_level, old_propagate = optuna.logging.get_verbosity(), logger.level, logger.propagate
+    # optuna's own handler holds the stderr of its import time: it would write through a live
+    # progress bar. Its records go to the command's console instead, while the command runs.
+    optuna_logger = logging.getLogger("optuna")
+    optuna_handlers = list(optuna_logger.handlers)
     handler: logging.Handler
     if console is not None:
         from rich.logging import RichHandler
@@ -251,11 +256,14 @@ def command_environment(verbose: bool = False, *, console: Any = None) -> Iterat
     else:
         handler = logging.StreamHandler(sys.stderr)
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         if not verbose:
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", message=r"All inputs of this cat operator must share the same "
                                                       r"quantization")
-        optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+        optuna.logging.set_verbosity(optuna.logging.WARNING if verbose else optuna.logging.ERROR)
+        for h in optuna_handlers:
+            optuna_logger.removeHandler(h)
+        optuna_logger.addHandler(handler)
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
         logger.propagate = False
@@ -265,6 +273,9 @@ def command_environment(verbose: bool = False, *, console: Any = None) -> Iterat
             logger.removeHandler(handler)
             logger.setLevel(old_level)
             logger.propagate = old_propagate
+            optuna_logger.removeHandler(handler)
+            for h in optuna_handlers:
+                optuna_logger.addHandler(h)
             optuna.logging.set_verbosity(old_verbosity)
 
 

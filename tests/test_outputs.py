@@ -197,9 +197,36 @@ def test_command_environment_is_restored():
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     before = list(warnings.filters)
+    optuna_handlers = list(logging.getLogger("optuna").handlers)
     with command_environment(verbose=False):
         assert optuna.logging.get_verbosity() == optuna.logging.ERROR
         assert len(warnings.filters) > len(before)
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     assert warnings.filters == before
     assert not logging.getLogger("recommender").handlers
+    assert logging.getLogger("optuna").handlers == optuna_handlers
+
+
+def test_plots_and_dashboard_figure(tmp_path):
+    """pareto.png always; with plotly, pareto.html and the figure attached to the study for
+    optuna-dashboard beside the note."""
+    from PIL import Image
+
+    from recommender.api import _save_dashboard_note, write_outputs
+    from recommender.plot import plotly_available
+
+    study = _study(3, n=25)
+    study.set_user_attr("spec", {"model": "resnet18", "dataset": "digits", "max_drop": {"value": 2.0},
+                                 "budgets": [{"metric": "params", "limit": 2e4}]})
+    rec = recommendation_from_study(study)
+    files = write_outputs(rec, tmp_path)
+    with Image.open(files["plot"]) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    _save_dashboard_note(study, rec)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert any(k.startswith("dashboard:note_str") for k in attrs)
+    if not plotly_available():
+        pytest.skip("plotly is not installed (pip install -e '.[plots]'): no pareto.html, no dashboard figure")
+    html = files["plot_html"].read_text()
+    assert "<html" in html[:500].lower() and "plotly" in html
+    assert any(k.startswith("dashboard:plot_data:pareto-front") for k in attrs)
