@@ -6,7 +6,8 @@
     recommend apply studies/<study>/recipe.json --dataset digits --fidelity paper [--format onnx,pt2]
     recommend dashboard [STUDY] [--storage URL] [--port 8080]
 
-Exit codes (the main job; the commands use 0, 2, 3 and 130 alike):
+Exit codes of the main job (the commands use 0, 2, 3 and 130 alike; ``apply`` exits 1 when an
+export failed its check against PyTorch):
 
     0    a feasible recommendation (recipe.json written)
     1    finished, nothing feasible (the closest candidates are shown, no recipe.json)
@@ -435,8 +436,14 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
             if bar:
                 bar.stop()
     except KeyboardInterrupt:
-        print(f"recommend: interrupted; finished trials are saved in {_redact(spec.storage_url)} "
-              f"(study {spec.name}); run the same command to resume", file=sys.stderr)
+        from .models.registry import is_registered
+
+        # A factory model (package.module:factory) gets its study name once the search resolves
+        # it: name the study only when it is known here.
+        where = (f"{_redact(spec.storage_url)} (study {spec.name})" if is_registered(args.model)
+                 else f"the study's storage under {spec.studies_dir}" if not args.storage else _redact(args.storage))
+        print(f"recommend: interrupted; finished trials are saved in {where}; run the same command to resume",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     wall = time.perf_counter() - t0
     code = EXIT_FEASIBLE if rec.feasible else EXIT_INFEASIBLE

@@ -230,3 +230,30 @@ def test_plots_and_dashboard_figure(tmp_path):
     html = files["plot_html"].read_text()
     assert "<html" in html[:500].lower() and "plotly" in html
     assert any(k.startswith("dashboard:plot_data:pareto-front") for k in attrs)
+
+
+def test_sqlite_study_lock_excludes_without_fcntl(tmp_path):
+    """The lock beside a SQLite study (filelock: also on Windows) lets one holder in at a time."""
+    import threading
+    import time
+
+    import recommender.search.lock as lock
+
+    assert "fcntl" not in vars(lock)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spans: list[tuple[float, float]] = []
+
+    def hold() -> None:
+        with lock.study_lock(url, "study", "baseline"):
+            t0 = time.monotonic()
+            time.sleep(0.3)
+            spans.append((t0, time.monotonic()))
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    spans.sort()
+    assert len(spans) == 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
