@@ -110,6 +110,8 @@ def write_outputs(rec: Recommendation, folder: Path, *, plots: bool = True,
             html = plot_pareto_html(rec, folder / "pareto.html")
             if html is not None:
                 out["plot_html"] = html
+            else:  # an earlier answer's interactive plot would no longer match this one
+                remove_file(folder / "pareto.html")
         except Exception as exc:  # a plot is a convenience: never lose a finished answer over it
             if log:
                 log(f"could not draw the Pareto plot: {type(exc).__name__}: {exc}")
@@ -128,10 +130,16 @@ def _save_dashboard_note(study: optuna.Study, rec: Recommendation) -> None:
         from .report import completed
 
         note = rec.to_markdown()
+        attached = False
         if plotly_available() and rec.study is not None and completed(rec.study):
-            from optuna_dashboard import save_plotly_graph_object
+            try:
+                from optuna_dashboard import save_plotly_graph_object
 
-            save_plotly_graph_object(study, pareto_figure_plotly(rec), graph_object_id="pareto-front")
+                save_plotly_graph_object(study, pareto_figure_plotly(rec), graph_object_id="pareto-front")
+                attached = True
+            except Exception:  # an older optuna-dashboard: the note still names the PNG
+                pass
+        if attached:
             note += "\nThe Pareto plot (accuracy vs primary cost) is attached to this study (`pareto-front`).\n"
         elif "plot" in rec.files:
             note += f"\nPareto plot: `{rec.files['plot']}`\n"
