@@ -59,8 +59,13 @@ def presets_for(model: str) -> list[str]:
 def ablate(model: str, num_classes: int = 10, *, structure_only: bool = True, dataset: str = "digits",
            fidelity: str = "proxy", data_dir: str | None = None, seed: int = 0,
            cache_dir: str | None = "studies/cache", presets: list[str] | None = None,
-           progress: Progress | None = None) -> list[AblationRow]:
-    """Rows for every preset of ``model`` (the baseline first), optionally trained."""
+           progress: Progress | None = None,
+           train_progress: Callable[[str, int, int, float], None] | None = None) -> list[AblationRow]:
+    """Rows for every preset of ``model`` (the baseline first), optionally trained.
+
+    ``progress(name, i, n)`` is called before each preset (also for structure only: building and
+    counting FLOPs of a deep model takes seconds per preset); ``train_progress(label, step, total,
+    loss)`` after every training step of the baseline and the presets."""
     names = presets or presets_for(model)
     rows: list[AblationRow] = []
     evaluator = baseline = None
@@ -73,7 +78,8 @@ def ablate(model: str, num_classes: int = 10, *, structure_only: bool = True, da
         data = load_dataset(dataset, data_dir=data_dir, seed=seed)
         num_classes = data.num_classes
         evaluator = Evaluator(model, data, get_protocol(fidelity, seed=seed),
-                              cache=WeightsCache(cache_dir) if cache_dir else None, latency=False)
+                              cache=WeightsCache(cache_dir) if cache_dir else None, latency=False,
+                              progress=train_progress)
         if progress:
             progress("baseline", 0, len(names))
         baseline = evaluator.evaluate_baseline()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +18,8 @@ import torch
 
 from .constraints import Budget, MaxDrop
 from .errors import RecommenderError, StorageError
+from .evaluation import TrainProgress
+from .io import atomic_write, remove_file
 from .recipe import Recipe, load_recipe
 from .report import Recommendation, recommendation_from_study
 from .search.study import Search, StudySpec, open_storage, redact
@@ -28,6 +29,7 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
               budgets: Sequence[str | Budget] = ("5M-params",), dataset: str = "digits",
               log: Callable[[str], None] | None = None,
               callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+              progress: TrainProgress | None = None,
               write_files: bool = True, **options: Any) -> Recommendation:
     """Search compression recipes for ``model`` and return the recommendation.
 
@@ -38,7 +40,10 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
         dataset: ``digits`` (default, offline), ``cifar10``, ``cifar100``, ``imagefolder:PATH``.
         log: receives progress lines.
         callbacks: Optuna callbacks called after every trial (progress bars).
-        write_files: write ``<studies_dir>/<study>/recipe.json`` and ``report.md``.
+        progress: called after every training step of the baseline and of each trial as
+            ``progress(label, step, total, loss)``.
+        write_files: write ``<studies_dir>/<study>/report.md``, ``report.json``, ``pareto.png``
+            (and ``pareto.html`` with plotly), and ``recipe.json`` when the answer is feasible.
         **options: any other :class:`~recommender.search.study.StudySpec` field (``fidelity``,
             ``trials``, ``timeout``, ``sampler``, ``seed``, ``storage``, ``study_name``, ``space``,
             ``checkpoint``, ``baseline_accuracy``, ``confirm_fidelity``, ``n_confirm``, ...).
@@ -49,12 +54,12 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
     """
     md = max_drop if isinstance(max_drop, MaxDrop) else MaxDrop.parse(max_drop)
     spec = StudySpec(model=model, max_drop=md, budgets=list(budgets), dataset=dataset, **options)
-    search = Search(spec, log=log, callbacks=callbacks)
+    search = Search(spec, log=log, callbacks=callbacks, progress=progress)
     search.run()
     rec = recommendation_from_study(search.study, storage=redact(spec.storage_url))
     rec.spec["num_classes"] = search.data.num_classes
     if write_files:
-        write_outputs(rec, Path(spec.studies_dir) / spec.name)
+        write_outputs(rec, Path(spec.studies_dir) / spec.name, log=log)
     _save_dashboard_note(search.study, rec)
     return rec
 
@@ -74,60 +79,111 @@ def show(study_name: str, storage: str | None = None, studies_dir: str = "studie
     return recommendation_from_study(study, storage=redact(url))
 
 
-def write_outputs(rec: Recommendation, folder: Path) -> dict[str, Path]:
-    """Write ``recipe.json`` (the recommended recipe with its model and class count),
-    ``report.json`` and ``report.md`` into ``folder``."""
+def write_outputs(rec: Recommendation, folder: Path, *, plots: bool = True,
+                  log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write the answer into ``folder`` (every file atomically) and return what was written.
+
+    ``report.json`` and ``report.md`` always; ``recipe.json`` (the recipe with its model and class
+    count) only for a feasible answer, and a ``recipe.json`` left by an earlier answer is removed
+    when the new one has none, so the folder never offers a recipe the study does not recommend;
+    ``pareto.png`` (and ``pareto.html`` with plotly) with ``plots``. ``rec.files`` is set to the
+    same mapping (name -> path as text).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    if rec.recipe is not None:
-        p = folder / "recipe.json"
-        p.write_text(json.dumps({"model": rec.spec.get("model"), "num_classes": rec.spec.get("num_classes"),
-                                 "dataset": rec.spec.get("dataset"), "feasible": rec.feasible,
-                                 "recipe": rec.recipe.to_dict()}, indent=2))
-        out["recipe"] = p
-    (folder / "report.json").write_text(rec.to_json(indent=2))
-    (folder / "report.md").write_text(rec.to_markdown())
-    out["report"] = folder / "report.md"
+    out: dict[str, Path] = {}
+    recipe_path = folder / "recipe.json"
+    if rec.feasible and rec.recipe is not None:
+        out["recipe"] = atomic_write(recipe_path, json.dumps(
+            {"model": rec.spec.get("model"), "num_classes": rec.spec.get("num_classes"),
+             "dataset": rec.spec.get("dataset"), "feasible": rec.feasible, "recipe": rec.recipe.to_dict()},
+            indent=2))
+    elif remove_file(recipe_path) and log:
+        log(f"removed {recipe_path}: the study's answer is no longer feasible")
+    out["report_json"] = atomic_write(folder / "report.json", rec.to_json(indent=2))
+    out["report"] = atomic_write(folder / "report.md", rec.to_markdown())
+    if plots:
+        from .plot import plot_pareto, plot_pareto_html
+
+        try:
+            out["plot"] = plot_pareto(rec, folder / "pareto.png")
+            html = plot_pareto_html(rec, folder / "pareto.html")
+            if html is not None:
+                out["plot_html"] = html
+            else:  # an earlier answer's interactive plot would no longer match this one
+                remove_file(folder / "pareto.html")
+        except Exception as exc:  # a plot is a convenience: never lose a finished answer over it
+            if log:
+                log(f"could not draw the Pareto plot: {type(exc).__name__}: {exc}")
+    rec.files = {k: str(v) for k, v in out.items()}
     return out
 
 
 def _save_dashboard_note(study: optuna.Study, rec: Recommendation) -> None:
-    """Attach the Markdown explanation to the study, so optuna-dashboard shows it."""
+    """Attach the Markdown explanation to the study, so optuna-dashboard shows it, with the
+    Pareto plot: an interactive plotly figure where plotly is installed (saved with
+    ``save_plotly_graph_object``), else the path of ``pareto.png``."""
     try:
         from optuna_dashboard import save_note
 
-        save_note(study, rec.to_markdown())
+        from .plot import pareto_figure_plotly, plotly_available
+        from .report import completed
+
+        note = rec.to_markdown()
+        attached = False
+        if plotly_available() and rec.study is not None and completed(rec.study):
+            try:
+                from optuna_dashboard import save_plotly_graph_object
+
+                save_plotly_graph_object(study, pareto_figure_plotly(rec), graph_object_id="pareto-front")
+                attached = True
+            except Exception:  # an older optuna-dashboard: the note still names the PNG
+                pass
+        if attached:
+            note += "\nThe Pareto plot (accuracy vs primary cost) is attached to this study (`pareto-front`).\n"
+        elif "plot" in rec.files:
+            note += f"\nPareto plot: `{rec.files['plot']}`\n"
+        save_note(study, note)
     except Exception:  # the note is a convenience; never fail a finished search over it
         pass
 
 
 @dataclass
 class AppliedModel:
-    """What ``apply_recipe`` produced: the compressed model, its evaluation and the exported files."""
+    """What ``apply_recipe`` produced: the compressed model, its evaluation, the files written
+    (``state_dict``, ``evaluation`` and one per exported format) and each export's check."""
 
     model: torch.nn.Module
     evaluation: Any
     files: dict[str, Path]
     seconds: float
+    exports: list[Any] = field(default_factory=list)
 
 
 def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: str = "digits",
                  fidelity: str = "paper", data_dir: str | None = None, out_dir: str | Path | None = None,
                  seed: int = 0, cache_dir: str | None = "studies/cache", compare: bool = False,
-                 log: Callable[[str], None] | None = None, **protocol_overrides: Any) -> AppliedModel:
+                 formats: Sequence[str] | None = None, log: Callable[[str], None] | None = None,
+                 progress: TrainProgress | None = None, **protocol_overrides: Any) -> AppliedModel:
     """Build, train (at ``fidelity``), prune and quantize a recipe, then export it.
 
     With ``compare`` the baseline is trained (or read from the cache) under the same protocol,
     the candidate distils from it when the protocol says so, and the drop is reported; without
     it only the recipe's own model is trained.
 
-    Exports ``state_dict.pt`` (the compressed model's state dict; load it with
-    ``torch.load(..., weights_only=True)``), ``model.ts`` (TorchScript: runs with torch alone,
-    ``torch.jit.load``) and ``evaluation.json``.
+    Writes ``state_dict.pt`` (the compressed model's state dict; load it with
+    ``torch.load(..., weights_only=True)``), ``evaluation.json`` and the exported model in each of
+    ``formats`` (:mod:`recommender.export`: ``pt2``, ``onnx``, ``torchscript``; None: pt2 and
+    TorchScript for float recipes, plus ONNX when the ``export`` extra is installed; TorchScript
+    only for int8 recipes), each checked against the PyTorch output. A format that cannot be
+    produced (ONNX without its packages, pt2/ONNX of an int8 recipe) is an error before any
+    training. ``progress(label, step, total, loss)`` follows the training steps.
     """
     from .cache import WeightsCache
+    from .compress.quantize import Int8DynamicConfig, Int8StaticConfig
     from .data import load_dataset
     from .evaluation import Evaluator
+    from .export import check_formats, default_formats, export_model
+    from .models import resolve_model
     from .protocol import get_protocol
 
     t0 = time.perf_counter()
@@ -135,30 +191,33 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     name = model or file_model
     if not name:
         raise RecommenderError(f"{recipe_path} names no model; pass --model")
+    int8 = isinstance(recipe.quant, (Int8DynamicConfig, Int8StaticConfig))
+    formats = list(formats) if formats is not None else default_formats(int8)
+    check_formats(formats, int8)  # before minutes of training
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    name = resolve_model(name, num_classes=data.num_classes, seed=seed)  # package.module:factory too
     protocol = get_protocol(fidelity, seed=seed, **protocol_overrides)
     ev = Evaluator(name, data, protocol, cache=WeightsCache(cache_dir) if cache_dir else None,
-                   distill=compare, log=log)
+                   distill=compare, log=log, progress=progress)
     baseline = ev.evaluate_baseline() if compare else None
     evaluation, compressed = ev.evaluate(recipe, baseline, return_model=True)
     if not evaluation.ok:
         raise RecommenderError(f"the recipe could not be applied: {evaluation.reason}")
     out = Path(out_dir or Path(recipe_path).with_suffix("").as_posix() + "-applied")
     out.mkdir(parents=True, exist_ok=True)
-    files = {"state_dict": out / "state_dict.pt", "torchscript": out / "model.ts",
-             "evaluation": out / "evaluation.json"}
-    torch.save(compressed.state_dict(), files["state_dict"])
+    files = {"state_dict": out / "state_dict.pt"}
+    state = compressed.state_dict()
+    atomic_write(files["state_dict"], lambda f: torch.save(state, f))
     res = protocol.input_resolution(data.native_resolution)
-    example = torch.randn(1, 3, res, res)  # the resolution it was trained and evaluated at
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated in favour of torch.export, but it is what runs int8 FX
-        # models with torch alone today.
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.trace(compressed.eval(), example, check_trace=False)
-        torch.jit.save(scripted, str(files["torchscript"]))
-    files["evaluation"].write_text(json.dumps({"model": name, "dataset": dataset, "fidelity": fidelity,
-                                               "baseline_accuracy": baseline.accuracy if baseline else None,
-                                               "input_size": [1, 3, res, res],
-                                               "normalisation": {"mean": list(data.mean), "std": list(data.std)},
-                                               "evaluation": evaluation.to_dict()}, indent=2, default=str))
-    return AppliedModel(compressed, evaluation, files, time.perf_counter() - t0)
+    input_size = [1, 3, res, res]  # the resolution it was trained and evaluated at
+    exports = export_model(compressed, input_size, out, formats, log=log, seed=seed)
+    for e in exports:
+        if e.path is not None:
+            files[e.format] = Path(e.path)
+    files["evaluation"] = atomic_write(out / "evaluation.json", json.dumps(
+        {"model": name, "dataset": dataset, "fidelity": fidelity,
+         "baseline_accuracy": baseline.accuracy if baseline else None, "input_size": input_size,
+         "normalisation": {"mean": list(data.mean), "std": list(data.std)},
+         "evaluation": evaluation.to_dict(), "exports": [e.to_dict() for e in exports]},
+        indent=2, default=str))
+    return AppliedModel(compressed, evaluation, files, time.perf_counter() - t0, exports)

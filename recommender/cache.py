@@ -9,8 +9,8 @@ An entry is a directory ``<root>/<key[:2]>/<key>/`` holding
 - ``<name>.npy`` / ``<name>.json``: numpy arrays (teacher logits, per-image correct vectors) and
   small JSON documents stored under the same key.
 
-Every file is written to a temporary file in the same directory and moved into place with
-``os.replace`` (atomic on POSIX), so a concurrent reader sees either the old or the new file, and
+Every file is written with :func:`recommender.io.atomic_write` (a temporary file in the same
+directory moved into place with ``os.replace``), so a concurrent reader sees either the old or the new file, and
 two processes training the same key simply both write a valid entry. A corrupt or partial entry
 (unreadable file, checksum or key mismatch) is discarded and reported as a miss, so the caller
 retrains.
@@ -21,12 +21,12 @@ dataset identity, cache format version).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .io import atomic_write
 
 __all__ = ["WeightsCache", "CacheResult", "cache_key", "CACHE_VERSION"]
 
@@ -119,20 +121,6 @@ class WeightsCache:
             raise ValueError(f"invalid cache entry name {name!r}")
         return self.entry_dir(key) / f"{name}{suffix}"
 
-    def _atomic_write(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with _suppress():
-                os.unlink(tmp)
-            raise
-
     # --- weights ----------------------------------------------------------------------------
     def save(self, key: str, state_dict: Mapping[str, torch.Tensor], meta: dict | None = None
              ) -> Path:
@@ -140,7 +128,7 @@ class WeightsCache:
         sd = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
               for k, v in state_dict.items()}
         wpath = self._file(key, "weights", ".pt")
-        self._atomic_write(wpath, lambda f: torch.save({"key": key, "state_dict": sd}, f))
+        atomic_write(wpath, lambda f: torch.save({"key": key, "state_dict": sd}, f))
         full = dict(meta or {})
         full["_cache"] = {"key": key, "weights_sha256": _sha256_file(wpath),
                           "version": CACHE_VERSION, "saved_at": time.time()}
@@ -188,7 +176,7 @@ class WeightsCache:
     # --- side data ---------------------------------------------------------------------------
     def save_json(self, key: str, name: str, obj: Any) -> None:
         text = json.dumps(obj, sort_keys=True, indent=1, default=_json_default)
-        self._atomic_write(self._file(key, name, ".json"), lambda f: f.write(text), mode="w")
+        atomic_write(self._file(key, name, ".json"), text)
 
     def load_json(self, key: str, name: str) -> Any | None:
         path = self._file(key, name, ".json")
@@ -198,14 +186,13 @@ class WeightsCache:
             return json.loads(path.read_text())
         except Exception as exc:
             log.warning("discarding corrupt cache file %s: %s", path, exc)
-            with _suppress():
+            with contextlib.suppress(OSError):
                 path.unlink()
             return None
 
     def save_array(self, key: str, name: str, arr: np.ndarray | torch.Tensor) -> None:
         a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
-        self._atomic_write(self._file(key, name, ".npy"),
-                           lambda f: np.save(f, a, allow_pickle=False))
+        atomic_write(self._file(key, name, ".npy"), lambda f: np.save(f, a, allow_pickle=False))
 
     def load_array(self, key: str, name: str) -> np.ndarray | None:
         path = self._file(key, name, ".npy")
@@ -215,7 +202,7 @@ class WeightsCache:
             return np.load(path, allow_pickle=False)
         except Exception as exc:
             log.warning("discarding corrupt cache file %s: %s", path, exc)
-            with _suppress():
+            with contextlib.suppress(OSError):
                 path.unlink()
             return None
 
@@ -282,10 +269,3 @@ def _json_default(o: Any) -> Any:
         return str(o)
     return str(o)
 
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)

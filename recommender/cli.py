@@ -3,36 +3,61 @@
     recommend --model resnet101 --max-drop 2% --budget 5M-params [--budget 60M-flops] ...
     recommend ablate --model resnet101 --num-classes 10 --structure-only --format table
     recommend show STUDY [--storage URL] [--json | --markdown]
-    recommend apply studies/<study>/recipe.json --dataset digits --fidelity paper
+    recommend apply studies/<study>/recipe.json --dataset digits --fidelity paper [--format onnx,pt2]
     recommend dashboard [STUDY] [--storage URL] [--port 8080]
 
-Bad input (an unknown model, a malformed budget, a missing dataset, an unreachable storage, a
-corrupt checkpoint or recipe) prints one line on stderr and exits with status 2.
+Exit codes of the main job (the commands use 0, 2, 3 and 130 alike; ``apply`` exits 1 when an
+export failed its check against PyTorch):
+
+    0    a feasible recommendation (recipe.json written)
+    1    finished, nothing feasible (the closest candidates are shown, no recipe.json)
+    2    bad input: one line on stderr (unknown model, malformed budget, missing dataset, ...)
+    3    internal error (a bug): one line, the traceback with -v or RECOMMENDER_DEBUG=1
+    130  interrupted (Ctrl-C, SIGINT); finished trials are kept and the same command resumes
+
+Only this module changes process-wide state (optuna's log level, warning filters, a log handler),
+and only for the duration of one command (:func:`command_environment`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sys
 import time
-from typing import Any, Sequence
+import traceback
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
+from . import __version__
 from .constraints import BUDGET_FORMS, DROP_FORMS
 from .errors import RecommenderError
 
+EXIT_FEASIBLE = 0
+EXIT_INFEASIBLE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
+
+
+def _esc(text: str) -> str:
+    """Help text with ``%`` escaped (argparse formats help strings with ``%``)."""
+    return text.replace("%", "%%")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -45,42 +70,217 @@ def parse_duration(text: str | None) -> float | None:
     return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="recommend", description="Recommend a compression recipe (architecture changes, "
-                "pruning, quantization) that meets a budget within an accuracy tolerance.",
-                epilog="Subcommands: " + ", ".join(SUBCOMMANDS) + " (recommend SUBCOMMAND --help).")
-    p.add_argument("--model", required=True, help="base model, e.g. resnet101, vgg19 (see `recommend ablate --help`)")
-    p.add_argument("--max-drop", default="2%", help=f"tolerated top-1 drop: {DROP_FORMS} (default 2%%)")
-    p.add_argument("--budget", action="append", required=True,
-                   help=f"cost limit, repeatable, the first is the primary cost: {BUDGET_FORMS}")
-    p.add_argument("--dataset", default="digits", help="digits (default, offline), cifar10, cifar100, imagefolder:PATH")
-    p.add_argument("--data-dir", help="where cifar10/cifar100 live")
-    p.add_argument("--fidelity", default="proxy", help="search protocol: smoke, proxy (default), confirm, paper")
-    p.add_argument("--confirm-fidelity", default="search",
+# -- the parser ----------------------------------------------------------------------------------
+
+def _add_verbosity(g: Any, *, in_subcommand: bool = False) -> None:
+    """``-v/--verbose`` and ``--quiet`` on a parser or argument group. In a subcommand their
+    defaults are suppressed, so ``recommend -v ablate`` and ``recommend ablate -v`` mean the same."""
+    default: Any = argparse.SUPPRESS if in_subcommand else False
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="debug lines: every finished trial, optuna's and the library's log, tracebacks")
+    m.add_argument("--quiet", action="store_true", default=default, help="no progress output (results only)")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Every option of the main job (``recommend --model ... --budget ...``), by group.
+
+    Add new run options to the group they belong to here, and map them to StudySpec fields in
+    :func:`run_options`.
+    """
+    g = p.add_argument_group("what to recommend (the main job: --model and --budget are required)")
+    g.add_argument("--model", help="base model: resnet18..152, vgg11..19(_bn), tv:NAME (torchvision), "
+                                   "package.module:factory (your own nn.Module)")
+    g.add_argument("--budget", action="append", metavar="BUDGET",
+                   help=_esc(f"cost limit, repeatable; the first is the primary cost: {BUDGET_FORMS}"))
+    g.add_argument("--max-drop", metavar="DROP", default="2%", help=_esc(f"tolerated top-1 drop: {DROP_FORMS} (default 2%)"))
+    g.add_argument("--dataset", metavar="NAME", default="digits",
+                   help="digits (default, offline), cifar10, cifar100, imagefolder:PATH")
+    g.add_argument("--data-dir", metavar="DIR", help="where cifar10/cifar100 live")
+
+    g = p.add_argument_group("baseline")
+    g.add_argument("--checkpoint", metavar="PATH", help="trained baseline state dict (evaluated, never retrained)")
+    g.add_argument("--weights", metavar="PATH",
+                   help="initial weights of the baseline (e.g. ImageNet-pretrained), loaded where names and "
+                        "shapes match, then trained under the protocol once and cached")
+    g.add_argument("--baseline-accuracy", type=float, metavar="PCT",
+                   help="stated baseline top-1 in percent (no baseline evaluation)")
+
+    g = p.add_argument_group("search")
+    g.add_argument("--fidelity", metavar="NAME", default="proxy", help="search protocol: smoke, proxy (default), confirm, paper")
+    g.add_argument("--confirm-fidelity", metavar="NAME", default="search",
                    help="re-check of the finalists: search (default: a second seed at the search fidelity), "
                         "a fidelity name (e.g. confirm: more data and epochs, baseline retrained once), or none")
-    p.add_argument("--n-confirm", type=int, default=2, help="candidates re-checked (default 2)")
-    p.add_argument("--trials", type=int, default=None, help="finished trials the study should reach (default 20)")
-    p.add_argument("--timeout", help="search time for this run: 90s, 20m, 1h")
-    p.add_argument("--max-trial-time", default="2m",
+    g.add_argument("--n-confirm", metavar="N", type=int, default=2, help="candidates re-checked (default 2)")
+    g.add_argument("--trials", metavar="N", type=int, default=None, help="finished trials the study should reach (default 20)")
+    g.add_argument("--timeout", metavar="TIME", help="search time for this run: 90s, 20m, 1h (default: none)")
+    g.add_argument("--max-trial-time", metavar="TIME", default="2m",
                    help="skip candidates whose proxy training is estimated to take longer (default 2m; 0: no limit)")
-    p.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, random")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
-    p.add_argument("--study-name", help="default: derived from model, dataset, budgets and tolerance")
-    p.add_argument("--space", help="search-space YAML (default: search_spaces/<family>.yaml)")
-    p.add_argument("--checkpoint", help="trained baseline state dict (evaluated, never retrained)")
-    p.add_argument("--baseline-accuracy", type=float, help="stated baseline top-1 in percent")
-    p.add_argument("--no-warm-start", action="store_true", help="do not enqueue the paper's presets first")
-    p.add_argument("--no-latency", action="store_true", help="skip CPU latency measurement")
-    p.add_argument("--studies-dir", default="studies", help="where SQLite studies, reports and the cache live")
-    p.add_argument("--cache-dir", help="trained-weights cache (default <studies-dir>/cache)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the explanation")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--sampler", metavar="NAME", default="tpe", help="tpe (default), nsga2, random")
+    g.add_argument("--seed", metavar="N", type=int, default=0, help="seeds the sampler and the training protocol (default 0)")
+    g.add_argument("--space", metavar="YAML", help="search-space file (default: the model family's bundled one)")
+    g.add_argument("--no-warm-start", action="store_true", help="do not enqueue the paper's presets first")
+    g.add_argument("--no-latency", action="store_true", help="skip CPU latency measurement")
+
+    g = p.add_argument_group("storage and files")
+    g.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///<studies-dir>/<study>.db)")
+    g.add_argument("--study-name", metavar="NAME", help="default: derived from model, dataset, budgets and tolerance")
+    g.add_argument("--studies-dir", metavar="DIR", default="studies", help="where SQLite studies, reports and the cache live")
+    g.add_argument("--cache-dir", metavar="DIR", help="trained-weights cache (default <studies-dir>/cache)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of the explanation")
+    _add_verbosity(g)
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The StudySpec fields (besides model, max drop, budgets, dataset) the main job's flags set."""
+    options: dict[str, Any] = dict(
+        data_dir=args.data_dir, fidelity=args.fidelity, confirm_fidelity=args.confirm_fidelity,
+        n_confirm=args.n_confirm, timeout=parse_duration(args.timeout), sampler=args.sampler, seed=args.seed,
+        storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
+        weights=args.weights, baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
+        latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
+        max_trial_seconds=parse_duration(args.max_trial_time) or None)
+    if args.trials is not None:
+        options["trials"] = args.trials
+    return options
+
+
+def _add_ablate(sub: Any) -> None:
+    p = sub.add_parser("ablate", help="the paper's tables: one row per preset (costs, optionally trained accuracy)",
+                       description="One row per paper preset of a model: params, MFLOPs, size and % of the "
+                                   "baseline (the paper's tables); with training, accuracy and drop.")
+    p.add_argument("--model", required=True, help="base model with presets: resnet18..152, vgg11..19(_bn)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier width for --structure-only (default 10)")
+    p.add_argument("--structure-only", action="store_true", help="costs only, no training")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
+    p.add_argument("--dataset", default="digits", help="dataset for training (default digits)")
+    p.add_argument("--data-dir", help="where cifar10/cifar100 live")
+    p.add_argument("--fidelity", default="proxy", help="training protocol: smoke, proxy (default), confirm, paper")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--presets", help="comma-separated subset of presets (default: all of the model's family)")
+    p.add_argument("--cache-dir", default="studies/cache", help="trained-weights cache (default studies/cache)")
+    _add_verbosity(p, in_subcommand=True)
+
+
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser("show", help="re-render a study's recommendation from its storage",
+                       description="Re-render a study's recommendation from its storage (no training).")
+    p.add_argument("study", help="study name")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///<studies-dir>/<study>.db)")
+    p.add_argument("--studies-dir", default="studies", help="where SQLite studies live (default studies)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--markdown", action="store_true", help="print the Markdown report")
+
+
+def _add_apply(sub: Any) -> None:
+    p = sub.add_parser("apply", help="train, prune and quantize a recipe, export it (pt2, ONNX, TorchScript)",
+                       description="Build, train, prune and quantize a recipe and export it, each exported file "
+                                   "checked against the PyTorch output: pt2 (torch.export) and ONNX for float "
+                                   "recipes, TorchScript for every recipe (int8 recipes: TorchScript only).")
+    p.add_argument("recipe", help="recipe.json written by a study")
+    p.add_argument("--model", help="base model (default: the one in the recipe file)")
+    p.add_argument("--dataset", default="digits", help="training dataset (default digits)")
+    p.add_argument("--data-dir", help="where cifar10/cifar100 live")
+    p.add_argument("--fidelity", default="paper", help="training protocol (default paper)")
+    p.add_argument("--epochs", type=int, help="override the fidelity's epochs")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--out", help="output folder (default: next to the recipe, <recipe>-applied)")
+    p.add_argument("--cache-dir", default="studies/cache", help="trained-weights cache (default studies/cache)")
+    p.add_argument("--compare", action="store_true", help="also train the baseline and report the drop")
+    p.add_argument("--format", default="auto", metavar="FORMATS",
+                   help="comma-separated export formats: pt2, onnx, torchscript (default auto: pt2,torchscript "
+                        "plus onnx when the [export] extra is installed; torchscript for int8 recipes)")
+    _add_verbosity(p, in_subcommand=True)
+
+
+def _add_dashboard(sub: Any) -> None:
+    p = sub.add_parser("dashboard", help="optuna-dashboard for a study's storage (127.0.0.1:8080)",
+                       description="Start optuna-dashboard for a study's storage; Ctrl-C stops it.")
+    p.add_argument("study", nargs="?", help="study name (its default SQLite file under --studies-dir)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL (e.g. a worker fleet's postgresql://...)")
+    p.add_argument("--studies-dir", default="studies", help="where SQLite studies live (default studies)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: no authentication)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
+
+
+def build_parser() -> _Parser:
+    """``recommend``: the main job's options, and the subcommands."""
+    p = _Parser(prog="recommend",
+                usage="recommend --model MODEL --budget BUDGET [--max-drop DROP] [options]\n"
+                      "       recommend COMMAND [options]   (COMMAND --help for its options)",
+                description="Recommend a compression recipe (architecture changes, pruning, quantization) that "
+                            "meets a budget within an accuracy tolerance.",
+                epilog="exit codes: 0 a feasible recommendation; 1 finished, nothing feasible; 2 bad input; "
+                       "3 internal error; 130 interrupted (finished trials are kept: run the same command to "
+                       "resume).")
+    p.add_argument("--version", action="version", version=f"recommend {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",
+                           parser_class=_Parser)
+    _add_ablate(sub)
+    _add_show(sub)
+    _add_apply(sub)
+    _add_dashboard(sub)
+    add_run_options(p)
     return p
 
 
-def _console(stderr: bool = False):
+# -- what the command does to the process ----------------------------------------------------------
+
+@contextlib.contextmanager
+def command_environment(verbose: bool = False, *, console: Any = None) -> Iterator[None]:
+    """Log levels and warning filters for one command, restored afterwards.
+
+    Optuna's experimental warnings (heartbeats, grouped TPE, metric names: documented and stable
+    enough) are always hidden. Without ``verbose``: optuna logs errors only (a failed trial is
+    recorded with its reason and shown in the report; optuna would also print a traceback for
+    each), the quantized cat kernel's per-forward note is hidden, and the library's own log shows
+    warnings. With ``verbose``: optuna logs warnings, the library logs at DEBUG, and the progress
+    prints a line per finished trial and training run. Log records of both go to ``console``.
+    """
+    import optuna
+
+    logger = logging.getLogger("recommender")
+    old_verbosity, old_level, old_propagate = optuna.logging.get_verbosity(), logger.level, logger.propagate
+    # optuna's own handler holds the stderr of its import time: it would write through a live
+    # progress bar. Its records go to the command's console instead, while the command runs.
+    optuna_logger = logging.getLogger("optuna")
+    optuna_handlers = list(optuna_logger.handlers)
+    handler: logging.Handler
+    if console is not None:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        if not verbose:
+            warnings.filterwarnings("ignore", message=r"All inputs of this cat operator must share the same "
+                                                      r"quantization")
+        optuna.logging.set_verbosity(optuna.logging.WARNING if verbose else optuna.logging.ERROR)
+        for h in optuna_handlers:
+            optuna_logger.removeHandler(h)
+        optuna_logger.addHandler(handler)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logger.propagate = False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = old_propagate
+            optuna_logger.removeHandler(handler)
+            for h in optuna_handlers:
+                optuna_logger.addHandler(h)
+            optuna.logging.set_verbosity(old_verbosity)
+
+
+def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
@@ -89,57 +289,7 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, width=width)
 
 
-def cmd_run(argv: Sequence[str]) -> int:
-    args = _run_parser().parse_args(argv)
-    from .api import recommend
-    from .search.study import StudySpec
-
-    err = _console(stderr=True)
-    quiet = args.quiet
-    options: dict[str, Any] = dict(
-        data_dir=args.data_dir, fidelity=args.fidelity, confirm_fidelity=args.confirm_fidelity,
-        n_confirm=args.n_confirm, timeout=parse_duration(args.timeout), sampler=args.sampler, seed=args.seed,
-        storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
-        baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
-        latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
-        max_trial_seconds=parse_duration(args.max_trial_time) or None)
-    if args.trials is not None:
-        options["trials"] = args.trials
-    spec = StudySpec(model=args.model, max_drop=args.max_drop, budgets=args.budget, dataset=args.dataset,
-                     **options)  # validates the grammar before any work
-    log = (lambda s: None) if quiet else _logger(err)
-    bar = None if quiet else TrialProgress(err, spec.trials)
-    t0 = time.perf_counter()
-    try:
-        try:
-            rec = recommend(args.model, max_drop=spec.max_drop, budgets=spec.budgets, dataset=args.dataset,
-                            log=log, callbacks=[bar] if bar else [], **options)
-        finally:
-            if bar:
-                bar.stop()
-    except KeyboardInterrupt:
-        print(f"recommend: interrupted; finished trials are saved in {_redact(spec.storage_url)} "
-              f"(study {spec.name}); run the same command to resume", file=sys.stderr)
-        return 130
-    wall = time.perf_counter() - t0
-    if args.json:
-        d = rec.to_dict()
-        d["study"]["wall_seconds"] = round(wall, 1)
-        print(json.dumps(d, default=str))
-        return 0 if rec.recipe is not None else 1
-    out = _console()
-    out.print(rec.renderable())
-    folder = os.path.join(spec.studies_dir, spec.name)
-    out.print(f"\nStudy [bold]{spec.name}[/] in {_redact(spec.storage_url)} ({wall:.0f} s). "
-              f"Recipe: {folder}/recipe.json; report: {folder}/report.md")
-    show_storage = f" --storage '{_redact(spec.storage_url)}'" if args.storage else ""
-    out.print(f"Re-show: recommend show {spec.name}{show_storage}    "
-              f"Dashboard: recommend dashboard {spec.name}{show_storage}    "
-              f"Apply: recommend apply {folder}/recipe.json --dataset {args.dataset} --fidelity paper")
-    return 0 if rec.recipe is not None else 1
-
-
-def _logger(console: Any):
+def _logger(console: Any) -> Callable[[str], None]:
     """Timestamped progress lines; the text is escaped (recipe labels contain [brackets])."""
     from rich.markup import escape
 
@@ -152,32 +302,101 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-class TrialProgress:
-    """A rich progress bar as an Optuna callback: trial n/N, best feasible so far, elapsed, ETA."""
+# -- progress ------------------------------------------------------------------------------------
 
-    def __init__(self, console: Any, total: int):
+class RunProgress:
+    """Rich progress for a long command: a bar per training run (step n/N with the loss: the
+    baseline, each trial's candidate, each preset), a bar of trials (n/N, best feasible so far,
+    elapsed, ETA) as an Optuna callback, and an optional bar of items (ablate's presets).
+
+    ``training(label, step, total, loss)`` is the :class:`recommender.evaluation.Evaluator`
+    progress callback; the instance itself is an Optuna callback; ``start(study)`` is called by
+    the search when trials begin. With ``verbose`` every finished trial and training run also
+    prints a line.
+    """
+
+    LABEL_WIDTH = 48
+
+    def __init__(self, console: Any, total_trials: int | None = None, *, verbose: bool = False,
+                 log: Callable[[str], None] | None = None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console, transient=False)
-        self.total = total
-        self.task = None
+        self.total = total_trials
+        self.verbose = verbose
+        self.log = log or (lambda s: None)
+        self.started = False
+        self.trials_task: Any = None
+        self.items_task: Any = None
+        self.train_task: Any = None
+        self._train_key: tuple[str, int] | None = None
+        self._train_t0 = 0.0
+        self._last_step = 0
 
+    def _ensure(self) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+
+    # -- Evaluator progress ----------------------------------------------------------------------
+    def training(self, label: str, step: int, total: int, loss: float) -> None:
+        from rich.markup import escape
+
+        self._ensure()
+        key = (label, total)
+        if self.train_task is None or key != self._train_key or step < self._last_step:
+            if self.train_task is not None:
+                self.progress.remove_task(self.train_task)
+            short = label if len(label) <= self.LABEL_WIDTH else label[: self.LABEL_WIDTH - 1] + "…"
+            self.train_task = self.progress.add_task(f"training {escape(short)}", total=total, info="")
+            self._train_key, self._train_t0 = key, time.perf_counter()
+        self._last_step = step
+        self.progress.update(self.train_task, completed=step, info=f"loss {loss:.3f}")
+        if step >= total:
+            self.progress.remove_task(self.train_task)
+            self.train_task, self._train_key, self._last_step = None, None, 0
+            if self.verbose:
+                self.log(f"trained {label}: {total} steps in {time.perf_counter() - self._train_t0:.1f} s, "
+                         f"last loss {loss:.3f}")
+
+    # -- items (ablate's presets) ------------------------------------------------------------------
+    def item(self, name: str, i: int, n: int, verb: str = "measuring") -> None:
+        from rich.markup import escape
+
+        self._ensure()
+        if self.items_task is None:
+            self.items_task = self.progress.add_task("presets", total=n, info="")
+        done = name == "done"
+        self.progress.update(self.items_task, total=n, completed=i,
+                             info="" if done else f"{verb} {escape(name)}")
+
+    # -- Optuna callback ---------------------------------------------------------------------------
     def start(self, study: Any) -> None:
         """Called by the search when trials begin (after the baseline), not before."""
-        if self.task is None:
-            self.progress.start()
-            self.task = self.progress.add_task("search", total=self.total, best="")
-        self(study, None)
+        self._ensure()
+        if self.trials_task is None:
+            self.trials_task = self.progress.add_task("trials", total=self.total, info="")
+        self._update(study)
 
     def stop(self) -> None:
-        if self.task is not None:
+        if self.started:
             self.progress.stop()
+            self.started = False
 
     def __call__(self, study: Any, trial: Any) -> None:
-        if self.task is None:
+        if self.verbose and trial is not None:
+            values = ", ".join(f"{v:.4g}" for v in trial.values) if trial.values else ""
+            reason = trial.user_attrs.get("pruned_reason") or trial.user_attrs.get("fail_reason") or ""
+            secs = trial.duration.total_seconds() if trial.duration else 0.0
+            self.log(f"trial {trial.number} {trial.state.name.lower()} in {secs:.1f} s"
+                     f"{': ' + values if values else ''}{' — ' + reason if reason else ''}")
+        self._update(study)
+
+    def _update(self, study: Any) -> None:
+        if self.trials_task is None:
             return
         from .report import feasible_pareto
         from .search.study import finished_trials
@@ -187,45 +406,96 @@ class TrialProgress:
         if front:
             t = front[0]
             best = f"best feasible: trial {t.number}, acc {100 * t.values[0]:.1f}%, cost {t.values[1]:.4g}"
-        self.progress.update(self.task, completed=min(self.total, len(finished_trials(study))), best=best)
+        done = len(finished_trials(study))
+        self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done, info=best)
+
+
+# -- the main job --------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
+    missing = [flag for flag, value in (("--model", args.model), ("--budget", args.budget)) if not value]
+    if missing:
+        parser.error(f"the main job needs {' and '.join(missing)} (e.g. recommend --model resnet101 "
+                     f"--budget 5M-params), or a command: {', '.join(SUBCOMMANDS)}")
+    from .api import recommend
+    from .search.study import StudySpec
+
+    err = args.err_console
+    options = run_options(args)
+    spec = StudySpec(model=args.model, max_drop=args.max_drop, budgets=args.budget, dataset=args.dataset,
+                     **options)  # validates the grammar before any work
+    log = (lambda s: None) if args.quiet else _logger(err)
+    bar = None if args.quiet else RunProgress(err, spec.trials, verbose=args.verbose, log=log)
+    t0 = time.perf_counter()
+    try:
+        try:
+            rec = recommend(args.model, max_drop=spec.max_drop, budgets=spec.budgets, dataset=args.dataset,
+                            log=log, callbacks=[bar] if bar else [], progress=bar.training if bar else None,
+                            **options)
+        finally:
+            if bar:
+                bar.stop()
+    except KeyboardInterrupt:
+        from .models.registry import is_registered
+
+        # A factory model (package.module:factory) gets its study name once the search resolves
+        # it: name the study only when it is known here.
+        where = (f"{_redact(spec.storage_url)} (study {spec.name})" if is_registered(args.model)
+                 else f"the study's storage under {spec.studies_dir}" if not args.storage else _redact(args.storage))
+        print(f"recommend: interrupted; finished trials are saved in {where}; run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    wall = time.perf_counter() - t0
+    code = EXIT_FEASIBLE if rec.feasible else EXIT_INFEASIBLE
+    if args.json:
+        d = rec.to_dict()
+        d["study"]["wall_seconds"] = round(wall, 1)
+        d["files"] = dict(rec.files)
+        print(json.dumps(d, default=str))
+        return code
+    out = _console()
+    out.print(rec.renderable())
+    files = rec.files
+    # The study's own name and storage: a factory model (package.module:factory) is renamed to its
+    # registered name when the search resolves it, so the spec parsed here may not know it.
+    storage_flag = f" --storage '{rec.storage}'" if args.storage else ""
+    lines = [f"\nStudy {rec.study_name} in {rec.storage} ({wall:.0f} s)."]
+    if "report" in files:
+        plot = f"   Plot: {files['plot']}" if "plot" in files else ""
+        lines.append(f"Report: {files['report']}{plot}")
+    if "recipe" in files:
+        lines.append(f"Recipe: {files['recipe']}")
+    else:
+        lines.append("No recipe written: nothing feasible was found (relax --max-drop or --budget, or run more "
+                     "--trials).")
+    lines.append(f"Re-show: recommend show {rec.study_name}{storage_flag}")
+    lines.append(f"Dashboard: recommend dashboard {rec.study_name}{storage_flag}")
+    if "recipe" in files:
+        lines.append(f"Apply: recommend apply {files['recipe']} --dataset {args.dataset} --fidelity paper")
+    for line in lines:
+        out.print(line, soft_wrap=True, markup=False)  # paths and commands stay copyable
+    return code
 
 
 # -- ablate ------------------------------------------------------------------------------------
 
-def cmd_ablate(argv: Sequence[str]) -> int:
-    p = _Parser(prog="recommend ablate", description="One row per paper preset of a model: params, "
-                "MFLOPs, size and % of the baseline (the paper's tables); with training, accuracy and drop.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--num-classes", type=int, default=10, help="classifier width for --structure-only (default 10)")
-    p.add_argument("--structure-only", action="store_true", help="costs only, no training")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir")
-    p.add_argument("--fidelity", default="proxy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--presets", help="comma-separated subset of presets")
-    p.add_argument("--cache-dir", default="studies/cache")
-    args = p.parse_args(argv)
+def cmd_ablate(args: argparse.Namespace, parser: _Parser) -> int:
     from .ablate import ablate
 
-    err = _console(stderr=True)
+    err = args.err_console
     presets = [s.strip() for s in args.presets.split(",")] if args.presets else None
-    if args.structure_only:
-        rows = ablate(args.model, args.num_classes, structure_only=True, presets=presets)
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err) as prog:
-            task = prog.add_task("training presets", total=None)
-
-            def progress(name: str, i: int, n: int) -> None:
-                prog.update(task, total=n, completed=i, description=f"training {name}")
-
-            rows = ablate(args.model, args.num_classes, structure_only=False, dataset=args.dataset,
-                          fidelity=args.fidelity, data_dir=args.data_dir, seed=args.seed,
-                          cache_dir=args.cache_dir, presets=presets, progress=progress)
     trained = not args.structure_only
+    bar = None if args.quiet else RunProgress(err, verbose=args.verbose, log=_logger(err))
+    verb = "training" if trained else "measuring"
+    try:
+        rows = ablate(args.model, args.num_classes, structure_only=args.structure_only, dataset=args.dataset,
+                      fidelity=args.fidelity, data_dir=args.data_dir, seed=args.seed, cache_dir=args.cache_dir,
+                      presets=presets,
+                      progress=(lambda name, i, n: bar.item(name, i, n, verb)) if bar else None,
+                      train_progress=bar.training if bar and trained else None)
+    finally:
+        if bar:
+            bar.stop()
     if args.format == "json":
         print(json.dumps([r.to_dict() for r in rows], default=str))
     elif args.format == "csv":
@@ -259,15 +529,7 @@ def cmd_ablate(argv: Sequence[str]) -> int:
 
 # -- show, apply, dashboard --------------------------------------------------------------------
 
-def cmd_show(argv: Sequence[str]) -> int:
-    p = _Parser(prog="recommend show", description="Re-render a study's recommendation from its storage.")
-    p.add_argument("study")
-    p.add_argument("--storage")
-    p.add_argument("--studies-dir", default="studies")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--json", action="store_true")
-    g.add_argument("--markdown", action="store_true")
-    args = p.parse_args(argv)
+def cmd_show(args: argparse.Namespace, parser: _Parser) -> int:
     from .api import show
 
     rec = show(args.study, storage=args.storage, studies_dir=args.studies_dir)
@@ -280,71 +542,80 @@ def cmd_show(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_apply(argv: Sequence[str]) -> int:
-    p = _Parser(prog="recommend apply", description="Build, train, prune and quantize a recipe and export it "
-                "(state dict + TorchScript that runs with torch alone).")
-    p.add_argument("recipe", help="recipe.json written by a study")
-    p.add_argument("--model", help="base model (default: the one in the recipe file)")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir")
-    p.add_argument("--fidelity", default="paper")
-    p.add_argument("--epochs", type=int, help="override the fidelity's epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: next to the recipe)")
-    p.add_argument("--cache-dir", default="studies/cache")
-    p.add_argument("--compare", action="store_true", help="also train the baseline and report the drop")
-    args = p.parse_args(argv)
+def cmd_apply(args: argparse.Namespace, parser: _Parser) -> int:
     from .api import apply_recipe
+    from .export import INT8_REASON, parse_formats
 
-    err = _console(stderr=True)
+    err = args.err_console
+    log = (lambda s: None) if args.quiet else _logger(err)
+    formats = parse_formats(args.format)  # an unknown format fails before any work
     overrides = {"epochs": args.epochs} if args.epochs else {}
-    res = apply_recipe(args.recipe, model=args.model, dataset=args.dataset, fidelity=args.fidelity,
-                       data_dir=args.data_dir, out_dir=args.out, seed=args.seed, cache_dir=args.cache_dir,
-                       compare=args.compare, log=_logger(err),
-                       **overrides)
+    bar = None if args.quiet else RunProgress(err, verbose=args.verbose, log=log)
+    try:
+        res = apply_recipe(args.recipe, model=args.model, dataset=args.dataset, fidelity=args.fidelity,
+                           data_dir=args.data_dir, out_dir=args.out, seed=args.seed, cache_dir=args.cache_dir,
+                           compare=args.compare, formats=formats, log=log,
+                           progress=bar.training if bar else None, **overrides)
+    finally:
+        if bar:
+            bar.stop()
     e = res.evaluation
     drop = f" (drop {e.drop_pp:+.2f} pp)" if e.drop_pp is not None else ""
     print(f"accuracy {100 * e.accuracy:.2f}%{drop}, params {e.costs.get('params')}, "
           f"{e.costs.get('size_mb'):.2f} MB; wrote " + ", ".join(str(f) for f in res.files.values()))
+    for x in res.exports:
+        print("  " + x.describe())
+    exported = {x.format for x in res.exports}
+    if "torchscript" in exported and not exported & {"pt2", "onnx"} and formats is None:
+        print(f"  onnx, pt2: not offered: {INT8_REASON}")
+    failed = [x for x in res.exports if not x.ok]
+    if failed:
+        print(f"recommend: error: export failed or disagrees with PyTorch: {', '.join(x.format for x in failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def cmd_dashboard(argv: Sequence[str]) -> int:
-    p = _Parser(prog="recommend dashboard", description="Start optuna-dashboard for a study's storage.")
-    p.add_argument("study", nargs="?", help="study name (its default SQLite file under --studies-dir)")
-    p.add_argument("--storage")
-    p.add_argument("--studies-dir", default="studies")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    args = p.parse_args(argv)
+def cmd_dashboard(args: argparse.Namespace, parser: _Parser) -> int:
     from .dashboard import serve
 
     return serve(study=args.study, storage=args.storage, studies_dir=args.studies_dir, host=args.host, port=args.port)
 
 
-COMMANDS = {"ablate": cmd_ablate, "show": cmd_show, "apply": cmd_apply, "dashboard": cmd_dashboard}
+COMMANDS: dict[str | None, Callable[[argparse.Namespace, _Parser], int]] = {
+    None: cmd_run, "ablate": cmd_ablate, "show": cmd_show, "apply": cmd_apply, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``recommend`` with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = COMMANDS.get(argv[0]) if argv else None
+    verbose = False
     try:
-        return cmd(argv[1:]) if cmd else cmd_run(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verbose = bool(getattr(args, "verbose", False))
+        args.verbose, args.quiet = verbose, bool(getattr(args, "quiet", False))
+        # One stderr console for log records, progress lines and bars, so a live bar stays intact.
+        args.err_console = _console(stderr=True)
+        with command_environment(verbose, console=args.err_console):
+            return COMMANDS[args.command](args, parser)
     except RecommenderError as exc:
         print(f"recommend: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("recommend: interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else 2
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("RECOMMENDER_DEBUG"):
             raise
+        if verbose:
+            traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"recommend: internal error: {type(exc).__name__}: {first} "
-              "(set RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+              "(run with -v or RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from .train import (batches, evaluate, finetune_fn, paired_drop, protocol_data, 
                     train_model)
 
 Log = Callable[[str], None]
+# progress(label, step, total_steps, loss): after every optimiser step of a training run.
+TrainProgress = Callable[[str, int, int, float], None]
 
 
 def pack_bools(a: np.ndarray | None) -> str | None:
@@ -158,13 +160,16 @@ class Evaluator:
             when it differs from ``protocol`` only in its seed (a second seed reuses the
             search's baseline instead of training another one).
         log: where progress lines go.
+        progress: called after every training step as ``progress(label, step, total, loss)``
+            (label: ``baseline`` or the architecture's description); None: silent.
     """
 
     def __init__(self, model: str, data: TensorData, protocol: ProxyProtocol, *,
                  cache: WeightsCache | None = None, deploy_size: int | None = None, latency: bool = True,
                  latency_threads: int = 1, checkpoint: str | Path | None = None,
                  weights: str | Path | None = None, distill: bool = True,
-                 teacher_protocol: ProxyProtocol | None = None, log: Log | None = None):
+                 teacher_protocol: ProxyProtocol | None = None, log: Log | None = None,
+                 progress: TrainProgress | None = None):
         self.model_name = model
         self.family = get_family(model)
         self.data = data
@@ -181,6 +186,7 @@ class Evaluator:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.weights = Path(weights) if weights else None
         self.log = log or (lambda s: None)
+        self.progress = progress
         self.distill = distill
         self._baseline_model: nn.Module | None = None
         self._baseline_seconds = 0.0
@@ -281,7 +287,10 @@ class Evaluator:
             if baseline:
                 self._init_baseline(m)
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
-            res = train_model(m, self.data, protocol, teacher_logits=logits, **_deadline(deadline))
+            report = self.progress
+            step_fn = (lambda step, total, loss: report(label, step, total, loss)) if report else None
+            res = train_model(m, self.data, protocol, teacher_logits=logits, progress=step_fn,
+                              **_deadline(deadline))
             if not res.ok:
                 raise TrainingFailed(res.reason)
             return res.to_dict()

@@ -28,16 +28,27 @@ def PruneConfig(method: str = "none", sparsity: Any = _UNSET, importance: Any = 
     """The pruning stage's config for a registered method (``none``, ``unstructured-l1`` (the
     paper: iterative global L1 magnitude pruning of conv weights), ``structured-channel``
     (torch-pruning removes whole channels)): see each method's config dataclass for its options."""
-    return make_config("prune", {"method": method, **_given(sparsity=sparsity, importance=importance, step=step,
-                                                             finetune_steps=finetune_steps)})
+    return make_config("prune", {"method": method, **_own("prune", method, _given(
+        sparsity=sparsity, importance=importance, step=step, finetune_steps=finetune_steps))})
 
 
 def QuantConfig(scheme: str = "fp32", engine: Any = _UNSET, calibration_batches: Any = _UNSET,
                 observer: Any = _UNSET) -> MethodConfig:
     """The quantization stage's config for a registered scheme (``fp32``, ``fp16``,
     ``int8-dynamic``, ``int8-static``): see each scheme's config dataclass for its options."""
-    return make_config("quant", {"scheme": scheme, **_given(engine=engine, calibration_batches=calibration_batches,
-                                                             observer=observer)})
+    return make_config("quant", {"scheme": scheme, **_own("quant", scheme, _given(
+        engine=engine, calibration_batches=calibration_batches, observer=observer))})
+
+
+def _own(stage: str, method: str, kw: dict[str, Any]) -> dict[str, Any]:
+    # Like the single config class these replace, the convenience constructors take every
+    # option of the stage and keep the ones the chosen method has (recipe files stay strict).
+    from dataclasses import fields
+
+    from .compress.methods import get_method
+
+    own = {f.name for f in fields(get_method(stage, method).config)}
+    return {k: v for k, v in kw.items() if k in own}
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,21 @@ def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def feasible_pareto(study: optuna.Study) -> list[FrozenTrial]:
-    """The Pareto front of the feasible trials, lowest primary cost first."""
-    return pareto_front([t for t in completed(study) if is_feasible(t)])
+    """The Pareto front of the feasible trials, lowest primary cost first (equal points: the
+    first trial only).
+
+    Trials that stored their constraints with ``trial.set_constraint`` (Optuna 5) are read with
+    ``study.best_trials``, which keeps only feasible trials in a constrained study; a study whose
+    trials carry the constraints in their user attributes only (written before Optuna 5) is
+    filtered here.
+    """
+    done = completed(study)
+    if done and all(t.constraints for t in done):
+        numbers = {t.number for t in done}
+        # best_trials returns every trial of a duplicated point, in trial order: pareto_front()
+        # keeps the first and sorts by cost (it re-checks dominance on this small set, no-op).
+        return pareto_front([t for t in study.best_trials if t.number in numbers])
+    return pareto_front([t for t in done if is_feasible(t)])
 
 
 def knee(front: list[FrozenTrial]) -> FrozenTrial | None:
@@ -150,6 +163,9 @@ class Recommendation:
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     binding: list[str] = field(default_factory=list)
     study: optuna.Study | None = None
+    #: files written for this answer by :func:`recommender.api.write_outputs` (name -> path);
+    #: ``recipe`` only when the answer is feasible.
+    files: dict[str, str] = field(default_factory=dict)
 
     # -- convenience for the API -------------------------------------------------------------
     @property
@@ -360,7 +376,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     done = [t for t in completed(study) if not t.user_attrs.get("skipped_by_structure")]
     feas = [t for t in done if is_feasible(t)]
     by_number = {t.number: t for t in done}
-    front = [_choice(t, per_trial) for t in pareto_front(feas)]
+    front = [_choice(t, per_trial) for t in feasible_pareto(study) if not t.user_attrs.get("skipped_by_structure")]
     promoted = {n for n, rs in per_trial.items() if rs}
     counts = {
         "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials),
@@ -415,7 +431,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     alternatives: dict[str, Choice] = {}
     if front:
         alternatives["most accurate"] = max(front, key=lambda c: (c.proxy.accuracy or 0.0, -c.trial))
-        k = knee(pareto_front(feas))
+        k = knee(front_trials)
         if k is not None:
             alternatives["knee"] = _choice(k, per_trial)
     binding = _binding(chosen, done, budgets, max_drop) if chosen and feasible else []
@@ -525,11 +541,10 @@ def render(rec: Recommendation) -> Group:
     if power:
         parts.append(Text(power, style="yellow"))
     c = rec.chosen
-    if c is None and not rec.closest:
-        parts.append(Panel(Text("No candidate was evaluated yet: no recommendation.", style="bold red")))
+    if c is None and not rec.counts.get("finished"):
+        parts.append(Panel(Text("No candidate finished yet: no recommendation.", style="bold red")))
     elif c is None:
-        parts.append(Panel(Text("Nothing met every constraint: no recommendation (closest candidates below).",
-                                style="bold red")))
+        pass  # nothing feasible: said below, with the closest candidates and what they miss
     else:
         e = c.best
         status = ("[bold green]FEASIBLE[/]" if rec.feasible else "[bold red]NOT FEASIBLE[/]")
@@ -565,12 +580,11 @@ def render(rec: Recommendation) -> Group:
         for n in notes:
             body.append(Text("• " + n, style="yellow" if n.startswith("WARNING") else "dim"))
         parts.append(Panel(Group(*body), title=title, title_align="left"))
-    if not rec.feasible and rec.closest:
-        parts.append(Text("Nothing met every constraint at the highest rung reached. Closest candidates "
-                          "(what they miss):", style="bold red"))
+    note = nothing_feasible_note(rec)
+    if note:
+        parts.append(Text(note + (" Closest candidates (what they miss):" if rec.closest else ""), style="bold red"))
         for ch in rec.closest:
-            base = rec.baseline_at(ch.top_rung)
-            miss = _misses(ch.best, base, md, budgets)
+            miss = _misses(ch.best, rec.baseline_at(ch.top_rung), md, budgets)
             parts.append(Text(f"  trial {ch.trial} (rung {ch.top_rung}): {ch.recipe.describe()} — "
                               f"{_fmt_acc(ch.best)}, drop {_fmt_drop(ch.best)}; misses: {miss}"))
     rows = rec.front or rec.closest
@@ -602,12 +616,13 @@ def render(rec: Recommendation) -> Group:
                                    budgets[0].unit if budgets else "")
                  for name, ch in rec.alternatives.items()]
         parts.append(Panel("\n".join(lines), title="Alternatives", title_align="left"))
-    parts.append(Text(_summary(rec)))
+    parts.append(Text(summary_line(rec.counts, len(rec.rungs))))
     for info in rec.rungs[1:]:
         if info.get("skipped"):
             parts.append(Text(f"Rung {info['index']} ({info.get('label')}) not run: {info['skipped']}.", style="yellow"))
     if rec.warm_start_skipped:
-        parts.append(Text(f"Skipped by structure (not enqueued): {', '.join(rec.warm_start_skipped)}.", style="dim"))
+        parts.append(Text(f"Presets skipped by structure (not enqueued): {', '.join(rec.warm_start_skipped)}.",
+                          style="dim"))
     if rec.infeasible_reasons:
         parts.append(Text("Why candidates were infeasible or skipped: " + "; ".join(
             f"{k} ({v})" for k, v in sorted(rec.infeasible_reasons.items(), key=lambda kv: -kv[1])), style="dim"))
@@ -626,6 +641,7 @@ def _lowers(cfg: Any) -> frozenset[str]:
 
 
 def _misses(e: Evaluation, base: Baseline | None, md: MaxDrop, budgets: list[Budget]) -> str:
+    """What a candidate misses, in words (drop over the tolerance, budgets over their limits)."""
     out = []
     if not e.ok:
         return e.reason or "failed"
@@ -637,28 +653,61 @@ def _misses(e: Evaluation, base: Baseline | None, md: MaxDrop, budgets: list[Bud
     return "; ".join(out) or "nothing (within every constraint)"
 
 
-def _summary(rec: Recommendation) -> str:
-    n = rec.counts
-    promoted = n.get("confirmed", 0)
-    rungs = len(rec.rungs)
-    text = (f"{n.get('evaluated', 0)} candidates evaluated ({n.get('sampled', 0)} chosen by the sampler): "
-            f"{n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} infeasible at the search rung; "
-            f"{n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed.")
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def summary_line(counts: dict[str, int], rungs: int = 1) -> str:
+    """One sentence counting the study's trials: evaluated = feasible + infeasible (the sampler's
+    and the presets'), skipped before training, failed; running trials (other workers) are named
+    apart; promotions when there are rungs above the search's."""
+    n = counts
+    text = (f"{_plural(n.get('evaluated', 0), 'candidate')} evaluated ({n.get('sampled', 0)} chosen by the "
+            f"sampler): {n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} infeasible at the search rung; "
+            f"{n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed")
+    if n.get("running"):
+        text += f"; {n['running']} still running"
     if rungs > 1:
-        text += f" {promoted} promoted to higher rungs ({rungs} rungs)."
-    return text
+        text += f"; {n.get('confirmed', 0)} promoted to higher rungs ({rungs} rungs in all)"
+    return text + "."
+
+
+def nothing_feasible_note(rec: Recommendation) -> str:
+    """Why there is no feasible answer (empty when there is one or no trial finished yet)."""
+    if rec.feasible or not rec.counts.get("finished"):
+        return ""
+    if rec.front:  # feasible at the search rung, but none held on the highest rung reached
+        return ("Nothing feasible was found: the candidates that met every constraint at the search rung "
+                "exceeded the tolerance on the highest rung they were promoted to; no recipe is recommended.")
+    if not rec.closest:
+        return ("Nothing feasible was found: no candidate was trained to the end (all were skipped or failed: "
+                "reasons below); no recipe is recommended.")
+    return "Nothing feasible was found: no candidate met every constraint; no recipe is recommended."
+
+
+def _md(value: Any) -> str:
+    """A Markdown table cell: ``|`` escaped (it would split the cell), no line breaks."""
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
+def _md_row(*cells: Any) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
 
 
 def markdown(rec: Recommendation) -> str:
-    """The explanation as Markdown (the dashboard note, ``studies/<study>/report.md``)."""
+    """The explanation as Markdown (the dashboard note, ``studies/<study>/report.md``); every
+    table cell is escaped."""
     d = rec.to_dict()
     lines = [f"# Recommendation for {rec.spec.get('model')} on {rec.spec.get('dataset')}", ""]
     lines.append(f"Max drop {rec.max_drop.describe()}; budgets: " + ", ".join(b.describe() for b in rec.budgets))
     lines.append("")
+    power = _power_line(rec)
+    if power:
+        lines += [f"*{power}*", ""]
     r = d["recommended"]
-    if r is None:
+    if r is None and not rec.counts.get("finished"):
         lines.append("**No candidate finished yet.**")
-    else:
+    elif r is not None:
         state = "feasible" if rec.feasible else "NOT feasible"
         if r.get("uncertain"):
             state += " (uncertain: the drop interval crosses the tolerance)"
@@ -666,18 +715,53 @@ def markdown(rec: Recommendation) -> str:
                   "| | baseline | recommended |", "|---|---:|---:|"]
         b = d["baseline"] or {}
         acc = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
-        lines.append(f"| accuracy | {acc(b.get('accuracy'))} | {acc(r['accuracy'])} |")
-        lines.append(f"| drop (pp) | | {r['drop']:+.2f} [{r['drop_interval'][0]:+.1f}, {r['drop_interval'][1]:+.1f}] |"
-                     if r["drop"] is not None else "| drop | | n/a |")
+        lines.append(_md_row("accuracy", acc(b.get("accuracy")), acc(r["accuracy"])))
+        drop = (f"{r['drop']:+.2f} [{r['drop_interval'][0]:+.1f}, {r['drop_interval'][1]:+.1f}]"
+                if r["drop"] is not None else "n/a")
+        lines.append(_md_row("drop (pp)", "", drop))
         for key, label, unit in COST_ROWS:
-            lines.append(f"| {label} | {format_quantity(b.get(key), unit)} | {format_quantity(r.get(key), unit)} |")
-    lines += ["", "## Feasible Pareto front", "", "| trial | recipe | accuracy | drop (pp) | params | MFLOPs | MB | ms |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for p in d["pareto"]:
-        lines.append(f"| {p['trial']} | {p['describe']} | {100 * (p['proxy_accuracy'] or 0):.2f}% | "
-                     f"{(p['proxy_drop'] or 0):+.2f} | {p['params']} | {p['mflops'] and round(p['mflops'], 1)} | "
-                     f"{p['size_mb'] and round(p['size_mb'], 2)} | {p['latency_ms'] and round(p['latency_ms'], 1)} |")
-    lines += ["", _summary(rec)]
+            lines.append(_md_row(label, format_quantity(b.get(key), unit), format_quantity(r.get(key), unit)))
+        lines.append("")
+        if len(r.get("rungs", [])) > 1 or len(rec.rungs) > 1:
+            lines += ["Drop on every rung it ran (lowest fidelity first):", "",
+                      "| rung | fidelity | accuracy | drop (pp) [95% CI] |", "|---:|---|---:|---:|"]
+            for row in r["rungs"]:
+                lo, hi = row["drop_interval"]
+                drop = "n/a" if row["drop"] is None else f"{row['drop']:+.2f} [{lo:+.1f}, {hi:+.1f}]"
+                lines.append(_md_row(row["rung"], row["label"], "n/a" if row["accuracy"] is None
+                                     else f"{100 * row['accuracy']:.2f}%", drop))
+            lines.append("")
+        if r.get("warning"):
+            lines += [f"**Warning:** {r['warning']}", ""]
+    note = nothing_feasible_note(rec)
+    if note:
+        lines += [f"**{note}**"]
+    tables = [("Feasible Pareto front", d["pareto"]), ("Closest candidates (infeasible)", d["closest_infeasible"])]
+    for title, rows in tables:
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", "| trial | recipe | accuracy | drop (pp) | params | MFLOPs | MB | ms |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for p in rows:
+            lines.append(_md_row(p["trial"], p["describe"], f"{100 * (p['proxy_accuracy'] or 0):.2f}%",
+                                 "n/a" if p["proxy_drop"] is None else f"{p['proxy_drop']:+.2f}", p["params"],
+                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1)))
+    lines += ["", summary_line(rec.counts, len(rec.rungs))]
+    for info in rec.rungs[1:]:
+        if info.get("skipped"):
+            lines += ["", f"Rung {info['index']} ({info.get('label')}) not run: {info['skipped']}."]
+    if rec.warm_start_skipped:
+        lines += ["", f"Presets skipped by structure (not enqueued): {', '.join(rec.warm_start_skipped)}."]
+    if rec.infeasible_reasons:
+        lines.append("")
+        lines.append("Why candidates were infeasible or pruned: " + "; ".join(
+            f"{k} ({v})" for k, v in sorted(rec.infeasible_reasons.items(), key=lambda kv: -kv[1])))
+    if rec.failures:
+        lines += ["", "Failures: " + "; ".join(f"{k} ({v})" for k, v in rec.failures.items())]
     if rec.binding:
         lines.append("What bound the answer: " + "; ".join(rec.binding))
     return "\n".join(lines) + "\n"
+
+
+def _round(x: float | None, digits: int) -> str:
+    return "n/a" if x is None else str(round(x, digits))

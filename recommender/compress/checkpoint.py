@@ -1,7 +1,7 @@
 """Save and load model state dicts safely.
 
 ``save_state(path, state_dict, meta=None)`` writes ``{"state_dict": ..., "meta": ...}`` with
-``torch.save`` (atomically: to a temporary file, then renamed). ``load_state(path)`` reads it
+``torch.save`` (atomically, with :func:`recommender.io.atomic_write`). ``load_state(path)`` reads it
 back with ``torch.load(..., weights_only=True)`` (no arbitrary code runs) and returns
 ``(state_dict, meta)``. A missing, truncated, corrupt or foreign file raises
 :class:`recommender.errors.CheckpointError` with a one-line message.
@@ -13,8 +13,6 @@ refuse; store the float state dict plus the recipe and re-apply the quantization
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..io import atomic_write
 
 __all__ = ["save_state", "load_state", "load_into", "load_checked", "load_matching", "file_digest"]
 
@@ -33,19 +32,8 @@ def save_state(path: str | Path, state_dict: dict[str, Any] | nn.Module, meta: d
     if isinstance(state_dict, nn.Module):
         state_dict = state_dict.state_dict()
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": _FORMAT, "state_dict": dict(state_dict), "meta": dict(meta or {})}
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(p, lambda fh: torch.save(payload, fh))
     return p
 
 

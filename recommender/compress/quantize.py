@@ -71,9 +71,10 @@ Calibration = Iterable[Any]
 # warnings
 
 
-# Emitted by the quantized cat kernel at *inference* time whenever its inputs have different
-# scales (it requantizes them, which is correct): a performance note, repeated on every forward.
-warnings.filterwarnings("ignore", message=r"All inputs of this cat operator must share the same quantization")
+# The quantized cat kernel also warns at *inference* time whenever its inputs have different
+# scales (it requantizes them, which is correct): a performance note. A library installs no global
+# filter at import; the ``recommend`` command silences it (``INFERENCE_WARNINGS``).
+INFERENCE_WARNINGS = (r"All inputs of this cat operator must share the same quantization",)
 
 
 @contextlib.contextmanager

@@ -2,18 +2,19 @@
 confirm stage) is done once even when several workers start together.
 
 PostgreSQL storages use a session-level advisory lock on the same database (every worker of a
-fleet sees it); SQLite storages use an ``fcntl`` lock on a file beside the database (SQLite
-studies are local to one machine); other storages (in-memory) need no lock.
+fleet sees it); SQLite storages use a lock file beside the database (SQLite
+studies are local to one machine), taken with :mod:`filelock` (``fcntl`` on POSIX, ``msvcrt`` on
+Windows); other storages (in-memory) need no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock
 from sqlalchemy import create_engine, text
 
 
@@ -48,11 +49,9 @@ def study_lock(storage_url: str | None, study_name: str, what: str = "baseline")
         safe = hashlib.sha256(f"{study_name}/{what}".encode()).hexdigest()[:16]
         lock_path = db.with_name(f".{db.name}.{safe}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        # The lock file stays in place: deleting it while another process waits on it would let
+        # two processes hold "the" lock at once.
+        with FileLock(str(lock_path)):
+            yield
         return
     yield

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,13 +48,6 @@ from .workers import run_workers
 SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
-
-# Failed trials are recorded with their reason and shown in the report; optuna would also print a
-# traceback for each on stderr.
-optuna.logging.set_verbosity(optuna.logging.ERROR)
-# heartbeats, grouped multivariate TPE and metric names are "experimental" but documented and
-# stable enough for us; the warning would only clutter every run.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -316,10 +308,11 @@ class Search:
 
     def __init__(self, spec: StudySpec, *, log: Callable[[str], None] | None = None,
                  callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
-                 worker: int = 0):
+                 worker: int = 0, progress: Callable[[str, int, int, float], None] | None = None):
         self.spec = spec
         self.worker = worker
         self.log = log or (lambda s: None)
+        self.progress = progress
         self.callbacks = list(callbacks)
         threads = spec.worker_threads() if worker else (spec.threads or 0)
         self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed, threads=threads)
@@ -353,7 +346,8 @@ class Search:
         spec = self.spec
         return Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=latency,
                          checkpoint=spec.checkpoint, weights=spec.weights,
-                         distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log)
+                         distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log,
+                         progress=self.progress)
 
     def _time_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
