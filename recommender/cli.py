@@ -108,12 +108,25 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("search")
     g.add_argument("--fidelity", metavar="NAME", default="proxy", help="search protocol: smoke, proxy (default), confirm, paper")
-    g.add_argument("--confirm-fidelity", metavar="NAME", default="search",
-                   help="re-check of the finalists: search (default: a second seed at the search fidelity), "
-                        "a fidelity name (e.g. confirm: more data and epochs, baseline retrained once), or none")
-    g.add_argument("--n-confirm", metavar="N", type=int, default=2, help="candidates re-checked (default 2)")
-    g.add_argument("--trials", metavar="N", type=int, default=None, help="finished trials the study should reach (default 20)")
-    g.add_argument("--timeout", metavar="TIME", help="search time for this run: 90s, 20m, 1h (default: none)")
+    g.add_argument("--rungs", metavar="LADDER", default="auto",
+                   help="promotion rungs above the search: auto (default: one rung at 3x the epochs, native "
+                        "resolution, augmentation; the best third of the candidates is re-trained there and the "
+                        "answer is chosen on it), a number of rungs (1: none), or fidelity names (proxy,confirm)")
+    g.add_argument("--promote-fraction", metavar="F", type=float, default=1 / 3,
+                   help="share of the eligible candidates promoted to each rung (default 1/3)")
+    g.add_argument("--max-promoted", metavar="N", type=int, default=4, help="most candidates promoted per rung (default 4)")
+    g.add_argument("--confirm-fidelity", metavar="NAME", default=None,
+                   help="the older single re-check instead of --rungs: search (a second seed at the search "
+                        "fidelity), a fidelity name (e.g. confirm), or none")
+    g.add_argument("--n-confirm", metavar="N", type=int, default=2,
+                   help="with --confirm-fidelity: candidates re-checked (default 2)")
+    g.add_argument("--trials", metavar="N", type=int, default=None,
+                   help="candidates the study should evaluate; trials skipped before training do not count (default 20)")
+    g.add_argument("--timeout", metavar="TIME",
+                   help="time for this run, baseline and promotions included: 90s, 20m, 1h (default: none)")
+    g.add_argument("--jobs", metavar="N", default="auto",
+                   help="worker processes on this machine (default auto: 2 single-threaded workers on a "
+                        "CPU with 2+ cores, 1 on a GPU)")
     g.add_argument("--max-trial-time", metavar="TIME", default="2m",
                    help="skip candidates whose proxy training is estimated to take longer (default 2m; 0: no limit)")
     g.add_argument("--sampler", metavar="NAME", default="tpe", help="tpe (default), nsga2, random")
@@ -138,6 +151,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = dict(
         data_dir=args.data_dir, fidelity=args.fidelity, confirm_fidelity=args.confirm_fidelity,
         n_confirm=args.n_confirm, timeout=parse_duration(args.timeout), sampler=args.sampler, seed=args.seed,
+        rungs=args.rungs, promote_fraction=args.promote_fraction, max_promoted=args.max_promoted,
+        jobs=parse_jobs(args.jobs),
         storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
         weights=args.weights, baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
         latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
@@ -145,6 +160,21 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.trials is not None:
         options["trials"] = args.trials
     return options
+
+
+def parse_jobs(text: str | int) -> int:
+    """``auto`` or a positive number of worker processes."""
+    if str(text) == "auto":
+        from .search.study import default_jobs
+
+        return default_jobs()
+    try:
+        n = int(text)
+    except ValueError:
+        raise RecommenderError(f"--jobs must be a positive number or auto, got {text!r}") from None
+    if n < 1:
+        raise RecommenderError(f"--jobs must be at least 1, got {n}")
+    return n
 
 
 def _add_ablate(sub: Any) -> None:
@@ -399,14 +429,14 @@ class RunProgress:
         if self.trials_task is None:
             return
         from .report import feasible_pareto
-        from .search.study import finished_trials
+        from .search.study import counted_trials
 
         front = feasible_pareto(study)
         best = ""
         if front:
             t = front[0]
             best = f"best feasible: trial {t.number}, acc {100 * t.values[0]:.1f}%, cost {t.values[1]:.4g}"
-        done = len(finished_trials(study))
+        done = counted_trials(study)
         self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done, info=best)
 
 

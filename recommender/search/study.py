@@ -279,6 +279,20 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: Single-threaded workers run many small trainings faster than one worker with every thread
+#: (measured in benchmarks/proxy_cost.py); more than two rarely pays on a laptop's memory bandwidth.
+MAX_AUTO_JOBS = 2
+
+
+def default_jobs(device: str = "auto") -> int:
+    """``--jobs auto``: one worker per CPU up to ``MAX_AUTO_JOBS``; one on a GPU (it is shared)."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(MAX_AUTO_JOBS, available_cpus()))
+
+
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 
