@@ -376,7 +376,8 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     done = [t for t in completed(study) if not t.user_attrs.get("skipped_by_structure")]
     feas = [t for t in done if is_feasible(t)]
     by_number = {t.number: t for t in done}
-    front = [_choice(t, per_trial) for t in feasible_pareto(study) if not t.user_attrs.get("skipped_by_structure")]
+    front_trials = [t for t in feasible_pareto(study) if not t.user_attrs.get("skipped_by_structure")]
+    front = [_choice(t, per_trial) for t in front_trials]
     promoted = {n for n, rs in per_trial.items() if rs}
     counts = {
         "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials),
