@@ -7,7 +7,9 @@
     recommend dashboard [STUDY] [--storage URL] [--port 8080]
 
 Bad input (an unknown model, a malformed budget, a missing dataset, an unreachable storage, a
-corrupt checkpoint or recipe) prints one line on stderr and exits with status 2.
+corrupt checkpoint or recipe) prints one line on stderr and exits with status 2. Ctrl-C exits
+with 130 and SIGTERM with 143, after one line saying how to resume (the running trial is
+queued again and does not count towards --trials).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
 from .constraints import BUDGET_FORMS, DROP_FORMS
-from .errors import RecommenderError
+from .errors import RecommenderError, Terminated
 
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
 
@@ -117,10 +121,11 @@ def cmd_run(argv: Sequence[str]) -> int:
         finally:
             if bar:
                 bar.stop()
-    except KeyboardInterrupt:
-        print(f"recommend: interrupted; finished trials are saved in {_redact(spec.storage_url)} "
-              f"(study {spec.name}); run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"recommend: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; finished trials are "
+              f"saved in {_redact(spec.storage_url)} (study {spec.name}); run the same command to resume",
+              file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     wall = time.perf_counter() - t0
     if args.json:
         d = rec.to_dict()
@@ -147,9 +152,13 @@ def _logger(console: Any):
 
 
 def _redact(url: str) -> str:
-    from .search.study import redact
+    from .search.storage import redact
 
     return redact(url)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class TrialProgress:
@@ -180,14 +189,14 @@ class TrialProgress:
         if self.task is None:
             return
         from .report import feasible_pareto
-        from .search.study import finished_trials
+        from .search.recovery import counted_trials
 
         front = feasible_pareto(study)
         best = ""
         if front:
             t = front[0]
             best = f"best feasible: trial {t.number}, acc {100 * t.values[0]:.1f}%, cost {t.values[1]:.4g}"
-        self.progress.update(self.task, completed=min(self.total, len(finished_trials(study))), best=best)
+        self.progress.update(self.task, completed=min(self.total, len(counted_trials(study))), best=best)
 
 
 # -- ablate ------------------------------------------------------------------------------------
@@ -328,23 +337,30 @@ COMMANDS = {"ablate": cmd_ablate, "show": cmd_show, "apply": cmd_apply, "dashboa
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = COMMANDS.get(argv[0]) if argv else None
+    from .search.storage import scrub  # messages may quote a storage URL: never its password
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # stop as on Ctrl-C
     try:
         return cmd(argv[1:]) if cmd else cmd_run(argv)
     except RecommenderError as exc:
-        print(f"recommend: error: {exc}", file=sys.stderr)
+        print(f"recommend: error: {scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("recommend: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"recommend: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("RECOMMENDER_DEBUG"):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = scrub(str(exc).splitlines()[0]) if str(exc) else ""
         print(f"recommend: internal error: {type(exc).__name__}: {first} "
               "(set RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":
