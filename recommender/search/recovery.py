@@ -19,7 +19,9 @@ with every candidate evaluated once.
   after the grace period and calls :class:`RequeueStale`.
 
 A candidate whose worker died :data:`MAX_RETRIES` times is not queued again (it may be what
-kills the worker, e.g. out of memory); that last failure counts like any failed trial.
+kills the worker, e.g. out of memory). Found on this machine, that last failure counts like any
+failed trial; found by heartbeat (Optuna has already failed it, so nothing more can be recorded
+on it) it is dropped without counting and the study samples another candidate.
 """
 
 from __future__ import annotations
