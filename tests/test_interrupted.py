@@ -198,3 +198,20 @@ def test_two_workers_on_one_study_do_not_propose_in_lockstep(setup):
     seeds = {sampler_seed(7, fresh, worker=w, run=r) for w in range(3) for r in range(3)}
     assert len(seeds) == 9 and sampler_seed(7, fresh, worker=2) == sampler_seed(7, fresh, worker=2)
     assert sampler_seed(7, a) != sampler_seed(8, a) and 0 <= sampler_seed(7, a) < 2**32
+
+
+def test_orphan_trial_is_failed_and_its_queued_params_kept(tmp_path):
+    """A trial created by Optuna but interrupted before the objective began records no worker
+    and no heartbeat: it is failed once old enough, and its queued parameters queued again."""
+    from recommender.search.recovery import reap_dead_trials
+
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", directions=["maximize", "minimize"])
+    s.enqueue_trial({"x": 0.25})
+    orphan = s.ask()  # popped from the queue, never run
+    assert reap_dead_trials(s, orphan_after_s=3600) == []  # young: could be a live ask
+    assert reap_dead_trials(s, orphan_after_s=0) == [orphan.number]
+    trials = s.get_trials(deepcopy=False)
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["interrupted"] is True
+    assert trials[1].state.name == "WAITING" and trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].system_attrs["fixed_params"] == {"x": 0.25}
+    assert counted_trials(s) == []

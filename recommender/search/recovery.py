@@ -17,6 +17,10 @@ with every candidate evaluated once.
   finished from what it stored instead of being run again.
 - **A dead worker on another machine** (a PostgreSQL fleet): Optuna's heartbeat fails its trial
   after the grace period and calls :class:`RequeueStale`.
+- **An interrupt between Optuna creating a trial and the objective starting** (milliseconds):
+  the trial has no worker and no heartbeat, so nothing above sees it; it would stay RUNNING for
+  ever and count as running. :func:`reap_dead_trials` fails such an orphan once it is
+  :data:`ORPHAN_AFTER_S` old.
 
 A candidate whose worker died :data:`MAX_RETRIES` times is not queued again (it may be what
 kills the worker, e.g. out of memory). Found on this machine, that last failure counts like any
@@ -26,6 +30,7 @@ on it) it is dropped without counting and the study samples another candidate.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -40,6 +45,9 @@ __all__ = ["MAX_RETRIES", "worker_identity", "worker_alive", "interruptible", "r
 
 #: How often a candidate whose worker died is run again.
 MAX_RETRIES = 2
+#: Seconds after which a RUNNING trial that never started its objective (no worker recorded) is
+#: an orphan; a live one leaves that state within milliseconds.
+ORPHAN_AFTER_S = 600.0
 WORKER_ATTR = "worker"
 RETRY_ATTR = "retry_of"
 INTERRUPTED_ATTR = "interrupted"
@@ -162,22 +170,29 @@ def interruptible(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.
     return run
 
 
-def reap_dead_trials(study: optuna.Study, values: ValuesFn | None = None) -> list[int]:
-    """Finish the RUNNING trials whose worker process on this machine is gone; returns their
-    numbers. A trial whose evaluation was stored is finished from it (``values(evaluation)``
-    gives its objective values: COMPLETE, else FAIL/PRUNED with its own reason); any other is
-    failed as interrupted and queued again (up to :data:`MAX_RETRIES` deaths)."""
+def reap_dead_trials(study: optuna.Study, values: ValuesFn | None = None, *,
+                     orphan_after_s: float = ORPHAN_AFTER_S) -> list[int]:
+    """Finish the RUNNING trials whose worker process on this machine is gone, and orphans (no
+    worker recorded, started over ``orphan_after_s`` seconds ago); returns their numbers. A
+    trial whose evaluation was stored is finished from it (``values(evaluation)`` gives its
+    objective values: COMPLETE, else FAIL/PRUNED with its own reason); any other is failed as
+    interrupted and queued again (up to :data:`MAX_RETRIES` deaths)."""
     done = []
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_alive(t.user_attrs.get(WORKER_ATTR)) is False and _finish_dead(study, t, values):
+        if WORKER_ATTR in t.user_attrs:
+            dead = worker_alive(t.user_attrs[WORKER_ATTR]) is False
+        else:
+            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > orphan_after_s
+        if dead and _finish_dead(study, t, values):
             done.append(t.number)
     return done
 
 
 def _finish_dead(study: optuna.Study, t: FrozenTrial, values: ValuesFn | None) -> bool:
     storage, tid, ua = study._storage, t._trial_id, t.user_attrs
-    info = ua.get(WORKER_ATTR, {})
-    who = f"worker {info.get('host')} pid {info.get('pid')}"
+    info = ua.get(WORKER_ATTR)
+    who = f"worker {info.get('host')} pid {info.get('pid')}" if info else "its worker"
     requeue_it = False
     try:
         ev = ua.get("evaluation")
@@ -193,14 +208,18 @@ def _finish_dead(study: optuna.Study, t: FrozenTrial, values: ValuesFn | None) -
         requeue_it = deaths < MAX_RETRIES
         reason = (f"interrupted: {who} died before its evaluation finished; queued again" if requeue_it else
                   f"{who} died while evaluating it, {deaths + 1} times; not queued again")
+        if not info:
+            reason = "interrupted: its worker stopped before the trial began (no worker, no heartbeat)"
+            requeue_it = True
         storage.set_trial_user_attr(tid, "fail_reason", reason)
         storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, requeue_it)
         if not storage.set_trial_state_values(tid, TrialState.FAIL):
             return False
     except UpdateFinishedTrialError:  # another worker finished it first (and re-queued it)
         return False
-    if requeue_it:
-        requeue(study, t.params, t.number, ua, died=True)
+    params = t.params or t.system_attrs.get("fixed_params", {})  # an orphan: what it was queued with
+    if requeue_it and params:
+        requeue(study, params, t.number, ua, died=True)
     return True
 
 
