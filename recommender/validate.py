@@ -9,6 +9,7 @@ folder the run must write into. This module imports neither torch nor optuna.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import tempfile
 from pathlib import Path
@@ -36,21 +37,21 @@ def study_name(name: Any) -> str:
 
 def seed(value: Any, flag: str = "--seed") -> int:
     """A seed in [0, 2**31 - 1]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_SEED:
         raise RecommenderError(f"{flag} must be an integer in [0, {MAX_SEED}], got {value!r}")
-    return value
+    return int(value)
 
 
 def port(value: Any, flag: str = "--port") -> int:
     """A TCP port in [0, 65535] (0: pick a free one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 65535:
         raise RecommenderError(f"{flag} must be an integer in [0, 65535] (0 picks a free port), got {value!r}")
-    return value
+    return int(value)
 
 
 def percent(value: Any, flag: str) -> float:
     """A finite percentage in [0, 100]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or not 0 <= value <= 100:
         raise RecommenderError(f"{flag} must be a percentage in [0, 100], got {value!r}")
     return float(value)
