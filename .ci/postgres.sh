@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start or stop a throw-away PostgreSQL server on loopback for the distributed-search tests.
-# Usage: .ci/postgres.sh start DIR PORT   (prints the SQLAlchemy URL on stdout)
+# Usage: .ci/postgres.sh start DIR PORT   (prints the storage URL, postgresql://..., on stdout)
 #        .ci/postgres.sh stop DIR
 # Installs Debian's postgresql package when no server binaries are present.
 set -euo pipefail
@@ -32,4 +32,6 @@ runuser -u postgres -- "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/n
 runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
   -o "-h 127.0.0.1 -p $port -k $dir" start >/dev/null
 runuser -u postgres -- "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres recommender_test
-echo "postgresql+psycopg2://postgres@127.0.0.1:$port/recommender_test"
+# The documented form (README, docs/distributed.md): recommender maps a bare postgresql:// to the
+# installed driver (psycopg2), so the tests exercise what users type.
+echo "postgresql://postgres@127.0.0.1:$port/recommender_test"

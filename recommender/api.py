@@ -22,7 +22,9 @@ from .evaluation import TrainProgress
 from .io import atomic_write, remove_file
 from .recipe import Recipe, load_recipe
 from .report import Recommendation, recommendation_from_study
-from .search.study import Search, StudySpec, open_storage, redact
+from . import validate
+from .search.storage import open_existing_storage, redact, sqlite_url
+from .search.study import Search, StudySpec
 
 
 def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%",
@@ -65,15 +67,15 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
 
 
 def show(study_name: str, storage: str | None = None, studies_dir: str = "studies") -> Recommendation:
-    """Re-render a study's answer from its storage (no training, no evaluation)."""
-    url = storage or f"sqlite:///{Path(studies_dir) / (study_name + '.db')}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise StorageError(f"no study database at {url[len('sqlite:///'):]}; pass --storage URL or run the study first")
-    st = open_storage(url, heartbeat=False)
+    """Re-render a study's answer from its storage (no training, no evaluation; the storage is
+    only read: nothing is created in it)."""
+    validate.study_name(study_name)
+    url = storage or sqlite_url(Path(studies_dir) / (study_name + ".db"))
+    st = open_existing_storage(url)
     try:
         study = optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(st)]
+        names = [s.study_name for s in st.get_all_studies()]
         raise RecommenderError(f"no study named {study_name!r} in {redact(url)}; studies there: "
                                f"{', '.join(names) or 'none'}") from None
     return recommendation_from_study(study, storage=redact(url))
@@ -187,6 +189,7 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     from .protocol import get_protocol
 
     t0 = time.perf_counter()
+    validate.seed(seed)
     file_model, _, recipe = load_recipe(recipe_path)
     name = model or file_model
     if not name:
@@ -194,6 +197,10 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     int8 = isinstance(recipe.quant, (Int8DynamicConfig, Int8StaticConfig))
     formats = list(formats) if formats is not None else default_formats(int8)
     check_formats(formats, int8)  # before minutes of training
+    out = Path(out_dir or Path(recipe_path).with_suffix("").as_posix() + "-applied")
+    validate.writable_dir(out, "the output folder (--out)")  # before any training
+    if cache_dir:
+        validate.writable_dir(cache_dir, "--cache-dir (trained weights)")
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
     name = resolve_model(name, num_classes=data.num_classes, seed=seed)  # package.module:factory too
     protocol = get_protocol(fidelity, seed=seed, **protocol_overrides)
@@ -203,7 +210,6 @@ def apply_recipe(recipe_path: str | Path, *, model: str | None = None, dataset: 
     evaluation, compressed = ev.evaluate(recipe, baseline, return_model=True)
     if not evaluation.ok:
         raise RecommenderError(f"the recipe could not be applied: {evaluation.reason}")
-    out = Path(out_dir or Path(recipe_path).with_suffix("").as_posix() + "-applied")
     out.mkdir(parents=True, exist_ok=True)
     files = {"state_dict": out / "state_dict.pt"}
     state = compressed.state_dict()

@@ -14,6 +14,7 @@ export failed its check against PyTorch):
     2    bad input: one line on stderr (unknown model, malformed budget, missing dataset, ...)
     3    internal error (a bug): one line, the traceback with -v or RECOMMENDER_DEBUG=1
     130  interrupted (Ctrl-C, SIGINT); finished trials are kept and the same command resumes
+    143  terminated (SIGTERM), as Ctrl-C; the running trial is queued again, not counted
 
 Only this module changes process-wide state (optuna's log level, warning filters, a log handler),
 and only for the duration of one command (:func:`command_environment`).
@@ -29,7 +30,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -37,13 +40,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
 from .constraints import BUDGET_FORMS, DROP_FORMS
-from .errors import RecommenderError
+from .errors import RecommenderError, Terminated
 
 EXIT_FEASIBLE = 0
 EXIT_INFEASIBLE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
 
@@ -244,7 +248,7 @@ def build_parser() -> _Parser:
                 description="Recommend a compression recipe (architecture changes, pruning, quantization) that "
                             "meets a budget within an accuracy tolerance.",
                 epilog="exit codes: 0 a feasible recommendation; 1 finished, nothing feasible; 2 bad input; "
-                       "3 internal error; 130 interrupted (finished trials are kept: run the same command to "
+                       "3 internal error; 130 interrupted, 143 terminated (finished trials are kept: run the same command to "
                        "resume).")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
@@ -327,9 +331,13 @@ def _logger(console: Any) -> Callable[[str], None]:
 
 
 def _redact(url: str) -> str:
-    from .search.study import redact
+    from .search.storage import redact
 
     return redact(url)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -429,14 +437,14 @@ class RunProgress:
         if self.trials_task is None:
             return
         from .report import feasible_pareto
-        from .search.study import counted_trials
+        from .search.recovery import counted_trials
 
         front = feasible_pareto(study)
         best = ""
         if front:
             t = front[0]
             best = f"best feasible: trial {t.number}, acc {100 * t.values[0]:.1f}%, cost {t.values[1]:.4g}"
-        done = counted_trials(study)
+        done = len(counted_trials(study))
         self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done, info=best)
 
 
@@ -465,16 +473,17 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
         finally:
             if bar:
                 bar.stop()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         from .models.registry import is_registered
 
         # A factory model (package.module:factory) gets its study name once the search resolves
         # it: name the study only when it is known here.
         where = (f"{_redact(spec.storage_url)} (study {spec.name})" if is_registered(args.model)
                  else f"the study's storage under {spec.studies_dir}" if not args.storage else _redact(args.storage))
-        print(f"recommend: interrupted; finished trials are saved in {where}; run the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"recommend: {what}; finished trials are saved in {where}; run the same command to resume "
+              "(the running trial is queued again)", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     wall = time.perf_counter() - t0
     code = EXIT_FEASIBLE if rec.feasible else EXIT_INFEASIBLE
     if args.json:
@@ -620,6 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``recommend`` with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = False
+    from .search.storage import scrub  # messages may quote a storage URL: never its password
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # stop as on Ctrl-C
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -630,11 +643,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with command_environment(verbose, console=args.err_console):
             return COMMANDS[args.command](args, parser)
     except RecommenderError as exc:
-        print(f"recommend: error: {exc}", file=sys.stderr)
+        print(f"recommend: error: {scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("recommend: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"recommend: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     except Exception as exc:  # a bug: still one line, the traceback on request
@@ -642,10 +655,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if verbose:
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = scrub(str(exc).splitlines()[0]) if str(exc) else ""
         print(f"recommend: internal error: {type(exc).__name__}: {first} "
               "(run with -v or RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

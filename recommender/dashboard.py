@@ -12,6 +12,19 @@ the study's note is the Markdown explanation written when a search finishes.
 It binds to 127.0.0.1 by default: the dashboard has no authentication and can edit the storage
 (notes, deleting studies), so expose it on another interface only on a trusted network.
 
+Requests must name an allowed host in their ``Host`` header, else they get 403 (:class:`HostCheck`):
+on a loopback bind ``127.0.0.1``, ``localhost`` and ``[::1]`` (with no port or the dashboard's
+port). This stops DNS rebinding, where a web page the user opens points its own host name at
+127.0.0.1 and calls the dashboard's write endpoints (``DELETE /api/studies/1``) from the browser.
+A request that changes something (not GET/HEAD/OPTIONS) and carries an ``Origin`` header of
+another host gets 403 too (a cross-site form post). Bound to a named address (``--host
+10.0.0.5``) that address is allowed as well; bound to every interface (``0.0.0.0``, ``::``) the
+Host check is off, since the server cannot know every name it is reached by.
+
+What remains exposed: the check is not authentication. Any program or user on this machine (and,
+bound to another interface, anyone who can reach the port) can read every study in the storage
+and edit or delete it.
+
 :func:`serve` blocks until Ctrl-C; :func:`start` runs the same server in a background thread
 and returns a :class:`DashboardHandle` whose :meth:`~DashboardHandle.stop` shuts it down (tests,
 notebooks).
@@ -19,7 +32,6 @@ notebooks).
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import sys
@@ -30,16 +42,15 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from . import validate
 from .errors import RecommenderError, StorageError
+from .search.storage import open_existing_storage, redact, sqlite_path, sqlite_url
 
-__all__ = ["serve", "start", "DashboardHandle", "resolve_storage", "open_dashboard_storage"]
+__all__ = ["serve", "start", "DashboardHandle", "resolve_storage", "open_dashboard_storage", "HostCheck"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def _redact(url: str) -> str:
-    """The URL with its password hidden (as ``search.study.redact``, without importing torch)."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+_WILDCARD = ("0.0.0.0", "::", "")
+_redact = redact  # one redaction everywhere (recommender.search.storage)
 
 
 def resolve_storage(study: str | None = None, storage: str | None = None,
@@ -50,48 +61,69 @@ def resolve_storage(study: str | None = None, storage: str | None = None,
     ``studies_dir``; a named SQLite file that does not exist is a :class:`StorageError` too.
     """
     folder = Path(studies_dir)
+    if study is not None:
+        validate.study_name(study)
     if storage:
         url = storage
     elif study:
-        url = f"sqlite:///{folder / (study + '.db')}"
+        url = sqlite_url(folder / (study + ".db"))
     else:
         found = sorted(p.stem for p in folder.glob("*.db")) if folder.is_dir() else []
         where = f"studies in {folder}/: {', '.join(found)}" if found else f"no studies (*.db) in {folder}/"
         raise StorageError(f"name a study or pass --storage URL ({where})")
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        if not path.is_file():
-            raise StorageError(f"no study database at {path}; run the study first, or pass --studies-dir "
-                               "or --storage URL")
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no study database at {path}; run the study first, or pass --studies-dir "
+                           "or --storage URL")
     return url
 
 
 def open_dashboard_storage(url: str) -> Any:
     """An RDB storage for the dashboard (no table creation, no migration check), verified reachable
     by listing its studies; any failure is a one-line :class:`StorageError`."""
-    from optuna.storages import RDBStorage
+    return open_existing_storage(url, "for the dashboard")
 
-    kwargs: dict[str, Any] = {}
-    if not url.startswith("sqlite"):
-        # Fail fast on an unreachable server instead of hanging on the first request.
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-        if url.startswith("postgresql"):
-            kwargs["engine_kwargs"]["connect_args"] = {"connect_timeout": 10}
-    try:
-        st = RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True, **kwargs)
-        st.get_all_studies()
-    except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver, no tables
-        chain, e = [], exc  # Optuna wraps the database error: read the whole chain
-        while e is not None and len(chain) < 5:
-            chain.append(e)
-            e = e.__cause__ or e.__context__
-        text = "\n".join(str(c) for c in chain).strip()
-        root = next((str(c).strip() for c in reversed(chain) if str(c).strip()), type(exc).__name__)
-        msg = root.splitlines()[0]
-        if "no such table" in text or ("relation" in text and "does not exist" in text):
-            msg = "it holds no Optuna studies (no tables)"
-        raise StorageError(f"cannot open storage {_redact(url)} for the dashboard: {msg}") from None
-    return st
+
+class HostCheck:
+    """WSGI middleware: answer 403 unless the request's ``Host`` header names an allowed host
+    (see the module docstring); ``hosts`` None allows any."""
+
+    def __init__(self, app: Any, hosts: set[str] | None, port: int):
+        self.app, self.hosts, self.port = app, hosts, port
+
+    def allowed(self, header: str | None) -> bool:
+        if self.hosts is None:
+            return True
+        if not header:
+            return False
+        header = header.strip().lower()
+        if header.startswith("["):  # [::1]:8080
+            host, _, rest = header[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+        else:
+            host, _, port = header.partition(":")
+        if port is None or (port and port != str(self.port)):
+            return False
+        return host.rstrip(".") in self.hosts
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        origin = environ.get("HTTP_ORIGIN")
+        cross_site = (environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD", "OPTIONS") and origin
+                      and not self.allowed(origin.split("://", 1)[-1].split("/", 1)[0]))
+        if self.allowed(environ.get("HTTP_HOST")) and not cross_site:
+            return self.app(environ, start_response)
+        body = b"403 Forbidden: this Host is not allowed (the dashboard answers only to the address it listens on)\n"
+        start_response("403 Forbidden", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+def allowed_hosts(host: str) -> set[str] | None:
+    """The Host names a dashboard bound to ``host`` answers to; None (any) for every interface."""
+    if host in _WILDCARD:
+        return None
+    names = {"127.0.0.1", "localhost", "::1"}
+    names.add(host.strip("[]").lower())
+    return names
 
 
 class _ThreadedWSGIServer(ThreadingMixIn, WSGIServer):
@@ -160,8 +192,11 @@ def start(storage_url: str, host: str = "127.0.0.1", port: int = 8080, *, quiet:
     """Start optuna-dashboard for ``storage_url`` in a background thread and return at once.
 
     ``port=0`` picks a free port (read it from ``handle.port``). Raises :class:`StorageError` for
-    an unreachable storage and :class:`RecommenderError` when the address cannot be bound.
+    an unreachable storage and :class:`RecommenderError` for a port outside [0, 65535] or an
+    address that cannot be bound. Requests whose ``Host`` header names another host get 403
+    (:class:`HostCheck`).
     """
+    validate.port(port)
     try:
         from optuna_dashboard import wsgi
     except ImportError:
@@ -172,10 +207,11 @@ def start(storage_url: str, host: str = "127.0.0.1", port: int = 8080, *, quiet:
     try:
         httpd = make_server(host, port, app, server_class=server_class,
                             handler_class=_QuietHandler if quiet else WSGIRequestHandler)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # in use, not ours, or an unknown host name
         storage.engine.dispose()
-        raise RecommenderError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                               "pass another --port (or --host)") from None
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise RecommenderError(f"cannot listen on {host}:{port}: {why}; pass another --port (or --host)") from None
+    httpd.set_app(HostCheck(app, allowed_hosts(host), httpd.server_port))
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
                               name=f"optuna-dashboard:{httpd.server_port}", daemon=True)
     thread.start()
@@ -196,6 +232,7 @@ def serve(study: str | None = None, storage: str | None = None, studies_dir: str
     Returns:
         0 after Ctrl-C (or SIGTERM).
     """
+    validate.port(port)
     url = resolve_storage(study, storage, studies_dir)
     handle = start(url, host, port)
     old_term = None

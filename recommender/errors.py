@@ -48,3 +48,14 @@ class StorageError(RecommenderError):
 
 class SearchSpaceError(RecommenderError, ValueError):
     """A malformed search-space YAML file."""
+
+
+class TrainingError(RecommenderError):
+    """A training that cannot succeed (the baseline diverges): nothing can be measured against it."""
+
+    exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, systemd, ``docker stop``), raised by the CLI's handler so that a run
+    stops as on Ctrl-C: the running trial is marked interrupted and queued again."""

@@ -27,7 +27,7 @@ from .compress import checkpoint as ckpt
 from .compress.pipeline import compress
 from .constraints import Budget, MaxDrop
 from .data import TensorData
-from .errors import ArchError, CheckpointError, RecommenderError
+from .errors import ArchError, CheckpointError, RecommenderError, TrainingError
 from .models import build_model, get_family
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
@@ -338,7 +338,9 @@ class Evaluator:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_baseline(self, stated_accuracy: float | None = None) -> Baseline:
-        """Evaluate the baseline once (its costs always; its accuracy unless stated)."""
+        """Evaluate the baseline once (its costs always; its accuracy unless stated). A baseline
+        whose training diverges is a one-line :class:`TrainingError`: no candidate can be
+        measured against it."""
         t0 = time.perf_counter()
         float_model = self._build(ArchConfig())
         costs = measure_mod.measure(float_model, self.input_size, latency=self.latency,
@@ -346,7 +348,11 @@ class Evaluator:
         if stated_accuracy is not None:
             acc = float(stated_accuracy)
             return Baseline(acc, acc, acc, costs, "stated", self.protocol.fidelity, None, 0.0)
-        model = self.baseline_model()
+        try:
+            model = self.baseline_model()
+        except TrainingFailed as exc:
+            raise TrainingError(f"the baseline {self.model_name} could not be trained at "
+                                f"{self.protocol.fidelity} fidelity: {exc}") from None
         ev = evaluate(model, self.data, self.protocol)
         src = "checkpoint" if self.checkpoint else "trained"
         # the training's own seconds (also when its weights came from the cache): what a rung

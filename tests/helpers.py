@@ -1,5 +1,9 @@
-"""Small shared test fixtures: a tiny CNN that trains in a second."""
+"""Small shared test fixtures: a tiny CNN that trains in a second, a slow one and a diverging one."""
 
+import os
+import time
+
+import torch
 from torch import nn
 
 
@@ -14,3 +18,22 @@ class TinyCNN(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x))
+
+
+class SlowCNN(TinyCNN):
+    """TinyCNN whose every forward pass in eval mode takes ``RECOMMENDER_TEST_SLOW_S`` seconds
+    more (default 0): a trial (its evaluation) lasts long enough for a test to interrupt it."""
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(float(os.environ.get("RECOMMENDER_TEST_SLOW_S", "0")))
+        return super().forward(x)
+
+
+class DivergingCNN(TinyCNN):
+    """TinyCNN whose logits overflow float32 while training (a baseline whose training
+    diverges: the loss is not finite)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 1e38 if self.training else out

@@ -202,3 +202,55 @@ def test_cli_dashboard_serves_until_sigterm(study_db: tuple[str, str, Path]) -> 
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def _request(dash, method: str, path: str, host: str | None, origin: str | None = None) -> int:
+    """Send a real request with a chosen Host header (as a DNS-rebinding page would) and return
+    the HTTP status."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        if origin is not None:
+            conn.putheader("Origin", origin)
+        conn.putheader("Content-Length", "0")
+        conn.endheaders()
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_dashboard_refuses_foreign_host_headers(tmp_path: Path) -> None:
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 cannot call the
+    dashboard (403), while the loopback names with the right port (or none) work."""
+    url = f"sqlite:///{tmp_path / 'victim.db'}"
+    optuna.create_study(storage=url, study_name="victim", directions=["maximize", "minimize"])
+    with start(url, "127.0.0.1", 0) as dash:
+        sid = next(s["study_id"] for s in _get(f"{dash.url}api/studies")["study_summaries"])
+        p = dash.port
+        for host in ("evil.example", f"evil.example:{p}", f"127.0.0.1.evil.example:{p}", f"127.0.0.1:{p + 1}",
+                     f"localhost:{p}@evil.example", None):
+            assert _request(dash, "GET", "/api/studies", host) == 403, host
+            assert _request(dash, "DELETE", f"/api/studies/{sid}", host) == 403, host
+        # a cross-site form post carries the right Host but a foreign Origin
+        assert _request(dash, "DELETE", f"/api/studies/{sid}", f"127.0.0.1:{p}", "http://evil.example") == 403
+        assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["victim"]  # still there
+        for host in (f"127.0.0.1:{p}", f"localhost:{p}", "localhost", f"[::1]:{p}", f"LOCALHOST:{p}"):
+            assert _request(dash, "GET", "/api/studies", host) == 200, host
+        # the dashboard's own page (same origin) may still delete
+        assert _request(dash, "DELETE", f"/api/studies/{sid}", f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") == 204
+    assert optuna.get_all_study_summaries(url) == []
+
+
+def test_dashboard_bound_elsewhere_accepts_that_host() -> None:
+    from recommender.dashboard import HostCheck, allowed_hosts
+
+    ok = lambda host, bind: HostCheck(None, allowed_hosts(bind), 8080).allowed(host)  # noqa: E731
+    assert ok("10.0.0.5:8080", "10.0.0.5") and ok("localhost:8080", "10.0.0.5")
+    assert not ok("evil.example:8080", "10.0.0.5") and not ok("10.0.0.5:8080", "127.0.0.1")
+    assert ok("anything.example:8080", "0.0.0.0")  # every interface: the check is off (documented)

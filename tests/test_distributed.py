@@ -1,7 +1,9 @@
 """Many workers on one study over PostgreSQL (Optuna's distributed mode on a real database).
 
-Needs a PostgreSQL server: ``RECOMMENDER_TEST_PG_URL=postgresql+psycopg2://user@host:port/db``
-(CI starts a loopback one with ``.ci/postgres.sh``); skipped without it. Every worker is the real
+Needs a PostgreSQL server: ``RECOMMENDER_TEST_PG_URL=postgresql://user@host:port/db`` (CI starts
+a loopback one with ``.ci/postgres.sh``); skipped without it. The workers get the documented bare
+``postgresql://`` form whatever driver the variable names, so a fresh install's default driver
+mapping is what is tested. Every worker is the real
 ``recommend`` command in its own process, with its own weights cache (``--cache-dir``), as on
 separate machines. To keep a trial to a few seconds on a shared 2-core machine, the baseline is a
 given ``--checkpoint`` (evaluated, never trained: an untrained ResNet-18's weights, which is all
@@ -33,14 +35,15 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 
 # The tiny search space: every trial reuses the baseline's weights (no training). ``prune.step``
-# does nothing without pruning; it is a free continuous dimension, so that two workers proposing
+# does nothing at sparsity 0; it is a free continuous dimension, so that two workers proposing
 # the same candidates in lockstep (one sampler seed for the whole fleet) would show.
 SPACE = """\
 family: resnet
 description: test space (the baseline architecture, no pruning, fp32)
 arch: {}
 prune:
-  method: {choices: [none]}
+  method: {choices: [unstructured-l1]}
+  sparsity: {value: 0.0}
   step: {low: 0.05, high: 0.95}
 quant:
   scheme: {choices: [fp32]}
@@ -72,20 +75,31 @@ def pg_database() -> Iterator[str]:
     """A fresh, empty database for this module (the workers then also race to create Optuna's
     tables, as a fleet started on a new database does); the server's own database when the
     user may not create one."""
+    yield from _fresh_database("recommender_dist")
+
+
+def _documented(url: Any) -> str:
+    """The URL in the documented form, ``postgresql://`` without a driver."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _fresh_database(prefix: str) -> Iterator[str]:
     import sqlalchemy as sa
 
+    from recommender.search.storage import engine_url
+
     url = sa.engine.make_url(SERVER_URL)
-    name = f"recommender_dist_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(engine_url(SERVER_URL), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.DBAPIError:
         admin.dispose()
-        yield SERVER_URL
+        yield _documented(url)
         return
     try:
-        yield url.set(database=name).render_as_string(hide_password=False)
+        yield _documented(url.set(database=name))
     finally:
         for force in (" WITH (FORCE)", ""):  # FORCE needs PostgreSQL 13
             try:
@@ -153,7 +167,9 @@ def _worker_trials(out: str) -> int:
 def _study(url: str, name: str):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=url)
+    from recommender.search.storage import engine_url
+
+    return optuna.load_study(study_name=name, storage=engine_url(url))
 
 
 def _states(url: str, name: str) -> dict[int, str]:
@@ -172,6 +188,7 @@ FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 def test_two_workers_share_one_study(fleet: dict[str, Any]) -> None:
     url = fleet["url"]
+    assert url.startswith("postgresql://"), url  # the documented form, on a fresh install's drivers
     name = f"dist-{uuid.uuid4().hex[:8]}"
     target = 8
     t0 = time.perf_counter()
@@ -263,19 +280,41 @@ def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Any]) -> Non
     study = _study(url, name)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     states = {n: t.state.name for n, t in trials.items()}
-    # The victim's trial was RUNNING when it died; it must end FAIL (heartbeat stale), never
+    # The victim's trial was RUNNING when it died; it must end FAIL (its pid is gone on this
+    # machine: failed at the survivor's next trial, without waiting for the heartbeat), never
     # COMPLETE; the survivor's trial of that moment completed.
     victim_trials = [n for n, s in killed_at.items() if s == "RUNNING" and states[n] != "COMPLETE"]
     assert len(victim_trials) == 1, (running, killed_at, states)
     dead = victim_trials[0]
     assert states[dead] == "FAIL", states
+    assert trials[dead].user_attrs.get("interrupted") is True, trials[dead].user_attrs
     assert "RUNNING" not in states.values() and "WAITING" not in states.values(), states
     # ... and it was retried (same parameters) by the surviving worker.
-    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == dead]
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == dead]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE", states
     assert trials[dead].params.items() <= retries[0].params.items()  # what it had sampled, kept
-    assert len([s for s in states.values() if s in FINISHED]) == target, states
+    # The interrupted trial does not count: the study reaches --trials with trials that finished.
+    assert len([s for s in states.values() if s in FINISHED]) == target + 1, states
     assert list(states.values()).count("FAIL") == 1, states
     assert study.user_attrs["baseline_evaluations"] == 1
     print(f"\nkilled worker's trial {dead} -> FAIL, retried as trial {retries[0].number}; "
           f"survivor ran {_worker_trials(out)} trials; {wall:.0f} s wall")
+
+
+def test_show_does_not_create_tables() -> None:
+    """`recommend show` only reads: pointed at an empty database it says so and creates nothing."""
+    import sqlalchemy as sa
+
+    from recommender.search.storage import engine_url
+
+    for url in _fresh_database("recommender_empty"):
+        if sa.engine.make_url(url).database == sa.engine.make_url(SERVER_URL).database:
+            pytest.skip("the server's user may not create a database")
+        show = subprocess.run([sys.executable, "-m", "recommender.cli", "show", "anything", "--storage", url],
+                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        assert show.returncode == 2 and "holds no Optuna studies" in show.stderr, show.stderr
+        engine = sa.create_engine(engine_url(url))
+        try:
+            assert sa.inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()

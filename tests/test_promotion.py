@@ -108,7 +108,7 @@ def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch
     assert sorted(after) == sorted(promoted) and all(len(v) == 1 for v in after.values())
     rung1 = optuna.load_study(study_name="promo.rung1", storage=storage)
     assert rung1.user_attrs["baseline_evaluations"] == 1
-    assert counted_trials(study) == 6 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1
     d = rec.to_dict()
     assert d["rungs"][1]["index"] == 1 and d["rungs"][1]["promoted"] == promoted
     if d["recommended"] is not None and d["feasible"]:
@@ -130,7 +130,7 @@ def test_two_workers_on_sqlite_reach_the_target_once(tmp_path):
     rec = recommend(**kw)
     storage = f"sqlite:///{tmp_path / 'studies' / 'jobs.db'}"
     study = optuna.load_study(study_name="jobs", storage=storage)
-    assert counted_trials(study) == 5
+    assert len(counted_trials(study)) == 5
     assert study.user_attrs["baseline_evaluations"] == 1
     assert rec.counts["evaluated"] >= 4
 
@@ -150,15 +150,15 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
             study = optuna.load_study(study_name="sigint", storage=storage)
         except Exception:
             continue
-        if counted_trials(study) >= 2:
+        if len(counted_trials(study)) >= 2:
             break
     os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0, out
     study = optuna.load_study(study_name="sigint", storage=storage)
-    kept = counted_trials(study)
+    kept = len(counted_trials(study))
     assert 2 <= kept < 6
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), "no trial left RUNNING"
     recommend(**kw)  # the same command resumes and reaches the target
     study = optuna.load_study(study_name="sigint", storage=storage)
-    assert counted_trials(study) == 6 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..io import atomic_write
 
-__all__ = ["save_state", "load_state", "load_into", "load_checked", "load_matching", "file_digest"]
+__all__ = ["save_state", "load_state", "load_into", "load_checked", "load_matching", "file_digest", "check_file"]
 
 _FORMAT = "recommender-state-v1"
 
@@ -88,6 +88,15 @@ def _check_finite(sd: dict[str, Any], p: Path) -> None:
     if bad:
         raise CheckpointError(f"checkpoint {p} has non-finite (NaN/inf) values in {len(bad)} tensor(s), "
                               f"e.g. {bad[0]}: it is not a trained model")
+
+
+def check_file(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint or weights file and check that its values are finite, without a model
+    (a CLI checks ``--checkpoint``/``--weights`` before any work); returns its state dict."""
+    p = Path(path)
+    sd, _ = load_state(p)
+    _check_finite(sd, p)
+    return sd
 
 
 def load_checked(model: nn.Module, path: str | Path, what: str = "the model") -> dict[str, Any]:

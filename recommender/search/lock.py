@@ -17,6 +17,8 @@ from typing import Iterator
 from filelock import FileLock
 from sqlalchemy import create_engine, text
 
+from .storage import engine_url, is_postgres, sqlite_path
+
 
 def _lock_id(name: str) -> int:
     # Advisory locks take a signed 64-bit key.
@@ -29,10 +31,10 @@ def study_lock(storage_url: str | None, study_name: str, what: str = "baseline")
     if not storage_url:
         yield
         return
-    if storage_url.startswith("postgresql"):
+    if is_postgres(storage_url):
         # Autocommit: a session-level lock held outside any transaction, so a server's
         # idle_in_transaction_session_timeout cannot cut it during a long baseline training.
-        engine = create_engine(storage_url, isolation_level="AUTOCOMMIT")
+        engine = create_engine(engine_url(storage_url), isolation_level="AUTOCOMMIT")
         key = _lock_id(f"{study_name}/{what}")
         try:
             with engine.connect() as conn:
@@ -44,8 +46,8 @@ def study_lock(storage_url: str | None, study_name: str, what: str = "baseline")
         finally:
             engine.dispose()
         return
-    if storage_url.startswith("sqlite:///"):
-        db = Path(storage_url[len("sqlite:///"):])
+    db = sqlite_path(storage_url)
+    if db is not None:
         safe = hashlib.sha256(f"{study_name}/{what}".encode()).hexdigest()[:16]
         lock_path = db.with_name(f".{db.name}.{safe}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,15 @@ class Objective:
         # Optuna >= 5: samplers read feasibility from the trial's own constraints.
         for name, value in zip(self.constraint_names, cons):
             trial.set_constraint(name, value)
+        return self.values(ev)
+
+    def values(self, ev: Evaluation) -> tuple[float, float]:
+        """The objective values of a successful evaluation: (accuracy, primary cost)."""
         return float(ev.accuracy), self.primary.value(ev.costs)
+
+    def values_from_dict(self, ev: dict) -> tuple[float, float]:
+        """:meth:`values` of an evaluation stored on a trial (``evaluation`` user attribute)."""
+        return self.values(Evaluation.from_dict(ev))
 
     def precheck(self, recipe: Recipe) -> str | None:
         """A reason to skip training: the structure's best case breaks a budget, or the proxy

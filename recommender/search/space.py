@@ -307,7 +307,16 @@ def _dimension(section: str, name: str, spec: Any, seen: set[str], bad: Any) -> 
     if extra:
         raise bad(f"{key} has unknown keys {sorted(extra)} (allowed: {', '.join(sorted(allowed))})")
     when: list[tuple[str, tuple[Any, ...]]] = []
-    for parent, vals in (spec.get("when") or {}).items():
+    cond = spec.get("when") or {}
+    if not isinstance(cond, dict):
+        raise bad(f"{key}.when must be a mapping of parent dimension -> allowed values, "
+                  f"e.g. when: {{block: [ghost]}}; got {cond!r}")
+    for parent, vals in cond.items():
+        if not isinstance(parent, str) or not parent:
+            raise bad(f"{key}.when names a parent {parent!r}; parents are dimension names such as block "
+                      "or prune.method")
+        if isinstance(vals, dict):
+            raise bad(f"{key}.when.{parent} must be a value or a list of values, got a mapping")
         qual = parent if "." in parent else f"{section}.{parent}"
         if qual not in seen:
             raise bad(f"{key} depends on {qual}, which must be a dimension listed before it")
@@ -325,11 +334,14 @@ def _dimension(section: str, name: str, spec: Any, seen: set[str], bad: Any) -> 
         return Dimension(section, name, choices=tuple(tuple(c) if isinstance(c, list) else c for c in ch),
                          when=tuple(when))
     low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-        raise bad(f"{key} needs numeric low and high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise bad(f"{key} needs finite numeric low and high")
     if low > high:
         raise bad(f"{key} has low > high")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
+                             or step <= 0):
         raise bad(f"{key}.step must be a positive number")
+    if not isinstance(spec.get("log", False), bool):
+        raise bad(f"{key}.log must be true or false, got {spec.get('log')!r}")
     return Dimension(section, name, low=low, high=high, step=step, log=bool(spec.get("log", False)),
                      when=tuple(when))

@@ -17,6 +17,7 @@ budget; :mod:`recommender.search.rungs`) -> the answer is read back from storage
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -27,9 +28,9 @@ from typing import Any, Callable, Sequence
 
 import optuna
 from torch import nn
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from .. import validate
 from ..cache import WeightsCache
 from ..constraints import Budget, MaxDrop, parse_budgets
 from ..data import TensorData, load_dataset
@@ -38,10 +39,13 @@ from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_family, get_preset
 from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
+from . import storage as storage_mod
 from .lock import study_lock
 from .objective import Objective, TrialFailed, trial_evaluation
+from .recovery import RequeueStale, counted_trials, counts_toward_target, interruptible, reap_dead_trials
 from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
 from .space import SearchSpace
+from .storage import redact
 from .structure import check_structure
 from .workers import run_workers
 
@@ -145,6 +149,11 @@ class StudySpec:
             raise RecommenderError("--threads must be >= 0")
         if self.timeout is not None and self.timeout <= 0:
             raise RecommenderError("--timeout must be positive")
+        validate.seed(self.seed)
+        if self.baseline_accuracy is not None:
+            self.baseline_accuracy = validate.percent(self.baseline_accuracy, "--baseline-accuracy")
+        if self.study_name is not None:
+            validate.study_name(self.study_name)
         if self.confirm_fidelity == "search":
             self.confirm_fidelity = self.fidelity
         elif self.confirm_fidelity not in (None, "none", ""):
@@ -161,6 +170,12 @@ class StudySpec:
             n = max(1, self.n_confirm)
             return PromotionPolicy(fraction=1.0, min_promoted=n, max_promoted=n)
         return PromotionPolicy(fraction=self.promote_fraction, max_promoted=max(2, self.max_promoted))
+        try:  # a derived name too: it becomes a file and a folder
+            validate.study_name(self.name)
+        except RecommenderError as exc:
+            if self.study_name:
+                raise
+            raise RecommenderError(f"{exc} (derived from the flags: pass --study-name)") from None
 
     @property
     def name(self) -> str:
@@ -176,17 +191,23 @@ class StudySpec:
     def storage_url(self) -> str:
         if self.storage:
             return self.storage
-        return f"sqlite:///{Path(self.studies_dir) / (self.name + '.db')}"
+        return storage_mod.sqlite_url(Path(self.studies_dir) / (self.name + ".db"))
 
     @property
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.studies_dir) / "cache"
 
     def identity(self) -> dict[str, Any]:
-        """What must match when a study is resumed."""
+        """What must match when a study is resumed: the question (model, dataset, fidelity,
+        tolerance, budgets, seed) and the baseline it is measured against (a checkpoint or
+        initial weights by the sha256 of their bytes, a stated accuracy)."""
+        from ..compress.checkpoint import file_digest
+
         return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
                 "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
-                "seed": self.seed}
+                "seed": self.seed, "checkpoint": file_digest(self.checkpoint) if self.checkpoint else None,
+                "weights": file_digest(self.weights) if self.weights else None,
+                "baseline_accuracy": self.baseline_accuracy}
 
     def worker_threads(self) -> int:
         """Threads of each worker: the CPUs this process may use, shared among the jobs."""
@@ -205,25 +226,41 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise UnknownNameError("sampler", name, SAMPLERS)
 
 
+def sampler_seed(base_seed: int, study: optuna.Study, worker: int = 0, run: int = 0) -> int:
+    """The sampler's seed for one worker of ``study``.
+
+    A fresh study's first run, worker 0, gets ``base_seed`` itself (a fresh single run is
+    reproducible, as before). Any other gets a hash of (``base_seed``, the trials already in
+    the study, ``run``: this invocation's index among all that opened the study
+    (:func:`claim_run`), ``worker``: the index of a worker within one invocation), so a resumed
+    run does not replay the first run's candidates and two workers on one study do not propose
+    in lockstep. Returns an int in [0, 2**32).
+    """
+    n = len(study.get_trials(deepcopy=False))
+    if n == 0 and run == 0 and worker == 0:
+        return base_seed
+    digest = hashlib.sha256(f"{base_seed}/{n}/{run}/{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def claim_run(study: optuna.Study, storage_url: str) -> int:
+    """This invocation's index among every one that opened ``study`` (0 for the first), taken
+    under the study lock, so that two processes started together differ."""
+    with study_lock(storage_url, study.study_name, "runs"):
+        n = int(_reload(study).user_attrs.get("runs", 0))
+        study.set_user_attr("runs", n + 1)
+    return n
+
+
 def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (stale RUNNING trials of dead workers are failed and
-    retried once); unreachable or unusable storage is a one-line :class:`StorageError`."""
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {}
-    if heartbeat:
-        kwargs = dict(heartbeat_interval=_env_seconds("RECOMMENDER_HEARTBEAT", 20),
-                      grace_period=_env_seconds("RECOMMENDER_GRACE", 60),
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    try:
-        # Workers started together on an empty database would race to create Optuna's tables
-        # (the losers fail with a duplicate-key error): create them under the advisory lock.
-        with study_lock(url if url.startswith("postgresql") else None, "<optuna schema>", "create_tables"):
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                              **kwargs)
-    except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open storage {redact(url)}: {msg}") from None
+    """An RDB storage with heartbeats (a RUNNING trial of a dead worker is failed and queued
+    again: :class:`~recommender.search.recovery.RequeueStale`); unreachable or unusable storage
+    is a one-line :class:`StorageError`."""
+    if not heartbeat:
+        return storage_mod.open_storage(url, heartbeat=False)
+    return storage_mod.open_storage(url, heartbeat_interval=_env_seconds("RECOMMENDER_HEARTBEAT", 20),
+                                    grace_period=_env_seconds("RECOMMENDER_GRACE", 60),
+                                    stale_callback=RequeueStale())
 
 
 def _env_seconds(name: str, default: int) -> int:
@@ -235,34 +272,35 @@ def _env_seconds(name: str, default: int) -> int:
     return int(raw)
 
 
-def redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
-
-
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0) -> optuna.Study:
+    """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`)
+    with its sampler seeded by :func:`sampler_seed` for ``worker``."""
     storage = storage or open_storage(spec.storage_url)
     primary = spec.budgets[0]
-    # Workers of a fleet (a server storage) must not share the sampler's seed: with one seed and
-    # one history they would propose the same candidates in lockstep. A SQLite study (one machine)
-    # stays reproducible; --seed still fixes the training protocol everywhere.
-    sampler_seed = spec.seed if spec.storage_url.startswith("sqlite") else None
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
-                                    directions=["maximize", "minimize"],
-                                    sampler=make_sampler(spec.sampler, sampler_seed))
+                                    directions=["maximize", "minimize"])
     except Exception as exc:
         raise StorageError(f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: "
-                           f"{str(exc).splitlines()[0]}") from None
+                           f"{storage_mod.scrub(storage_mod.error_text(exc), spec.storage_url)}") from None
     ident = study.user_attrs.get("spec")
+    mine = spec.identity()
     if ident is None:
-        study.set_user_attr("spec", spec.identity())
+        study.set_user_attr("spec", mine)
         names = ["accuracy", f"{primary.metric} ({primary.unit})"]
         study.set_user_attr("objective_names", names)
         study.set_metric_names(names)  # axis names in optuna-dashboard
-    elif ident != spec.identity():
-        raise RecommenderError(
-            f"study {spec.name!r} already exists in {redact(spec.storage_url)} with other settings "
-            f"({_diff(ident, spec.identity())}); pass --study-name to start a new one")
+    else:
+        # A study written before a key joined the identity is compared on the keys it has.
+        theirs = {k: ident[k] for k in mine if k in ident}
+        if theirs != {k: mine[k] for k in theirs}:
+            raise RecommenderError(
+                f"study {spec.name!r} already exists in {redact(spec.storage_url)} with other settings "
+                f"({_diff(theirs, {k: mine[k] for k in theirs})}); pass --study-name to start a new one")
+        if set(mine) - set(ident):
+            study.set_user_attr("spec", mine)
+    run = claim_run(study, spec.storage_url)
+    study.sampler = make_sampler(spec.sampler, sampler_seed(spec.seed, study, worker=worker, run=run))
     return study
 
 
@@ -294,21 +332,9 @@ def default_jobs(device: str = "auto") -> int:
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Every finished trial (interrupted ones too); :func:`counted_trials` are those that count
+    towards ``--trials``."""
     return study.get_trials(deepcopy=False, states=FINISHED)
-
-
-def is_counted(t: optuna.trial.FrozenTrial) -> bool:
-    """A trial counts towards ``--trials`` when a candidate was evaluated or failed on its own:
-    not when it was skipped before training (by structure or time) or interrupted."""
-    if t.state == TrialState.COMPLETE:
-        return not t.user_attrs.get("skipped_by_structure")
-    if t.state == TrialState.FAIL:
-        return not t.user_attrs.get("interrupted") and "fail_reason" in t.user_attrs
-    return False
-
-
-def counted_trials(study: optuna.Study) -> int:
-    return sum(is_counted(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
 
 
 #: A study stops drawing after this many trials per requested trial, however many were skipped.
@@ -328,6 +354,7 @@ class Search:
         self.log = log or (lambda s: None)
         self.progress = progress
         self.callbacks = list(callbacks)
+        check_writable(spec)  # before any training: not found out after the baseline
         threads = spec.worker_threads() if worker else (spec.threads or 0)
         self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed, threads=threads)
         self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
@@ -342,10 +369,10 @@ class Search:
         self.cache = WeightsCache(spec.cache_root)
         for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
             if path:
-                from ..compress.checkpoint import load_state
+                from ..compress.checkpoint import check_file
 
-                load_state(path)
-        self.study = open_study(spec)
+                check_file(path)
+        self.study = open_study(spec, worker=worker)
         if not worker:
             self.log(f"study {spec.name} in {redact(spec.storage_url)}")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
@@ -432,7 +459,8 @@ class Search:
 
     # -- search ------------------------------------------------------------------------------
     def remaining(self) -> int:
-        return max(0, self.spec.trials - counted_trials(self.study))
+        """Trials still missing from ``--trials`` (skipped and interrupted trials do not count)."""
+        return max(0, self.spec.trials - len(counted_trials(self.study)))
 
     def _draw_cap(self) -> int:
         return self.spec.trials * MAX_DRAWS_PER_TRIAL
@@ -447,24 +475,27 @@ class Search:
             # lower-numbered running trials have priority, a trial they already complete yields.
             trials = self.study.get_trials(deepcopy=False)
             ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
-            if sum(is_counted(t) for t in trials) + ahead >= target:
+            if sum(counts_toward_target(t) for t in trials) + ahead >= target:
                 return "the study reached its target (other workers' trials complete it)"
             return None
 
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
                               self.spec.max_trial_seconds, gate=gate)
+        reap_dead_trials(self.study, objective.values_from_dict)  # a killed earlier run's trials
         if self.remaining() <= 0:
             return
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Count the trials other workers are running too: with finished trials alone, every
             # worker of a fleet starts one more trial near the end and the study overshoots the
-            # target by up to one trial per worker. A dead worker's trial stops counting once its
-            # heartbeat is stale (failed here, and retried by the next trial of a live worker).
+            # target by up to one trial per worker. A dead worker's trial stops counting once it
+            # is known dead: at once on this machine, after its heartbeat's grace elsewhere
+            # (failed here, and queued again for the next trial of a live worker).
+            reap_dead_trials(study, objective.values_from_dict)
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            if sum(is_counted(t) for t in trials) + running >= target or len(trials) >= cap:
+            if sum(counts_toward_target(t) for t in trials) + running >= target or len(trials) >= cap:
                 study.stop()
             elif self._time_left() <= (reserve() if reserve else 0.0):
                 self.log("time budget: the search stops here to leave the promotions their time")
@@ -478,7 +509,7 @@ class Search:
             if start is not None:
                 start(self.study)
         timeout = None if self.deadline is None else max(1.0, self._time_left())
-        self.study.optimize(objective, n_trials=max(1, cap - len(self.study.trials)), timeout=timeout,
+        self.study.optimize(interruptible(objective), n_trials=max(1, cap - len(self.study.trials)), timeout=timeout,
                             catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
 
     # -- promotion rungs ---------------------------------------------------------------------
@@ -704,6 +735,16 @@ def _wait_for(study: optuna.Study, poll: float = 2.0) -> None:
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             return
         time.sleep(poll)
+
+
+def check_writable(spec: StudySpec) -> None:
+    """The folders a run writes (the SQLite database's, the reports', the weights cache) exist
+    or can be created, and can be written; else a one-line error before any work."""
+    db = storage_mod.sqlite_path(spec.storage_url)
+    if db is not None:
+        validate.writable_dir(db.parent, "the folder of the study database", error=StorageError)
+    validate.writable_dir(spec.studies_dir, "--studies-dir (reports)")
+    validate.writable_dir(spec.cache_root, "--cache-dir (trained weights)")
 
 
 def _reload(study: optuna.Study) -> optuna.Study:

@@ -1,0 +1,239 @@
+"""Interrupted trials: who runs a trial, whether that process is still alive, and how a trial
+that never finished is failed, retried and kept out of ``--trials``.
+
+A trial can stop without a result in three ways, and each ends the same: the trial is FAIL with
+a reason, its parameters are queued again (a WAITING trial with the user attribute
+``retry_of``), and it does not count towards ``--trials``, so the study still reaches its target
+with every candidate evaluated once.
+
+- **Ctrl-C or SIGTERM** (the CLI turns SIGTERM into a :class:`KeyboardInterrupt`):
+  :func:`interruptible` marks the running trial ``interrupted`` and re-queues it before Optuna
+  fails it and the interrupt ends the run.
+- **A killed process on this machine** (``kill -9``, the OOM killer): every trial records its
+  worker (:func:`worker_identity`: host, pid namespace, pid and the pid's start time). When a
+  worker starts, and after each of its trials, :func:`reap_dead_trials` fails the RUNNING
+  trials whose process on this machine is gone, at once, without waiting for the heartbeat
+  grace period. A trial whose evaluation had finished (the result stored, not yet told) is
+  finished from what it stored instead of being run again.
+- **A dead worker on another machine** (a PostgreSQL fleet): Optuna's heartbeat fails its trial
+  after the grace period and calls :class:`RequeueStale`.
+- **An interrupt between Optuna creating a trial and the objective starting** (milliseconds):
+  the trial has no worker and no heartbeat, so nothing above sees it; it would stay RUNNING for
+  ever and count as running. :func:`reap_dead_trials` fails such an orphan once it is
+  :data:`ORPHAN_AFTER_S` old.
+
+A candidate whose worker died :data:`MAX_RETRIES` times is not queued again (it may be what
+kills the worker, e.g. out of memory). Found on this machine, that last failure counts like any
+failed trial; found by heartbeat (Optuna has already failed it, so nothing more can be recorded
+on it) it is dropped without counting and the study samples another candidate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["MAX_RETRIES", "worker_identity", "worker_alive", "interruptible", "reap_dead_trials",
+           "RequeueStale", "requeue", "is_interrupted", "counts_toward_target", "counted_trials"]
+
+#: How often a candidate whose worker died is run again.
+MAX_RETRIES = 2
+#: Seconds after which a RUNNING trial that never started its objective (no worker recorded) is
+#: an orphan; a live one leaves that state within milliseconds.
+ORPHAN_AFTER_S = 600.0
+WORKER_ATTR = "worker"
+RETRY_ATTR = "retry_of"
+INTERRUPTED_ATTR = "interrupted"
+#: User attributes a retry keeps from the trial it repeats.
+_KEEP = ("preset",)
+
+ValuesFn = Callable[[Mapping[str, Any]], Sequence[float]]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _machine() -> str:
+    """This process's pid namespace on this machine: host name, boot id, pid-namespace inode (a
+    pid means the same process only within one namespace of one boot)."""
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{_read('/proc/sys/kernel/random/boot_id')}/{ns}"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a process from /proc, None if it has none."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text or ")" not in text:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: ``{"host", "machine", "pid", "start"}`` (``start``: the process's start
+    time in clock ticks, so a reused pid is not taken for the dead worker)."""
+    stat = _proc_stat(os.getpid())
+    return {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),
+            "start": stat[1] if stat else None}
+
+
+def worker_alive(info: Mapping[str, Any]) -> bool | None:
+    """Whether the worker ``info`` (:func:`worker_identity`) still runs; None when it ran in
+    another pid namespace or on another machine (only its heartbeat can tell)."""
+    if not isinstance(info, Mapping) or info.get("machine") != _machine():
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    if Path("/proc/self/stat").exists():
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):  # gone, or a zombie nobody reaped yet
+            return False
+        return info.get("start") is None or stat[1] == info.get("start")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- what counts ------------------------------------------------------------------------------
+
+def is_interrupted(t: FrozenTrial) -> bool:
+    """A FAIL trial that ended without a result of its own: interrupted, killed, or failed by
+    Optuna's heartbeat (it records no reason). Such a trial does not count towards ``--trials``."""
+    if t.state != TrialState.FAIL:
+        return False
+    if INTERRUPTED_ATTR in t.user_attrs:
+        return bool(t.user_attrs[INTERRUPTED_ATTR])
+    return "fail_reason" not in t.user_attrs and "evaluation" not in t.user_attrs
+
+
+def counts_toward_target(t: FrozenTrial) -> bool:
+    """A candidate that was evaluated (COMPLETE) or failed on its own (FAIL, not interrupted);
+    trials skipped before training (PRUNED, or completed as skipped by structure) do not count:
+    ``--trials 3`` trains three candidates."""
+    if t.state == TrialState.COMPLETE:
+        return not t.user_attrs.get("skipped_by_structure")
+    return t.state == TrialState.FAIL and not is_interrupted(t)
+
+
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count towards ``--trials``."""
+    return [t for t in study.get_trials(deepcopy=False) if counts_toward_target(t)]
+
+
+# -- retrying ---------------------------------------------------------------------------------
+
+def requeue(study: optuna.Study, params: Mapping[str, Any], number: int, user_attrs: Mapping[str, Any],
+            *, died: bool) -> None:
+    """Queue ``params`` again as a new trial that records ``retry_of: number``; ``died`` counts
+    the attempt towards :data:`MAX_RETRIES` (a worker death, not a user's interrupt)."""
+    attrs = {k: user_attrs[k] for k in _KEEP if k in user_attrs}
+    attrs[RETRY_ATTR] = number
+    attrs["retries"] = int(user_attrs.get("retries", 0)) + (1 if died else 0)
+    study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)
+
+
+def interruptible(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+    """``objective`` that records its worker on the trial and, on Ctrl-C or SIGTERM (a
+    KeyboardInterrupt), marks the trial interrupted and queues its parameters again before the
+    interrupt goes on (Optuna then fails the trial and re-raises)."""
+
+    def run(trial: optuna.Trial) -> Any:
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) before its evaluation finished; "
+                                               "queued again")
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+            raise
+
+    run.__wrapped__ = objective  # type: ignore[attr-defined]
+    return run
+
+
+def reap_dead_trials(study: optuna.Study, values: ValuesFn | None = None, *,
+                     orphan_after_s: float = ORPHAN_AFTER_S) -> list[int]:
+    """Finish the RUNNING trials whose worker process on this machine is gone, and orphans (no
+    worker recorded, started over ``orphan_after_s`` seconds ago); returns their numbers. A
+    trial whose evaluation was stored is finished from it (``values(evaluation)`` gives its
+    objective values: COMPLETE, else FAIL/PRUNED with its own reason); any other is failed as
+    interrupted and queued again (up to :data:`MAX_RETRIES` deaths)."""
+    done = []
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR in t.user_attrs:
+            dead = worker_alive(t.user_attrs[WORKER_ATTR]) is False
+        else:
+            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > orphan_after_s
+        if dead and _finish_dead(study, t, values):
+            done.append(t.number)
+    return done
+
+
+def _finish_dead(study: optuna.Study, t: FrozenTrial, values: ValuesFn | None) -> bool:
+    storage, tid, ua = study._storage, t._trial_id, t.user_attrs
+    info = ua.get(WORKER_ATTR)
+    who = f"worker {info.get('host')} pid {info.get('pid')}" if info else "its worker"
+    requeue_it = False
+    try:
+        ev = ua.get("evaluation")
+        if ev is not None and ev.get("ok") and "constraints" in ua and values is not None:
+            return storage.set_trial_state_values(tid, TrialState.COMPLETE, list(values(ev)))
+        if ev is not None:  # evaluated, failed: its own reason stands
+            if "fail_reason" not in ua:
+                storage.set_trial_user_attr(tid, "fail_reason", ev.get("reason") or f"{who} died after its evaluation")
+            return storage.set_trial_state_values(tid, TrialState.FAIL)
+        if "pruned_reason" in ua:
+            return storage.set_trial_state_values(tid, TrialState.PRUNED)
+        deaths = int(ua.get("retries", 0))
+        requeue_it = deaths < MAX_RETRIES
+        reason = (f"interrupted: {who} died before its evaluation finished; queued again" if requeue_it else
+                  f"{who} died while evaluating it, {deaths + 1} times; not queued again")
+        if not info:
+            reason = "interrupted: its worker stopped before the trial began (no worker, no heartbeat)"
+            requeue_it = True
+        storage.set_trial_user_attr(tid, "fail_reason", reason)
+        storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, requeue_it)
+        if not storage.set_trial_state_values(tid, TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:  # another worker finished it first (and re-queued it)
+        return False
+    params = t.params or t.system_attrs.get("fixed_params", {})  # an orphan: what it was queued with
+    if requeue_it and params:
+        requeue(study, params, t.number, ua, died=True)
+    return True
+
+
+class RequeueStale:
+    """Optuna heartbeat callback: a RUNNING trial whose worker stopped beating was failed by
+    Optuna; queue its parameters again unless its evaluation had finished or it has already
+    been retried :data:`MAX_RETRIES` times."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        ua = trial.user_attrs
+        if "evaluation" in ua or "fail_reason" in ua or int(ua.get("retries", 0)) >= MAX_RETRIES:
+            return
+        requeue(study, trial.params, trial.number, ua, died=True)

@@ -1,0 +1,217 @@
+"""Interrupted and resumed studies on SQLite: every way a run can stop mid-trial (kill -9,
+Ctrl-C, SIGTERM) ends, after the same command is run again, with the study at its target and
+every candidate evaluated once; a resumed or parallel run explores instead of replaying.
+
+A trial here is an evaluation of a tiny CNN given as a checkpoint (no training). The worker that
+gets interrupted runs the real command in its own process with ``RECOMMENDER_TEST_SLOW_S`` making
+each forward pass slow (a trial then lasts seconds, long enough to be caught mid-way); the runs
+before and after it are fast and in-process. Run with ``-s`` to see the trial tables.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from recommender.cli import main
+from recommender.search.recovery import counted_trials, worker_alive, worker_identity
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tests.helpers:SlowCNN"
+STUDY = "interrupt-me"
+SPACE = """\
+family: custom
+description: one architecture, no pruning, fp32; prune.step is a free continuous dimension
+arch: {}
+prune:
+  method: {choices: [unstructured-l1]}
+  sparsity: {value: 0.0}
+  step: {low: 0.05, high: 0.95}
+quant:
+  scheme: {choices: [fp32]}
+warm_start: []
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    import torch
+
+    from recommender.compress.checkpoint import save_state
+    from tests.helpers import SlowCNN
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("RECOMMENDER_TEST_SLOW_S", raising=False)
+    (tmp_path / "space.yaml").write_text(SPACE)
+    torch.manual_seed(0)
+    save_state(tmp_path / "ckpt.pt", SlowCNN(10))
+    return {"root": tmp_path, "db": tmp_path / "studies" / f"{STUDY}.db"}
+
+
+def argv(setup: dict[str, Any], trials: int, *extra: str) -> list[str]:
+    root = setup["root"]
+    return ["--model", MODEL, "--budget", "20M-params", "--max-drop", "50%", "--fidelity", "smoke",
+            "--trials", str(trials), "--confirm-fidelity", "none", "--no-latency", "--no-warm-start",
+            "--space", str(root / "space.yaml"), "--checkpoint", str(root / "ckpt.pt"), "--study-name", STUDY,
+            "--studies-dir", str(root / "studies"), "--quiet", "--json", *extra]
+
+
+def run_here(capsys: pytest.CaptureFixture[str], args: list[str]) -> int:
+    code = main(args)
+    capsys.readouterr()
+    return code
+
+
+def start_worker(setup: dict[str, Any], trials: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               RECOMMENDER_TEST_SLOW_S="0.3", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = open(setup["root"] / "worker.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "recommender.cli", *argv(setup, trials)], cwd=REPO, env=env,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    return p
+
+
+def study(setup: dict[str, Any]) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{setup['db']}")
+
+
+def wait_mid_trial(setup: dict[str, Any], p: subprocess.Popen, timeout: float = 240) -> int:
+    """The number of the trial worker ``p`` is running, once it has run for a moment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+        for t in study(setup).get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            w = t.user_attrs.get("worker")
+            if w and w["pid"] == p.pid and "recipe" in t.user_attrs:
+                time.sleep(0.5)  # inside its evaluation (each forward pass takes 0.3 s)
+                return t.number
+        time.sleep(0.1)
+    raise AssertionError(f"worker never ran a trial:\n{(setup['root'] / 'worker.log').read_text()[-3000:]}")
+
+
+def table(setup: dict[str, Any], title: str) -> tuple[list[tuple], str]:
+    """(number, state, prune.step, retry_of, interrupted) for every trial, and as text."""
+    rows = [(t.number, t.state.name, round(t.params.get("prune.step", float("nan")), 4),
+             t.user_attrs.get("retry_of"), t.user_attrs.get("interrupted"))
+            for t in study(setup).get_trials(deepcopy=False)]
+    text = f"\n{title}\n  #  state     prune.step  retry_of  interrupted\n"
+    text += "\n".join(f"  {r[0]:<2} {r[1]:<9} {r[2]:<11} {str(r[3]):<9} {r[4]}" for r in rows)
+    return rows, text
+
+
+def check_reached(setup: dict[str, Any], target: int, victim: int) -> None:
+    s = study(setup)
+    trials = s.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and "WAITING" not in states, states
+    assert len(counted_trials(s)) == target, states
+    dead = trials[victim]
+    assert dead.state.name == "FAIL" and dead.user_attrs.get("interrupted") is True, dead.user_attrs
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == victim]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE", states
+    assert retries[0].params == dead.params  # the same candidate, run again
+    done = [t.params["prune.step"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(done) == len(set(done)) == target  # every candidate evaluated once
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C", "SIGTERM"])
+def test_interrupted_trial_is_retried_and_not_counted(setup, capsys, how):
+    target = 3
+    assert run_here(capsys, argv(setup, 1)) == 0  # the baseline and trial 0, fast
+    p = start_worker(setup, target)
+    try:
+        victim = wait_mid_trial(setup, p)
+        sig = {"kill -9": signal.SIGKILL, "Ctrl-C": signal.SIGINT, "SIGTERM": signal.SIGTERM}[how]
+        os.kill(p.pid, sig)
+        rc = p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    log = (setup["root"] / "worker.log").read_text()
+    expected = {"kill -9": -signal.SIGKILL, "Ctrl-C": 130, "SIGTERM": 143}[how]
+    assert rc == expected, log[-3000:]
+    if how != "kill -9":
+        word = "interrupted" if how == "Ctrl-C" else "terminated"
+        assert f"recommend: {word}; finished trials are saved in" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    before, shown = table(setup, f"{how}: after the interrupt")
+    assert before[victim][1] == ("RUNNING" if how == "kill -9" else "FAIL"), before
+    assert run_here(capsys, argv(setup, target)) == 0  # the same command again, at once
+    _, after = table(setup, f"{how}: after the same command again")
+    print(shown + after)  # with -s: the trial tables before and after
+    check_reached(setup, target, victim)
+
+
+def test_worker_liveness() -> None:
+    me = worker_identity()
+    assert worker_alive(me) is True
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert worker_alive({**me, "pid": child.pid, "start": None}) is False  # gone (and reaped)
+    assert worker_alive({**me, "start": (me["start"] or 0) + 1}) is (me["start"] is None)  # a reused pid
+    assert worker_alive({**me, "machine": "another-host/x/y"}) is None  # only its heartbeat can tell
+
+
+# -- sampler seeds (resumed and parallel runs explore) -------------------------------------------
+
+def steps(setup: dict[str, Any]) -> list[float]:
+    return [t.params["prune.step"] for t in study(setup).get_trials(deepcopy=False)]
+
+
+def test_resumed_run_explores_and_fresh_run_reproduces(setup, capsys, tmp_path):
+    assert run_here(capsys, argv(setup, 2)) == 0
+    first = steps(setup)
+    assert run_here(capsys, argv(setup, 4)) == 0  # resumed: two more
+    resumed = steps(setup)
+    print(f"\nresumed study: prune.step of trials 0-1 {first}, of trials 2-3 {resumed[2:]}")
+    assert resumed[:2] == first and len(set(resumed)) == 4, resumed  # no replay of trials 0-1
+    again = dict(setup, db=tmp_path / "again" / f"{STUDY}.db")
+    args = argv(setup, 2)
+    args[args.index("--studies-dir") + 1] = str(tmp_path / "again")
+    assert run_here(capsys, args) == 0  # a fresh single run with the same seed: the same candidates
+    assert steps(again) == first
+
+
+def test_two_workers_on_one_study_do_not_propose_in_lockstep(setup):
+    from recommender.models import resolve_model
+    from recommender.search.study import StudySpec, open_study, sampler_seed
+
+    spec = StudySpec(model=resolve_model(MODEL, num_classes=10), max_drop="50%", budgets=["20M-params"],
+                     fidelity="smoke", study_name=STUDY, studies_dir=str(setup["root"] / "studies"),
+                     checkpoint=str(setup["root"] / "ckpt.pt"))
+    a, b = open_study(spec), open_study(spec)  # two processes opening the study together
+    assert study(setup).user_attrs["runs"] == 2
+    ta, tb = a.ask(), b.ask()
+    assert ta.suggest_float("x", 0, 1) != tb.suggest_float("x", 0, 1)
+    # the seeds: a fresh study's first run keeps --seed; everything else differs, deterministically
+    fresh = optuna.create_study()
+    assert sampler_seed(7, fresh) == 7
+    seeds = {sampler_seed(7, fresh, worker=w, run=r) for w in range(3) for r in range(3)}
+    assert len(seeds) == 9 and sampler_seed(7, fresh, worker=2) == sampler_seed(7, fresh, worker=2)
+    assert sampler_seed(7, a) != sampler_seed(8, a) and 0 <= sampler_seed(7, a) < 2**32
+
+
+def test_orphan_trial_is_failed_and_its_queued_params_kept(tmp_path):
+    """A trial created by Optuna but interrupted before the objective began records no worker
+    and no heartbeat: it is failed once old enough, and its queued parameters queued again."""
+    from recommender.search.recovery import reap_dead_trials
+
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", directions=["maximize", "minimize"])
+    s.enqueue_trial({"x": 0.25})
+    orphan = s.ask()  # popped from the queue, never run
+    assert reap_dead_trials(s, orphan_after_s=3600) == []  # young: could be a live ask
+    assert reap_dead_trials(s, orphan_after_s=0) == [orphan.number]
+    trials = s.get_trials(deepcopy=False)
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["interrupted"] is True
+    assert trials[1].state.name == "WAITING" and trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].system_attrs["fixed_params"] == {"x": 0.25}
+    assert counted_trials(s) == []
