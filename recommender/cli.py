@@ -130,7 +130,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="time for this run, baseline and promotions included: 90s, 20m, 1h (default: none)")
     g.add_argument("--jobs", metavar="N", default="auto",
                    help="worker processes on this machine (default auto: 2 single-threaded workers on a "
-                        "CPU with 2+ cores, 1 on a GPU)")
+                        "CPU with 2+ cores, 1 on a GPU or at the smoke fidelity)")
     g.add_argument("--max-trial-time", metavar="TIME", default="2m",
                    help="skip candidates whose proxy training is estimated to take longer (default 2m; 0: no limit)")
     g.add_argument("--sampler", metavar="NAME", default="tpe", help="tpe (default), nsga2, random")
@@ -169,9 +169,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
 def parse_jobs(text: str | int) -> int:
     """``auto`` or a positive number of worker processes."""
     if str(text) == "auto":
-        from .search.study import default_jobs
-
-        return default_jobs()
+        return 0  # decided by the search (recommender.search.study.Search._parallel)
     try:
         n = int(text)
     except ValueError:

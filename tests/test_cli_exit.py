@@ -146,19 +146,21 @@ def test_exit_1_nothing_feasible_no_recipe(tiny, capsys):
     assert d["feasible"] is False and "recipe" not in d["files"]
 
 
-def test_exit_1_when_the_confirm_stage_rejects_every_candidate(monkeypatch, capsys, tmp_path):
-    """A chosen recipe that is NOT FEASIBLE (feasible in the search, rejected by the confirm
-    stage) exits 1, with and without --json: the exit code follows rec.feasible."""
+def test_exit_1_when_a_higher_rung_rejects_every_candidate(monkeypatch, capsys, tmp_path):
+    """A chosen recipe that is NOT FEASIBLE (feasible at the search rung, rejected on the rung it
+    was promoted to) exits 1, with and without --json: the exit code follows rec.feasible."""
     import recommender.api as api
     from recommender.report import Choice, Recommendation
     from recommender.evaluation import Evaluation
     from recommender.recipe import Recipe
+    from recommender.search.rungs import RungResult
 
     ev = Evaluation(recipe=Recipe().to_dict(), accuracy=0.5, acc_low=0.45, acc_high=0.55, drop_pp=3.0,
                     drop_low_pp=2.0, drop_high_pp=4.0, costs={"params": 1000})
-    choice = Choice(3, Recipe(), ev, confirmed=ev)
+    choice = Choice(3, Recipe(), ev, rungs=[RungResult(1, "proxy+r1", ev)])
     rec = Recommendation(study_name="s", storage="sqlite:///x.db", spec={"model": "resnet18", "budgets": []},
-                         baseline=None, baseline_confirm=None, chosen=choice, feasible=False, front=[choice],
+                         baseline=None, chosen=choice, feasible=False, front=[choice],
+                         rungs=[{"index": 0, "label": "proxy"}, {"index": 1, "label": "proxy+r1"}],
                          counts={"finished": 4})
     monkeypatch.setattr(api, "recommend", lambda *a, **k: rec)
     argv = ["--model", "resnet18", "--budget", "5M-params", "--studies-dir", str(tmp_path), "--quiet"]

@@ -134,12 +134,14 @@ def _cells(line: str) -> int:
     return len(line.replace("\\|", "").strip().strip("|").split("|"))
 
 
-def test_summary_counts_finished_trials():
-    assert summary_line({"finished": 1, "feasible": 1, "confirmed": 0}).startswith("1 finished trial: 1 feasible")
-    s = summary_line({"finished": 7, "feasible": 2, "infeasible": 1, "pruned": 3, "failed": 1, "running": 2,
-                      "confirmed": 2})
-    assert s.startswith("7 finished trials: 2 feasible, 1 infeasible, 3 pruned") and "1 failed" in s
-    assert "2 still running" in s and "2 re-checked" in s
+def test_summary_counts_evaluated_candidates():
+    one = summary_line({"finished": 1, "evaluated": 1, "sampled": 1, "feasible": 1, "confirmed": 0})
+    assert one.startswith("1 candidate evaluated (1 chosen by the sampler): 1 feasible")
+    s = summary_line({"finished": 7, "evaluated": 3, "sampled": 2, "feasible": 2, "infeasible": 1, "pruned": 3,
+                      "failed": 1, "running": 2, "confirmed": 2}, rungs=2)
+    assert s.startswith("3 candidates evaluated (2 chosen by the sampler): 2 feasible, 1 infeasible")
+    assert "3 skipped before training" in s and "1 failed" in s
+    assert "2 still running" in s and "2 promoted to higher rungs (2 rungs in all)" in s
 
 
 def test_write_outputs_removes_a_stale_recipe(tmp_path):
@@ -153,7 +155,7 @@ def test_write_outputs_removes_a_stale_recipe(tmp_path):
     files = write_outputs(rec, tmp_path, plots=False)
     assert files["recipe"].is_file() and rec.files["recipe"] == str(tmp_path / "recipe.json")
 
-    infeasible = Recommendation(study_name="s", storage="", spec=rec.spec, baseline=None, baseline_confirm=None,
+    infeasible = Recommendation(study_name="s", storage="", spec=rec.spec, baseline=None,
                                 chosen=rec.chosen, feasible=False, front=rec.front, counts={"finished": 12})
     files = write_outputs(infeasible, tmp_path, plots=False)
     assert "recipe" not in files and not (tmp_path / "recipe.json").exists()

@@ -76,7 +76,8 @@ class StudySpec:
             trials skipped before training do not count).
         timeout: seconds for this invocation, baseline and promotions included (None: no limit);
             the search stops early enough to leave the promotions their estimated time.
-        jobs: worker processes on this machine (1: in this process).
+        jobs: worker processes on this machine (1: in this process; 0: auto, see
+            :meth:`Search.jobs`).
         threads: CPU threads in all (0: what this process may use); each worker gets threads/jobs.
         sampler: ``tpe`` (default), ``nsga2`` or ``random``.
         seed: seeds the sampler and the protocol.
@@ -143,8 +144,8 @@ class StudySpec:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if self.trials < 1:
             raise RecommenderError("--trials must be at least 1")
-        if self.jobs < 1:
-            raise RecommenderError("--jobs must be at least 1")
+        if self.jobs < 0:
+            raise RecommenderError("--jobs must be a positive number (0: auto)")
         if self.threads < 0:
             raise RecommenderError("--threads must be >= 0")
         if self.timeout is not None and self.timeout <= 0:
@@ -212,7 +213,7 @@ class StudySpec:
     def worker_threads(self) -> int:
         """Threads of each worker: the CPUs this process may use, shared among the jobs."""
         total = self.threads or available_cpus()
-        return max(1, total // self.jobs)
+        return max(1, total // max(1, self.jobs))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -692,9 +693,12 @@ class Search:
                     self.log(f"rung {k}: trial {n} was interrupted; enqueued again")
 
     def _parallel(self) -> int:
-        """Worker processes to use (1: this process). A user module passed as an object cannot be
-        rebuilt in another process: it runs in this one."""
-        jobs = self.spec.jobs
+        """Worker processes to use (1: this process). ``jobs=0`` (auto): one per CPU up to
+        ``MAX_AUTO_JOBS`` (:func:`default_jobs`), except at the ``smoke`` fidelity, whose trainings
+        take seconds, less than starting a worker process. A user module passed as an object
+        cannot be rebuilt in another process: it runs in this one."""
+        jobs = self.spec.jobs or (1 if self.spec.fidelity == "smoke" else default_jobs(self.protocol.device))
+        self.spec.jobs = jobs
         if jobs > 1 and get_family(self.spec.model).style == "custom" and not self.spec.model_source:
             self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
             return 1
