@@ -77,7 +77,22 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="trained-weights cache (default <studies-dir>/cache)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the explanation")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_execution_options(p)
     return p
+
+
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
+    """Where training runs and how images are decoded (StudySpec device, threads, image_size)."""
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="train and evaluate on: auto (default: a CUDA GPU when present), cpu, cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: OMP_NUM_THREADS, else the CPUs this process may use)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="imagefolder: decode images to N x N px (default: native when square and <= 64, else 32)")
+
+
+def _execution_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"device": args.device, "threads": args.threads, "image_size": args.image_size}
 
 
 def _console(stderr: bool = False):
@@ -102,7 +117,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
         baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
         latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
-        max_trial_seconds=parse_duration(args.max_trial_time) or None)
+        max_trial_seconds=parse_duration(args.max_trial_time) or None, **_execution_options(args))
     if args.trials is not None:
         options["trials"] = args.trials
     spec = StudySpec(model=args.model, max_drop=args.max_drop, budgets=args.budget, dataset=args.dataset,

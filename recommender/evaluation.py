@@ -32,7 +32,7 @@ from .models import build_model, get_family
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
 from .recipe import Recipe
-from .train import (batches, evaluate, finetune_fn, paired_drop, protocol_data, teacher_logits, threads,
+from .train import (batches, evaluate, finetune_fn, paired_drop, protocol_data, step_seconds, teacher_logits,
                     train_model)
 
 Log = Callable[[str], None]
@@ -297,27 +297,16 @@ class Evaluator:
 
     def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2) -> float | None:
         """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
-        (after one warm-up) at the protocol's batch size and resolution; None when no training is
+        (after one warm-up) at the protocol's batch size and resolution on its device; None when no training is
         needed (the baseline's architecture, or trained weights already cached)."""
         if arch == ArchConfig():
             return None
         if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
             return None
         d = protocol_data(self.data, self.protocol)
-        res = self.protocol.input_resolution(d.native_resolution)
-        model = self._build(arch).train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x, y = next(d.train_batches(self.protocol.batch_size, res))
-        with threads(self.protocol.resolved_threads()):
-            times = []
-            for _ in range(steps + 1):
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-                times.append(time.perf_counter() - t0)
         per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
-        return min(times[1:]) * per_epoch * self.protocol.epochs
+        # timed on the protocol's device, precision and memory format
+        return step_seconds(self._build(arch), self.data, self.protocol, steps) * per_epoch * self.protocol.epochs
 
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""

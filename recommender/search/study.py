@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
+import torch
 from torch import nn
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..cache import WeightsCache
 from ..constraints import Budget, MaxDrop, parse_budgets
-from ..data import TensorData, load_dataset
+from ..data import ImageData, load_dataset
 from ..errors import RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_preset, list_presets
@@ -77,6 +78,13 @@ class StudySpec:
         latency: measure CPU latency of every candidate (ms, batch 1).
         max_trial_seconds: skip (prune, with the reason) a candidate whose proxy training is
             estimated, from two timed steps, to take longer than this; None: no limit.
+        device: where candidates train and are evaluated: ``auto`` (a CUDA GPU when present),
+            ``cpu`` or ``cuda``. Latency budgets name their own device (``12ms``: CPU,
+            ``12ms-cuda``: GPU).
+        threads: CPU threads of training and evaluation (0: ``OMP_NUM_THREADS``, else the CPUs
+            this process may use).
+        image_size: image folders and dataset pairs: side (px) the images are decoded to
+            (None: their native size when square and at most 64 px, else 32).
     """
 
     model: str
@@ -102,6 +110,9 @@ class StudySpec:
     max_trial_seconds: float | None = 120.0
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         from ..models import register_module, resolve_model
@@ -113,12 +124,17 @@ class StudySpec:
             resolve_model(self.model, check_only=True)  # an unknown name fails before any work
         if self.checkpoint and self.weights:
             raise RecommenderError("give --checkpoint (a trained baseline) or --weights (initial weights), not both")
-        get_protocol(self.fidelity)  # an unknown fidelity fails before any storage is touched
+        # an unknown fidelity, device (or cuda without a GPU) fails before any storage is touched
+        get_protocol(self.fidelity, device=self.device, threads=self.threads).resolved_device()
         if isinstance(self.max_drop, str):
             self.max_drop = MaxDrop.parse(self.max_drop)
         self.budgets = parse_budgets(self.budgets)
         if not self.budgets:
             raise RecommenderError("give at least one budget, e.g. --budget 5M-params")
+        for b in self.budgets:
+            if b.device == "cuda" and not torch.cuda.is_available():
+                raise RecommenderError(f"budget {b.text or b.describe()} is a CUDA latency but no CUDA "
+                                       f"GPU is available here; use a CPU latency budget (e.g. 12ms)")
         if self.sampler not in SAMPLERS:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if self.trials < 1:
@@ -152,9 +168,12 @@ class StudySpec:
 
     def identity(self) -> dict[str, Any]:
         """What must match when a study is resumed."""
-        return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
-                "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
-                "seed": self.seed}
+        ident = {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
+                 "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
+                 "seed": self.seed}
+        if self.image_size:  # decoded size changes the data (absent: as before, resumes match)
+            ident["image_size"] = self.image_size
+        return ident
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -246,8 +265,10 @@ class Search:
         self.spec = spec
         self.log = log or (lambda s: None)
         self.callbacks = list(callbacks)
-        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed)
-        self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
+        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed, device=spec.device,
+                                                    threads=spec.threads)
+        self.data: ImageData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed,
+                                            image_size=spec.image_size)
         from ..models import resolve_model
 
         spec.model = resolve_model(spec.model, num_classes=self.data.num_classes, seed=spec.seed)
@@ -345,7 +366,8 @@ class Search:
             todo = [t for t in front[: spec.n_confirm] if str(t.number) not in confirmed]
             if not todo:
                 return confirmed
-            protocol = get_protocol(spec.confirm_fidelity, seed=spec.seed + 1)
+            protocol = get_protocol(spec.confirm_fidelity, seed=spec.seed + 1, device=spec.device,
+                                    threads=spec.threads)
             same = spec.confirm_fidelity == spec.fidelity
             # At the search's own fidelity the re-check is a second seed of each finalist against
             # the search's baseline (cached); at a higher fidelity the baseline is trained at that
