@@ -117,7 +117,9 @@ class Execution:
         benchmarking (its algorithm choice depends on timing, hence on load). A no-op on a CPU."""
         if self.device != "cuda":
             return contextlib.nullcontext()
-        return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True,
+                           allow_tf32=cudnn.allow_tf32)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device (and memory format) in place; returns it."""
