@@ -175,7 +175,8 @@ class ImageData(abc.ABC):
         """uint8 (or [0, 255] float) images -> float32 normalised with this dataset's mean/std."""
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        return (x.float() - mean) / std
+        # one new tensor, normalised in place (large batches: no float temporaries)
+        return x.to(torch.float32, copy=True).sub_(mean).div_(std)
 
     def prepared(self, split: str, resolution: int | None = None) -> torch.Tensor | None:
         """The whole ``split`` (``train`` or ``val``) normalised and resized to ``resolution``
@@ -245,7 +246,7 @@ class ImageData(abc.ABC):
         return _stats_of(self._uint8_batches("train", chunks))
 
 
-_PREPARE_CHUNK = 256
+_PREPARE_CHUNK = 64  # images per chunk when preparing or measuring (bounds transient memory)
 
 
 class _PreparedCache:
@@ -271,19 +272,25 @@ class _PreparedCache:
             self.items.popitem(last=False)
 
 
-def _stats_of(batches: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    s = torch.zeros(3, dtype=torch.float64)
-    ss = torch.zeros(3, dtype=torch.float64)
+def _stats_of(batches: Iterable[torch.Tensor], chunk: int = 8
+              ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 batches (scaled to [0, 1]) from exact integer sums of
+    values and squares, ``chunk`` images at a time (a float64 copy of a batch of large images
+    would cost 8 bytes per pixel): independent of how the images are grouped."""
+    s = torch.zeros(3, dtype=torch.int64)
+    ss = torch.zeros(3, dtype=torch.int64)
     count = 0
     for x in batches:
-        xf = x.double() / 255.0
-        s += xf.sum(dim=(0, 2, 3))
-        ss += (xf * xf).sum(dim=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
+        for part in x.split(chunk):
+            wide = part.to(torch.int32)
+            s += wide.sum(dim=(0, 2, 3), dtype=torch.int64)
+            ss += (wide * wide).sum(dim=(0, 2, 3), dtype=torch.int64)
+            count += part.shape[0] * part.shape[2] * part.shape[3]
     if count < 2:
         return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    mean = s / count
-    var = ((ss - s * s / count) / (count - 1)).clamp_min(1e-6)
+    sf, ssf = s.double() / 255.0, ss.double() / (255.0 * 255.0)
+    mean = sf / count
+    var = ((ssf - sf * sf / count) / (count - 1)).clamp_min(1e-6)
     std = var.sqrt().clamp_min(1e-3)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
@@ -358,17 +365,16 @@ def to_input(data: ImageData, x: torch.Tensor, resolution: int | None = None) ->
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random crop of the zero-padded image (torchvision ``RandomCrop(pad)``) and
-    optional horizontal flip (p 0.5), vectorised over the batch; works on uint8 or float."""
+    optional horizontal flip (p 0.5); works on uint8 or float. The offsets of the whole batch are
+    drawn first (then the flip mask), so the result depends only on the generator."""
     n, _, h, w = x.shape
     if padding > 0:
         xp = F.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # n,1,h,1
-        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # n,1,1,w
-        batch = torch.arange(n)[:, None, None, None]
-        chan = torch.arange(x.shape[1])[None, :, None, None]
-        x = xp[batch, chan, rows, cols]
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
+        # slices, not a gather with broadcast index tensors (8 bytes per pixel on large images)
+        x = torch.stack([xp[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)]) if n \
+            else x
     if flip:
         mask = torch.rand(n, generator=generator) < 0.5
         if bool(mask.any()):
@@ -622,7 +628,7 @@ def _load_imagefolder(path: str, *, seed: int, val_fraction: float, image_size: 
     for note in scan.notes:
         warnings.warn(f"image folder {path}: {note}", stacklevel=3)
     key = (scan.root, scan.digest, image_size, seed, val_fraction, in_memory, memory_limit_mb,
-           max_native_size, default_image_size, stats_images)
+           max_native_size, default_image_size, stats_images, num_workers)
     if key in _FOLDER_CACHE:
         return _FOLDER_CACHE[key]
     if image_size is None:

@@ -221,3 +221,31 @@ def test_large_images_are_resized_while_decoding(tmp_path):
     size, n, grown_mb = (int(v) for v in out.stdout.split())
     assert (size, n) == (32, 8)
     assert grown_mb < 100, f"peak RSS grew by {grown_mb} MB while loading (decoded: 216 MB)"
+
+
+def test_the_search_and_the_api_accept_a_dataset_object(monkeypatch, tmp_path):
+    import recommender.api as api
+    from recommender.search.study import Search, StudySpec
+
+    d = from_datasets(PairPart(30, 8, 0), PairPart(12, 8, 1), 3, name="pair", num_workers=0)
+    spec = register_dataset(d)
+    s = Search(StudySpec(model="resnet18", max_drop="2%", budgets=["5M-params"], dataset=spec,
+                         fidelity="smoke", device="cpu", studies_dir=str(tmp_path)))
+    assert s.data is d and s.spec.name.startswith("resnet18-pair-")
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_search(spec, **kw):
+        seen["dataset"] = spec.dataset
+        raise Stop
+
+    monkeypatch.setattr(api, "Search", fake_search)
+    with pytest.raises(Stop):
+        api.recommend("resnet18", budgets=["5M-params"], dataset=d, studies_dir=str(tmp_path))
+    assert load_dataset(seen["dataset"]) is d
+    with pytest.raises(DatasetError):  # a bare pair needs a class count (no .classes here)
+        api.recommend("resnet18", budgets=["5M-params"], dataset=(PairPart(4, 8, 0), PairPart(4, 8, 1)),
+                      studies_dir=str(tmp_path))

@@ -394,7 +394,8 @@ class Search:
                 res = ev.evaluate(recipe, cbase, spec.max_drop)
                 prev = trial_evaluation(t)
                 if prev is not None:  # costs do not depend on the fidelity; keep the measured latency
-                    res.costs = {**res.costs, "latency_ms": prev.costs.get("latency_ms")}
+                    res.costs = {**res.costs, **{k: prev.costs.get(k) for k in (
+                        "latency_ms", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms")}}
                 confirmed[str(t.number)] = res.to_dict()
                 self.study.set_user_attr("confirmed", confirmed)
             return confirmed
