@@ -226,10 +226,10 @@ def main(argv=None) -> int:
                     t0, t1 = interleaved([base, other], args.steps, warmup=1)
                     compile_s = first - t0
                     saved = t0 - t1
-                    even = f"{compile_s / saved:.0f}" if saved > 0 else "never"
+                    even = f"after {compile_s / saved:.0f} steps" if saved > 0 else "never"
                     probe_rows.append((spec, name, px, "torch.compile", t0, t1,
-                                       f"compile {compile_s:.0f} s, break-even {even} steps "
-                                       f"(one proxy training: {steps_per_proxy})"))
+                                       f"compile {compile_s:.0f} s, break-even {even} "
+                                       f"(one proxy training: {steps_per_proxy} steps)"))
     if probe_rows:
         print("\nTable 2: probes of the CPU choices (img/s of the 'after' loop vs the variant)")
         head2 = f"{'model':<20} {'dataset':<13} {'px':>3} {'variant':<14} {'img/s':>21} {'x':>5}"
