@@ -33,6 +33,7 @@ _EXPORTS = {
     "ProxyProtocol": "recommender.protocol",
     "get_protocol": "recommender.protocol",
     "load_dataset": "recommender.data",
+    "from_datasets": "recommender.data",
     "RecommenderError": "recommender.errors",
 }
 

@@ -28,7 +28,7 @@ from .search.study import Search, StudySpec
 
 
 def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%",
-              budgets: Sequence[str | Budget] = ("5M-params",), dataset: str = "digits",
+              budgets: Sequence[str | Budget] = ("5M-params",), dataset: Any = "digits",
               log: Callable[[str], None] | None = None,
               callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
               progress: TrainProgress | None = None,
@@ -39,7 +39,9 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
         model: base model (see :func:`recommender.list_models`).
         max_drop: tolerated top-1 drop: ``"2%"``/``"2pp"`` (points), ``"5%rel"`` (relative).
         budgets: cost limits, the first one primary: ``5M-params``, ``60M-flops``, ``4MB``, ``12ms``.
-        dataset: ``digits`` (default, offline), ``cifar10``, ``cifar100``, ``imagefolder:PATH``.
+        dataset: ``digits`` (default, offline), ``cifar10``, ``cifar100``, ``imagefolder:PATH``,
+            or a dataset object: :func:`recommender.data.from_datasets` over a ``(train, val)``
+            pair of ``torch.utils.data.Dataset``, or any :class:`recommender.data.ImageData`.
         log: receives progress lines.
         callbacks: Optuna callbacks called after every trial (progress bars).
         progress: called after every training step of the baseline and of each trial as
@@ -55,6 +57,10 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
         ``.study``, ``.explain()``, ``.build_model()``).
     """
     md = max_drop if isinstance(max_drop, MaxDrop) else MaxDrop.parse(max_drop)
+    if not isinstance(dataset, str):  # an ImageData or a (train, val) Dataset pair: by its spec
+        from .data import register_dataset
+
+        dataset = register_dataset(dataset)
     spec = StudySpec(model=model, max_drop=md, budgets=list(budgets), dataset=dataset, **options)
     search = Search(spec, log=log, callbacks=callbacks, progress=progress)
     search.run()

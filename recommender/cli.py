@@ -139,6 +139,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-warm-start", action="store_true", help="do not enqueue the paper's presets first")
     g.add_argument("--no-latency", action="store_true", help="skip CPU latency measurement")
 
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="train and evaluate on: auto (default: a CUDA GPU when present), cpu, cuda")
+    g.add_argument("--threads", metavar="N", type=int, default=0,
+                   help="CPU threads in all (default 0: OMP_NUM_THREADS, else the CPUs this process may use)")
+    g.add_argument("--image-size", metavar="N", type=int, default=None,
+                   help="imagefolder: decode images to N x N px (default: native when square and <= 64, else 32)")
+
     g = p.add_argument_group("storage and files")
     g.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///<studies-dir>/<study>.db)")
     g.add_argument("--study-name", metavar="NAME", help="default: derived from model, dataset, budgets and tolerance")
@@ -160,7 +168,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
         weights=args.weights, baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
         latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
-        max_trial_seconds=parse_duration(args.max_trial_time) or None)
+        max_trial_seconds=parse_duration(args.max_trial_time) or None,
+        device=args.device, threads=args.threads, image_size=args.image_size)
     if args.trials is not None:
         options["trials"] = args.trials
     return options

@@ -3,11 +3,15 @@
 Budget grammar (case of the unit suffix matters only for ``M`` vs ``m`` in ``ms``)::
 
     5M-params   800k-params   1.5M-nonzero-params   60M-flops   2G-flops   4MB   512kB   12ms
+    12ms-cuda
 
 ``params`` counts trainable parameters, ``nonzero-params`` the ones that are not zero after
 unstructured pruning, ``flops`` multiply-accumulates as fvcore counts them at 1x3x32x32 (the
 paper's count), ``MB`` the serialised state dict in MiB (bytes / 1024**2), ``ms`` the median CPU
-latency at batch 1.
+latency at batch 1 (``12ms-cpu`` is the same), ``ms-cuda`` the median latency at batch 1 on a
+CUDA GPU (metric ``latency-cuda``; it needs a GPU where the study runs). A latency budget whose
+limit lies within the measured median +- IQR is inside the timing noise
+(:meth:`Budget.within_noise`).
 
 Max-drop grammar: ``2%`` or ``2pp`` (percentage points of top-1 accuracy below the baseline, the
 paper's convention), ``0.5%``, ``5%rel`` (relative to the baseline accuracy).
@@ -22,16 +26,16 @@ from typing import Any, Literal, Mapping
 
 from .errors import ConstraintSyntaxError
 
-Metric = Literal["params", "nonzero-params", "flops", "size", "latency"]
-METRICS: tuple[str, ...] = ("params", "nonzero-params", "flops", "size", "latency")
+Metric = Literal["params", "nonzero-params", "flops", "size", "latency", "latency-cuda"]
+METRICS: tuple[str, ...] = ("params", "nonzero-params", "flops", "size", "latency", "latency-cuda")
 
-BUDGET_FORMS = "5M-params, 800k-params, 1.5M-nonzero-params, 60M-flops, 4MB, 512kB, 12ms"
+BUDGET_FORMS = "5M-params, 800k-params, 1.5M-nonzero-params, 60M-flops, 4MB, 512kB, 12ms, 12ms-cuda"
 DROP_FORMS = "2%, 2pp, 0.5%, 5%rel"
 
 _NUM = r"(?P<num>\d+(?:\.\d*)?|\.\d+)"
 _COUNT = re.compile(_NUM + r"\s*(?P<mult>[kKMGB]?)-?(?P<metric>params|nonzero-params|flops)$")
 _SIZE = re.compile(_NUM + r"\s*(?P<unit>[kKMG])B$")
-_LATENCY = re.compile(_NUM + r"\s*ms$")
+_LATENCY = re.compile(_NUM + r"\s*ms(?:-(?P<device>cpu|cuda))?$")
 _MULT = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
 _BYTES_MB = {"k": 1 / 1024, "K": 1 / 1024, "M": 1.0, "G": 1024.0}
 
@@ -42,7 +46,12 @@ _COST_FIELD = {
     "flops": "mflops",
     "size": "size_mb",
     "latency": "latency_ms",
+    "latency-cuda": "latency_cuda_ms",
 }
+# Costs field holding the interquartile range of each timed metric.
+_NOISE_FIELD = {"latency": "latency_iqr_ms", "latency-cuda": "latency_cuda_iqr_ms"}
+# Device on which each timed metric is measured.
+_DEVICE = {"latency": "cpu", "latency-cuda": "cuda"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,8 @@ class Budget:
     """A limit on one cost metric.
 
     Args:
-        metric: one of ``params``, ``nonzero-params``, ``flops``, ``size``, ``latency``.
+        metric: one of ``params``, ``nonzero-params``, ``flops``, ``size``, ``latency`` (CPU),
+            ``latency-cuda`` (CUDA GPU).
         limit: the largest allowed value, in the metric's unit: a count for params and
             nonzero-params, MFLOPs (10**6 multiply-accumulates) for flops, MB (MiB) for size,
             milliseconds for latency.
@@ -82,7 +92,8 @@ class Budget:
             return cls("size", _checked("size", float(m["num"]) * _BYTES_MB[m["unit"]], text), s)
         m = _LATENCY.fullmatch(s)
         if m:
-            return cls("latency", _checked("latency", float(m["num"]), text), s)
+            metric = "latency-cuda" if m["device"] == "cuda" else "latency"
+            return cls(metric, _checked(metric, float(m["num"]), text), s)
         raise ConstraintSyntaxError(f"malformed budget {text!r}; accepted forms: {BUDGET_FORMS}")
 
     @property
@@ -93,7 +104,12 @@ class Budget:
     @property
     def unit(self) -> str:
         return {"params": "params", "nonzero-params": "params", "flops": "MFLOPs",
-                "size": "MB", "latency": "ms"}[self.metric]
+                "size": "MB", "latency": "ms", "latency-cuda": "ms"}[self.metric]
+
+    @property
+    def device(self) -> str | None:
+        """``cpu`` or ``cuda`` for a latency budget (where it is measured), else None."""
+        return _DEVICE.get(self.metric)
 
     def value(self, costs: Mapping[str, Any] | Any) -> float:
         """The metric read from a Costs object or its dict form, in this budget's unit."""
@@ -104,6 +120,20 @@ class Budget:
     def violation(self, costs: Mapping[str, Any] | Any) -> float:
         """Relative excess over the limit: <= 0 means within budget (Optuna's convention)."""
         return (self.value(costs) - self.limit) / self.limit
+
+    def within_noise(self, costs: Mapping[str, Any] | Any) -> bool:
+        """True when this is a latency budget and its limit lies within the measured median +-
+        IQR (``latency_iqr_ms`` / ``latency_cuda_iqr_ms``): meeting or missing it is then inside
+        the timing noise. Counts and sizes are exact: always False."""
+        noise = _NOISE_FIELD.get(self.metric)
+        if noise is None:
+            return False
+        get = (lambda k: costs.get(k)) if isinstance(costs, Mapping) else (
+            lambda k: getattr(costs, k, None))
+        median, iqr = get(self.cost_field), get(noise)
+        if median is None or iqr is None:
+            return False
+        return abs(self.limit - float(median)) <= float(iqr)
 
     def describe(self) -> str:
         return f"{self.metric} <= {format_quantity(self.limit, self.unit)}"

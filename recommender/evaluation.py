@@ -32,7 +32,7 @@ from .models import build_model, get_family
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
 from .recipe import Recipe
-from .train import (batches, evaluate, finetune_fn, paired_drop, protocol_data, teacher_logits, threads,
+from .train import (TimeLimitReached, batches, evaluate, finetune_fn, paired_drop, protocol_data, step_seconds, teacher_logits,
                     train_model)
 
 Log = Callable[[str], None]
@@ -289,8 +289,7 @@ class Evaluator:
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
             report = self.progress
             step_fn = (lambda step, total, loss: report(label, step, total, loss)) if report else None
-            res = train_model(m, self.data, protocol, teacher_logits=logits, progress=step_fn,
-                              **_deadline(deadline))
+            res = train_model(m, self.data, protocol, teacher_logits=logits, progress=step_fn, deadline=deadline)
             if not res.ok:
                 raise TrainingFailed(res.reason)
             return res.to_dict()
@@ -309,27 +308,16 @@ class Evaluator:
 
     def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2) -> float | None:
         """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
-        (after one warm-up) at the protocol's batch size and resolution; None when no training is
+        (after one warm-up) at the protocol's batch size and resolution on its device; None when no training is
         needed (the baseline's architecture, or trained weights already cached)."""
         if arch == ArchConfig():
             return None
         if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
             return None
         d = protocol_data(self.data, self.protocol)
-        res = self.protocol.input_resolution(d.native_resolution)
-        model = self._build(arch).train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x, y = next(d.train_batches(self.protocol.batch_size, res))
-        with threads(self.protocol.resolved_threads()):
-            times = []
-            for _ in range(steps + 1):
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-                times.append(time.perf_counter() - t0)
         per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
-        return min(times[1:]) * per_epoch * self.protocol.epochs
+        # timed on the protocol's device, precision and memory format
+        return step_seconds(self._build(arch), self.data, self.protocol, steps) * per_epoch * self.protocol.epochs
 
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
@@ -386,7 +374,7 @@ class Evaluator:
             train_batches = list(batches(self.data, self.protocol, n_batches)) if n_batches else None
             teacher = self._teacher_logits(self.protocol) if recipe.prune.active else None
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
-                                     finetune=finetune_fn(self.data, self.protocol, teacher),
+                                     finetune=finetune_fn(self.data, self.protocol, teacher, deadline=deadline),
                                      finetune_steps=self.recovery_steps())
             out.notes = compression_notes(report)
             _check_deadline(deadline, "after compression")
@@ -397,7 +385,7 @@ class Evaluator:
             float_model = getattr(report, "float_model", None)
             out.costs = measure_mod.measure(model, self.input_size, latency=self.latency,
                                             float_model=float_model, threads=self.latency_threads).to_dict()
-        except TrialTimeout as exc:
+        except (TrialTimeout, TimeLimitReached) as exc:
             out.ok, out.reason = False, str(exc)
         except TrainingFailed as exc:
             reason = str(exc)
@@ -456,10 +444,4 @@ def _check_deadline(deadline: float | None, where: str) -> None:
         raise TrialTimeout(f"time limit reached {where} (--max-trial-time)")
 
 
-def _deadline(deadline: float | None) -> dict[str, Any]:
-    # train_model takes a deadline once the devices work lands; until then only between stages
-    import inspect
 
-    if deadline is None or "deadline" not in inspect.signature(train_model).parameters:
-        return {}
-    return {"deadline": deadline}

@@ -25,9 +25,17 @@ Units and definitions:
   element marking non-zeros plus the non-zero values, ``ceil(numel / 8) + nnz * element_size``
   bytes. Quantized tensors, integer tensors and packed parameters count at their dense size. No
   pickle overhead is included, so for a dense model it is slightly below ``size_mb``.
-- **latency_ms** (milliseconds): median wall time of ``repeats`` forward passes at the given input
-  size (batch 1 by default) under ``torch.inference_mode`` with ``torch.set_num_threads(threads)``;
-  ``warmup`` passes first are excluded; the previous thread count is restored afterwards.
+- **latency_ms** (milliseconds): median wall time of one forward pass at the given input size
+  (batch 1 by default) on the CPU under ``torch.inference_mode`` with ``threads`` threads, timed
+  with ``torch.utils.benchmark.Timer``: ``warmup`` passes first, then ``repeats`` samples, each
+  the mean of ``number`` passes (``number`` chosen so that a sample lasts at least
+  ``min_sample_ms``; 1 for any model slower than that). **latency_iqr_ms**: the interquartile
+  range (75th - 25th percentile) of those samples: a budget limit within median +- IQR is inside
+  the measurement noise (:func:`within_noise`).
+- **latency_cuda_ms**, **latency_cuda_iqr_ms**: the same on a CUDA GPU (a copy of the model moved
+  there; the Timer synchronises the device around each sample), measured when a GPU is present
+  (``cuda_latency=None``) or asked for; None on a machine without one and for quantized (int8,
+  CPU-only) models.
 - **peak_memory_mb** (MB): estimated working set of one forward pass = bytes of the model's
   state-dict tensors (weights and buffers) + the peak of live intermediate tensors (input
   included) during the forward. The intermediate peak is tracked exactly at the ATen level with a
@@ -42,13 +50,12 @@ import copy
 import io
 import logging
 import math
-import statistics
-import time
 import warnings
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -62,6 +69,9 @@ __all__ = [
     "size_mb",
     "sparse_size_mb",
     "latency_ms",
+    "latency_stats",
+    "LatencyStats",
+    "within_noise",
     "peak_memory_mb",
     "measure",
     "is_quantized",
@@ -287,34 +297,91 @@ def sparse_size_mb(model: nn.Module) -> float:
 # time and memory
 
 
+def _benchmark_timer():
+    """``torch.utils.benchmark.Timer``; its import pulls in ``torch.utils.cpp_extension``, which
+    logs a warning about CUDA_HOME on machines without a CUDA runtime: silenced for the import
+    (the logger's level is restored)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        log.setLevel(old)
+    return Timer
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Forward latency of one input, in milliseconds: ``median_ms``, ``iqr_ms`` (75th - 25th
+    percentile), ``q1_ms``/``q3_ms``, over ``samples`` samples of ``number`` passes each, on
+    ``device`` with ``threads`` CPU threads."""
+
+    median_ms: float
+    iqr_ms: float
+    q1_ms: float
+    q3_ms: float
+    samples: int
+    number: int
+    device: str
+    threads: int
+
+
+def latency_stats(
+    model: nn.Module,
+    input_size: InputSize = (1, 3, 32, 32),
+    threads: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+    min_sample_ms: float = 1.0,
+) -> LatencyStats:
+    """Median and IQR of the forward latency (ms) at ``input_size`` on ``device`` (``cpu`` or
+    ``cuda``) with ``threads`` CPU threads (see the module docstring). The model is left as it
+    was (mode, device, thread count); on CUDA a copy runs."""
+    Timer = _benchmark_timer()
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA latency asked for but no CUDA GPU is available")
+    was_training = model.training
+    net = model if device == "cpu" else safe_deepcopy(model).to(device)
+    net.eval()
+    x = model_input(net, input_size).to(device)
+    try:
+        with torch.inference_mode():
+            timer = Timer(stmt="net(x)", globals={"net": net, "x": x},
+                          num_threads=max(1, int(threads)))
+            first = timer.timeit(max(1, warmup)).median  # warm-up (and a first estimate)
+            number = max(1, math.ceil(min_sample_ms / 1000.0 / max(first, 1e-9)))
+            samples = sorted(timer.timeit(number).median for _ in range(repeats))
+    finally:
+        model.train(was_training)
+    q1, med, q3 = (float(v) * 1000.0 for v in np.percentile(samples, [25, 50, 75]))
+    return LatencyStats(median_ms=med, iqr_ms=q3 - q1, q1_ms=q1, q3_ms=q3, samples=len(samples),
+                        number=number, device=device, threads=max(1, int(threads)))
+
+
 def latency_ms(
     model: nn.Module,
     input_size: InputSize = (1, 3, 32, 32),
     threads: int = 1,
     repeats: int = 20,
     warmup: int = 3,
+    device: str = "cpu",
 ) -> float:
-    """Median forward latency in milliseconds at ``input_size`` with ``threads`` CPU threads."""
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    was_training = model.training
-    model.eval()
-    x = model_input(model, input_size)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    times: list[float] = []
-    try:
-        with torch.inference_mode():
-            for _ in range(max(0, warmup)):
-                model(x)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old_threads)
-        model.train(was_training)
-    return statistics.median(times) * 1000.0
+    """Median forward latency in milliseconds (:func:`latency_stats`)."""
+    return latency_stats(model, input_size, threads, repeats, warmup, device).median_ms
+
+
+def within_noise(limit_ms: float, median_ms: float | None, iqr_ms: float | None) -> bool:
+    """Whether a latency limit lies within median +- IQR of a measurement, i.e. whether meeting
+    or missing it is inside the timing noise (False when nothing was measured)."""
+    if median_ms is None or iqr_ms is None:
+        return False
+    return abs(float(limit_ms) - float(median_ms)) <= float(iqr_ms)
 
 
 class _LiveTensorTracker(TorchDispatchMode):
@@ -379,7 +446,9 @@ def peak_memory_mb(model: nn.Module, input_size: InputSize = (1, 3, 32, 32)) -> 
 class Costs:
     """Costs of a model. Units: counts, MFLOPs (10**6 multiply-accumulates), MB (bytes / 1024**2),
     milliseconds. ``mflops`` is None for a quantized model measured without its float model;
-    ``latency_ms`` is None when latency was not measured."""
+    ``latency_ms`` (CPU median) and ``latency_iqr_ms`` (its interquartile range) are None when
+    latency was not measured; ``latency_cuda_ms``/``latency_cuda_iqr_ms`` likewise on a CUDA GPU
+    (None without one)."""
 
     params: int
     nonzero_params: int
@@ -388,6 +457,9 @@ class Costs:
     sparse_size_mb: float
     latency_ms: float | None
     peak_memory_mb: float
+    latency_iqr_ms: float | None = None
+    latency_cuda_ms: float | None = None
+    latency_cuda_iqr_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -402,20 +474,32 @@ def measure(
     threads: int = 1,
     repeats: int = 20,
     warmup: int = 3,
+    cuda_latency: bool | None = None,
 ) -> Costs:
     """Measure every cost of ``model`` (see the module docstring for definitions and units).
 
     ``float_model``: for a quantized model, the float model whose FLOPs it inherits.
+    ``cuda_latency``: also time the model on a CUDA GPU (None: when ``latency`` and a GPU is
+    present; quantized models are never timed there).
     """
     flops = count_flops(model, input_size, float_model=float_model)
+    cpu = latency_stats(model, input_size, threads=threads, repeats=repeats, warmup=warmup) \
+        if latency else None
+    if cuda_latency is None:
+        cuda_latency = latency and torch.cuda.is_available()
+    gpu = None
+    if cuda_latency and not is_quantized(model):
+        gpu = latency_stats(model, input_size, threads=threads, repeats=repeats, warmup=warmup,
+                            device="cuda")
     return Costs(
         params=count_params(model),
         nonzero_params=count_nonzero_params(model),
         mflops=None if flops is None else flops / 1e6,
         size_mb=size_mb(model),
         sparse_size_mb=sparse_size_mb(model),
-        latency_ms=latency_ms(model, input_size, threads=threads, repeats=repeats, warmup=warmup)
-        if latency
-        else None,
+        latency_ms=cpu.median_ms if cpu else None,
         peak_memory_mb=peak_memory_mb(model, input_size),
+        latency_iqr_ms=cpu.iqr_ms if cpu else None,
+        latency_cuda_ms=gpu.median_ms if gpu else None,
+        latency_cuda_iqr_ms=gpu.iqr_ms if gpu else None,
     )

@@ -3,7 +3,8 @@
 A protocol fixes everything that decides a trained model's accuracy: data subset sizes, input
 resolution, epochs, batch size, optimiser and schedule (SGD + OneCycle as in the paper), augmentation,
 distillation and seed. Execution details that do not change the expected result (thread count,
-device) are fields too but are left out of :meth:`ProxyProtocol.key`.
+device, precision, memory format, compilation, evaluation batch) are fields too but are left out
+of :meth:`ProxyProtocol.key`.
 
 Named fidelities (``FIDELITIES``), cheapest first:
 
@@ -38,16 +39,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .devices import DEVICES, PRECISIONS, TOGGLES, Execution, available_cpus, resolve_device
 from .errors import RecommenderError, UnknownNameError
 
 __all__ = ["ProxyProtocol", "FIDELITIES", "get_protocol", "list_fidelities"]
 
 # Fields that change how fast a run goes, not what it converges to: left out of key().
-_EXECUTION_FIELDS = ("threads", "device", "eval_batch_size")
+_EXECUTION_FIELDS = ("threads", "device", "eval_batch_size", "precision", "channels_last", "compile")
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,18 @@ class ProxyProtocol:
             when ``distill_alpha`` > 0.
         calibration_batch_size: batch size of ``train.batches`` (quantization calibration, Taylor).
         seed: seed of weight init (when the caller seeds), shuffling and augmentation.
-        threads: CPU threads used while training/evaluating (0 = all cores). Not in the key.
-        device: ``cpu``, ``cuda`` or ``auto`` (cuda when available). Not in the key.
+        threads: CPU threads used while training/evaluating (0 = the CPUs this process may
+            use: ``OMP_NUM_THREADS``, else the affinity mask; see
+            :func:`recommender.devices.available_cpus`). Not in the key.
+        device: ``auto`` (the default: a CUDA GPU when one is present, else the CPU), ``cpu``
+            or ``cuda``. Not in the key.
         eval_batch_size: evaluation batch size. Not in the key.
+        precision: ``auto`` (bf16 autocast on a CUDA GPU that supports it, else fp16 with loss
+            scaling; float32 on a CPU), ``fp32``, ``bf16`` or ``fp16``. Not in the key.
+        channels_last: ``auto`` (on for CUDA; off on a CPU, where it was 0.8-1.5x by model and
+            changes the float rounding), ``on``, ``off``. Not in the key.
+        compile: train through ``torch.compile`` (off: on the 2-core CPU compiling
+            paper-resnet101-11 took 291 s and made no step faster). Not in the key.
     """
 
     fidelity: str = "proxy"
@@ -124,8 +134,11 @@ class ProxyProtocol:
     calibration_batch_size: int = 64
     seed: int = 0
     threads: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     eval_batch_size: int = 512
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -155,8 +168,12 @@ class ProxyProtocol:
             bad("distill_alpha must be in [0, 1]")
         if not self.distill_temperature > 0:
             bad("distill_temperature must be > 0")
-        if self.device not in ("cpu", "cuda", "auto"):
-            bad("device must be 'cpu', 'cuda' or 'auto'")
+        if self.device not in DEVICES:
+            bad(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            bad(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.channels_last not in TOGGLES:
+            bad(f"channels_last must be one of {', '.join(TOGGLES)}, got {self.channels_last!r}")
 
     # --- derived values -------------------------------------------------------------------
     def input_resolution(self, native: int) -> int:
@@ -166,14 +183,17 @@ class ProxyProtocol:
         return int(min(native, self.max_resolution) if self.max_resolution else native)
 
     def resolved_threads(self) -> int:
-        return int(self.threads) if self.threads else (os.cpu_count() or 1)
+        """CPU threads: ``threads``, or 0 = :func:`~recommender.devices.available_cpus`."""
+        return int(self.threads) if self.threads else available_cpus()
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            import torch
+        """``cpu`` or ``cuda`` (``auto``: cuda when a GPU is present; ``cuda`` without one
+        raises a RecommenderError)."""
+        return resolve_device(self.device)
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+    def execution(self) -> Execution:
+        """Device, autocast dtype, memory format and compilation of this protocol's runs."""
+        return Execution.resolve(self.device, self.precision, self.channels_last, self.compile)
 
     # --- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

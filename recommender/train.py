@@ -1,8 +1,11 @@
 """Proxy training and evaluation with intervals.
 
 - :func:`train_model` trains a model under a :class:`~recommender.protocol.ProxyProtocol` (SGD with
-  OneCycle stepped every batch, optional logit distillation), seeded and deterministic on a CPU for
-  a given thread count; a non-finite loss stops the run with ``ok=False``.
+  OneCycle stepped every batch, optional logit distillation), seeded and deterministic for a given
+  thread count and device; a non-finite loss, or a ``deadline``, stops the run with ``ok=False``.
+  It runs on the protocol's device (``auto``: a CUDA GPU when present) with its autocast dtype
+  and memory format (:meth:`ProxyProtocol.execution`), and reads the loss back from the device
+  only every ``check_every`` steps (no host sync per step).
 - :func:`evaluate` returns the per-image correctness on the validation subset, the accuracy and a
   95% Wilson interval.
 - :func:`paired_drop` compares two models on the same validation images with a paired bootstrap.
@@ -29,14 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import TensorData
+from .data import ImageData
+from .devices import Execution
 from .protocol import ProxyProtocol
 from .stats import DropEstimate, paired_drop, wilson_interval
 
 __all__ = [
     "TrainResult", "EvalResult", "DropEstimate", "train_model", "evaluate", "paired_drop",
     "wilson_interval", "teacher_logits", "finetune_fn", "batches", "seed_everything",
-    "protocol_data", "threads", "zero_init_residual",
+    "protocol_data", "threads", "zero_init_residual", "step_seconds", "TimeLimitReached",
 ]
 
 ProgressFn = Callable[[int, int, float], None]
@@ -109,13 +113,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def protocol_data(data: TensorData, protocol: ProxyProtocol) -> TensorData:
+def protocol_data(data: ImageData, protocol: ProxyProtocol) -> ImageData:
     """The subset of ``data`` a protocol trains and evaluates on."""
     return data.subset(protocol.train_size or None, protocol.val_size or None)
 
 
-def _device(protocol: ProxyProtocol) -> torch.device:
-    return torch.device(protocol.resolved_device())
 
 
 def _make_optimizer(model: nn.Module, protocol: ProxyProtocol, lr: float) -> torch.optim.SGD:
@@ -167,26 +169,66 @@ def zero_init_residual(model: nn.Module) -> int:
 
 # --- training -------------------------------------------------------------------------------
 
-def train_model(model: nn.Module, data: TensorData, protocol: ProxyProtocol, *,
+class _NonFinite:
+    """Finite-loss bookkeeping without a host sync per step: per-step flags and weighted losses
+    stay on the device and are read every ``every`` steps (and at the end of an epoch)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, int(every))
+        self.flags: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, n: int) -> None:
+        loss = loss.detach().float()
+        self.flags.append(torch.isfinite(loss) & torch.isfinite(logits.detach()).all())
+        self.losses.append(loss)
+        self.sizes.append(n)
+
+    def due(self) -> bool:
+        return len(self.flags) >= self.every
+
+    def flush(self) -> tuple[int | None, list[float], list[int]]:
+        """(index of the first non-finite step in the window or None, losses, batch sizes)."""
+        if not self.flags:
+            return None, [], []
+        flags = torch.stack(self.flags).cpu()
+        losses = torch.stack(self.losses).double().cpu().tolist()
+        sizes = self.sizes
+        self.flags, self.losses, self.sizes = [], [], []
+        bad = (~flags).nonzero()
+        return (int(bad[0]) if bad.numel() else None), losses, sizes
+
+
+def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
                 teacher_logits: torch.Tensor | np.ndarray | None = None,
-                progress: ProgressFn | None = None) -> TrainResult:
+                progress: ProgressFn | None = None, deadline: float | None = None,
+                check_every: int = 25) -> TrainResult:
     """Train ``model`` in place under ``protocol`` on its subset of ``data``.
 
     Args:
         teacher_logits: ``(n_train_subset, num_classes)`` logits from :func:`teacher_logits`
             (same data and protocol); used when ``protocol.distill_alpha > 0``.
-        progress: called after every step as ``progress(step, total_steps, loss)``.
+        progress: called after every step as ``progress(step, total_steps, loss)`` (this reads
+            the loss every step: a host sync per step on a GPU).
+        deadline: a ``time.monotonic()`` value: no step starts after it; the run then stops
+            with ``ok=False`` and ``reason`` "time limit reached at step k/n ...". None: no limit.
+        check_every: steps between reads of the loss (NaN/inf check, loss bookkeeping); the
+            device is not synchronised with the host in between.
 
     The run is deterministic for a given seed, thread count and device: shuffling and augmentation
     draw from a generator seeded with ``protocol.seed`` (weight init is the caller's: seed before
-    building). A NaN/inf loss stops the run: ``ok=False`` with the step in ``reason``.
+    building). A NaN/inf loss (or logit) stops the run: ``ok=False`` with the step in ``reason``
+    (found at the next check; the steps after it are not counted).
     With ``protocol.zero_init_residual`` the residual branches' last BN scales are zeroed
     first (see :func:`zero_init_residual`): pass a freshly built model.
-    The model is left in eval mode on the CPU.
+    On CUDA the protocol's autocast dtype (bf16, or fp16 with loss scaling) and channels_last
+    apply (:meth:`ProxyProtocol.execution`). The model is left in eval mode on the CPU.
     """
     d = protocol_data(data, protocol)
     res = protocol.input_resolution(d.native_resolution)
-    dev = _device(protocol)
+    ex = protocol.execution()
+    dev = ex.torch_device
     teacher = None
     if teacher_logits is not None and protocol.distill_alpha > 0:
         teacher = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32)
@@ -202,11 +244,14 @@ def train_model(model: nn.Module, data: TensorData, protocol: ProxyProtocol, *,
     images = 0
     ok, reason = True, ""
     t0 = time.perf_counter()
-    with threads(protocol.resolved_threads()):
+    check = _NonFinite(1 if progress is not None else check_every)
+    with threads(protocol.resolved_threads()), ex.engine_flags():
         if protocol.zero_init_residual:
             zero_init_residual(model)
-        model.to(dev)
+        ex.prepare_model(model)
         opt = _make_optimizer(model, protocol, protocol.lr)
+        scaler = torch.amp.GradScaler(ex.device) if ex.needs_scaler else None
+        forward = torch.compile(model) if ex.compile else model
         sched = None
         if protocol.schedule == "onecycle" and total >= 2:
             # a warm-up phase of at least 1.5 steps keeps OneCycleLR valid for tiny runs
@@ -218,39 +263,68 @@ def train_model(model: nn.Module, data: TensorData, protocol: ProxyProtocol, *,
                 cycle_momentum=protocol.cycle_momentum and protocol.momentum > 0,
                 base_momentum=protocol.base_momentum, max_momentum=protocol.max_momentum)
         model.train()
+
+        def read(epoch: int) -> bool:
+            """Read the pending steps; False (and the reason set) on a non-finite one."""
+            nonlocal ok, reason, step, images, epoch_loss, epoch_n
+            first_step = step - len(check.flags)
+            bad, window, sizes = check.flush()
+            if bad is not None:
+                ok = False
+                step = first_step + bad  # steps that completed with a finite loss
+                images -= sum(sizes[bad:])
+                reason = (f"diverged: non-finite loss ({window[bad]}) at step {step + 1}/{total} "
+                          f"(epoch {epoch + 1}); lower the learning rate")
+                return False
+            for k, (lv, n) in enumerate(zip(window, sizes)):
+                epoch_loss += lv * n
+                epoch_n += n
+                if progress is not None:
+                    progress(first_step + k + 1, total, lv)
+            return True
+
         for epoch in range(protocol.epochs):
             epoch_loss, epoch_n = 0.0, 0
             for x, y, idx in d.train_batches(protocol.batch_size, res, augment=protocol.augment,
                                              generator=gen, with_index=True):
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                logits = model(x)
-                loss = _kd_loss(logits, y, None if teacher is None else teacher[idx.to(dev)],
-                                protocol)
-                lv = float(loss.detach())
-                if not math.isfinite(lv) or not bool(torch.isfinite(logits.detach()).all()):
-                    ok = False
-                    reason = (f"diverged: non-finite loss ({lv}) at step {step + 1}/{total} "
-                              f"(epoch {epoch + 1}); lower the learning rate")
+                if deadline is not None and time.monotonic() >= deadline:
+                    if read(epoch):
+                        ok = False
+                        reason = (f"time limit reached at step {step}/{total} (epoch "
+                                  f"{epoch + 1}) after {time.perf_counter() - t0:.1f} s")
                     break
+                x, y = ex.input(x), y.to(dev, non_blocking=True)
+                with ex.autocast():
+                    logits = forward(x)
+                    loss = _kd_loss(logits.float(), y,
+                                    None if teacher is None else teacher[idx.to(dev)], protocol)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if protocol.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), protocol.grad_clip)
-                opt.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if protocol.grad_clip > 0:
+                        scaler.unscale_(opt)
+                        nn.utils.clip_grad_norm_(model.parameters(), protocol.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if protocol.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), protocol.grad_clip)
+                    opt.step()
                 if sched is not None:
                     sched.step()
                 step += 1
                 images += int(y.shape[0])
-                epoch_loss += lv * int(y.shape[0])
-                epoch_n += int(y.shape[0])
-                if progress is not None:
-                    progress(step, total, lv)
+                check.add(loss, logits, int(y.shape[0]))
+                if check.due() and not read(epoch):
+                    break
+            if ok and not read(epoch):
+                break
             if not ok:
                 break
             losses.append(epoch_loss / max(epoch_n, 1))
         model.eval()
-        if dev.type != "cpu":
-            model.to("cpu")
+        ex.release_model(model)
     seconds = time.perf_counter() - t0
     return TrainResult(ok=ok, reason=reason, seconds=seconds, epochs_run=len(losses),
                        final_loss=losses[-1] if losses else float("nan"),
@@ -258,35 +332,74 @@ def train_model(model: nn.Module, data: TensorData, protocol: ProxyProtocol, *,
                        losses=losses)
 
 
+def step_seconds(model: nn.Module, data: ImageData, protocol: ProxyProtocol,
+                 steps: int = 2) -> float:
+    """Seconds of one SGD step of ``model`` at the protocol's batch size and resolution, on its
+    device, precision and memory format: the fastest of ``steps`` timed steps after one
+    warm-up (the device synchronised around each). The model's weights change (a throwaway
+    build); it is left on the CPU."""
+    d = protocol_data(data, protocol)
+    res = protocol.input_resolution(d.native_resolution)
+    ex = protocol.execution()
+    x, y = next(d.train_batches(protocol.batch_size, res, shuffle=False))
+    times = []
+    with threads(protocol.resolved_threads()), ex.engine_flags():
+        ex.prepare_model(model).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x, y = ex.input(x), y.to(ex.torch_device)
+        for _ in range(max(1, steps) + 1):
+            _sync(ex.device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with ex.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            _sync(ex.device)
+            times.append(time.perf_counter() - t0)
+        ex.release_model(model)
+    return min(times[1:])
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def _predict(model: nn.Module, it: Iterator, dev: torch.device) -> torch.Tensor:
+def _predict(model: nn.Module, it: Iterator, ex: Execution) -> torch.Tensor:
     outs = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # autocast only for float32 models (a half-precision model runs in its own dtype)
+    amp = ex.autocast() if dtype == torch.float32 else contextlib.nullcontext()
     for x, *_ in it:
-        outs.append(model(x.to(dev, dtype=dtype)).float().cpu())
+        with amp:
+            outs.append(model(ex.input(x).to(dtype)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
-def evaluate(model: nn.Module, data: TensorData, protocol: ProxyProtocol) -> EvalResult:
+def _eval_execution(model: nn.Module, protocol: ProxyProtocol) -> Execution:
+    """The protocol's execution; quantized models run on the CPU (their kernels are CPU-only)."""
+    return Execution() if _is_quantized(model) else protocol.execution()
+
+
+def evaluate(model: nn.Module, data: ImageData, protocol: ProxyProtocol) -> EvalResult:
     """Top-1 accuracy on the protocol's validation subset (the same images for every model).
 
-    The model runs in eval mode at the protocol resolution; its training mode is restored.
-    Models that cannot run on the protocol device (quantized ones) are evaluated on the CPU.
+    The model runs in eval mode at the protocol resolution, ``eval_batch_size`` images per batch,
+    on the protocol's device (autocast and memory format as in training); its training mode is
+    restored and it is left on the CPU. Quantized models are evaluated on the CPU.
     """
     d = protocol_data(data, protocol)
     res = protocol.input_resolution(d.native_resolution)
-    dev = _device(protocol)
-    if _is_quantized(model):
-        dev = torch.device("cpu")
+    ex = _eval_execution(model, protocol)
     was_training = model.training
     t0 = time.perf_counter()
-    with threads(protocol.resolved_threads()):
+    with threads(protocol.resolved_threads()), ex.engine_flags():
         model.eval()
-        if dev.type != "cpu":
-            model.to(dev)
-        logits = _predict(model, d.val_batches(protocol.eval_batch_size, res), dev)
-        if dev.type != "cpu":
-            model.to("cpu")
+        ex.prepare_model(model)
+        logits = _predict(model, d.val_batches(protocol.eval_batch_size, res), ex)
+        ex.release_model(model)
     model.train(was_training)
     correct = (logits.argmax(1) == d.val_y).numpy().astype(bool) if logits.numel() else \
         np.zeros(0, dtype=bool)
@@ -306,26 +419,24 @@ def _is_quantized(model: nn.Module) -> bool:
 
 # --- distillation, pruning fine-tune, calibration batches ------------------------------------
 
-def teacher_logits(model: nn.Module, data: TensorData, protocol: ProxyProtocol) -> torch.Tensor:
+def teacher_logits(model: nn.Module, data: ImageData, protocol: ProxyProtocol) -> torch.Tensor:
     """The teacher's logits on the protocol's training subset, un-augmented, at the protocol
     resolution, in the stored order: ``(n_train_subset, num_classes)`` float32 on the CPU.
     Computed once and cached by the caller (see the module docstring for the choice)."""
     d = protocol_data(data, protocol)
     res = protocol.input_resolution(d.native_resolution)
-    dev = _device(protocol)
+    ex = _eval_execution(model, protocol)
     was_training = model.training
-    with threads(protocol.resolved_threads()):
+    with threads(protocol.resolved_threads()), ex.engine_flags():
         model.eval()
-        if dev.type != "cpu":
-            model.to(dev)
-        out = _predict(model, d.train_batches(protocol.eval_batch_size, res, shuffle=False), dev)
-        if dev.type != "cpu":
-            model.to("cpu")
+        ex.prepare_model(model)
+        out = _predict(model, d.train_batches(protocol.eval_batch_size, res, shuffle=False), ex)
+        ex.release_model(model)
     model.train(was_training)
     return out
 
 
-def batches(data: TensorData, protocol: ProxyProtocol, n: int
+def batches(data: ImageData, protocol: ProxyProtocol, n: int
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` un-augmented training batches ``(x, y)`` (size ``calibration_batch_size``) at the
     protocol resolution, in a seeded order (cycling over epochs if needed): for quantization
@@ -344,14 +455,32 @@ def batches(data: TensorData, protocol: ProxyProtocol, n: int
             return
 
 
-def finetune_fn(data: TensorData, protocol: ProxyProtocol,
-                teacher_logits: torch.Tensor | np.ndarray | None = None) -> Callable[[nn.Module, int], float]:
-    """A callback ``finetune(model, steps) -> mean loss`` for recovery after pruning: ``steps``
-    SGD steps (constant ``protocol.finetune_lr``, the protocol's momentum and weight decay, with
-    its augmentation) on training batches, continuing through a seeded stream across calls, with
-    logit distillation from ``teacher_logits`` (see :func:`teacher_logits`) when the protocol
-    asks for it. Pruning masks (``torch.nn.utils.prune``) stay applied. A non-finite loss stops
-    the fine-tune (the returned loss is then NaN). The model's training mode is restored."""
+class TimeLimitReached(Exception):
+    """A fine-tune passed its deadline (see :func:`finetune_fn`); ``result`` says where."""
+
+    def __init__(self, result: TrainResult):
+        super().__init__(result.reason)
+        self.result = result
+
+
+def finetune_fn(data: ImageData, protocol: ProxyProtocol,
+                teacher_logits: torch.Tensor | np.ndarray | None = None, *,
+                deadline: float | None = None, check_every: int = 25
+                ) -> Callable[..., float]:
+    """A callback ``finetune(model, steps, deadline=None) -> mean loss`` for recovery after
+    pruning: ``steps`` SGD steps (constant ``protocol.finetune_lr``, the protocol's momentum and
+    weight decay, with its augmentation) on training batches, continuing through a seeded stream
+    across calls, with logit distillation from ``teacher_logits`` (see :func:`teacher_logits`)
+    when the protocol asks for it. Pruning masks (``torch.nn.utils.prune``) stay applied. A
+    non-finite loss stops the fine-tune (the returned loss is then NaN; the loss is read every
+    ``check_every`` steps). The model's training mode is restored; it is left on the CPU.
+
+    ``deadline`` (a ``time.monotonic()`` value, here or per call; the call's wins): no step
+    starts after it, and the callback raises :class:`TimeLimitReached` whose ``result`` is a
+    :class:`TrainResult` with ``ok=False`` and reason "time limit reached at step k/n ..." (the
+    callback's return value can only be a loss, and pruning code calls it as
+    ``finetune(model, steps)``; the exception ends the trial through it).
+    """
     d = protocol_data(data, protocol)
     res = protocol.input_resolution(d.native_resolution)
     gen = torch.Generator().manual_seed(protocol.seed + 2)
@@ -359,6 +488,7 @@ def finetune_fn(data: TensorData, protocol: ProxyProtocol,
     teacher = None
     if teacher_logits is not None and protocol.distill_alpha > 0:
         teacher = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32)
+    default_deadline = deadline
 
     def next_batch():
         while True:
@@ -370,32 +500,64 @@ def finetune_fn(data: TensorData, protocol: ProxyProtocol,
             except StopIteration:
                 state["it"] = None
 
-    def finetune(model: nn.Module, steps: int) -> float:
+    def finetune(model: nn.Module, steps: int, deadline: float | None = None) -> float:
         if steps <= 0:
             return 0.0
-        dev = _device(protocol)
+        limit = default_deadline if deadline is None else deadline
+        ex = protocol.execution()
+        dev = ex.torch_device
         was_training = model.training
         total = 0.0
-        with threads(protocol.resolved_threads()):
-            model.to(dev)
+        done = 0
+        failed = False
+        timed_out = None
+        t0 = time.perf_counter()
+        check = _NonFinite(check_every)
+        with threads(protocol.resolved_threads()), ex.engine_flags():
+            ex.prepare_model(model)
             opt = _make_optimizer(model, protocol, protocol.finetune_lr)
+            scaler = torch.amp.GradScaler(ex.device) if ex.needs_scaler else None
             model.train()
-            for _ in range(steps):
+            for i in range(steps):
+                if limit is not None and time.monotonic() >= limit:
+                    timed_out = i
+                    break
                 x, y, idx = next_batch()
                 y = y.to(dev)
                 t = None if teacher is None else teacher[idx].to(dev)
-                loss = _kd_loss(model(x.to(dev)), y, t, protocol)
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    total = float("nan")
-                    break
+                with ex.autocast():
+                    logits = model(ex.input(x))
+                    loss = _kd_loss(logits.float(), y, t, protocol)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += lv
-            if dev.type != "cpu":
-                model.to("cpu")
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                done += 1
+                check.add(loss, logits, int(y.shape[0]))
+                if check.due() or i == steps - 1:
+                    bad, window, _ = check.flush()
+                    total += sum(window if bad is None else window[:bad])
+                    if bad is not None:
+                        failed = True
+                        break
+            if timed_out is not None and not failed:
+                bad, window, _ = check.flush()
+                total += sum(window if bad is None else window[:bad])
+                failed = bad is not None
+            ex.release_model(model)
         model.train(was_training)
+        if failed:
+            return float("nan")
+        if timed_out is not None:
+            seconds = time.perf_counter() - t0
+            raise TimeLimitReached(TrainResult(
+                ok=False, reason=f"time limit reached at step {timed_out}/{steps} of the "
+                f"fine-tune after {seconds:.1f} s", seconds=seconds, epochs_run=0,
+                final_loss=total / max(done, 1), images_per_s=0.0, steps=done))
         return total / steps
 
     return finetune

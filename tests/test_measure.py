@@ -45,7 +45,9 @@ def test_latency_restores_threads_and_measure_dict():
     assert ms > 0 and torch.get_num_threads() == before
     c = M.measure(m, repeats=3, warmup=1)
     d = c.to_dict()
-    assert set(d) == {"params", "nonzero_params", "mflops", "size_mb", "sparse_size_mb", "latency_ms", "peak_memory_mb"}
+    assert set(d) == {"params", "nonzero_params", "mflops", "size_mb", "sparse_size_mb", "latency_ms",
+                      "peak_memory_mb", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms"}
+    assert c.latency_iqr_ms is not None and c.latency_iqr_ms >= 0
     assert c.peak_memory_mb >= M.size_mb(m) * 0.9
     assert M.measure(m, latency=False).latency_ms is None
 
@@ -67,3 +69,19 @@ def test_quantized_flops_come_from_float_model():
     assert M.count_params(q) > 0
     c = M.measure(q, float_model=m, repeats=2, warmup=1)
     assert c.mflops == pytest.approx(M.count_flops(m) / 1e6)
+
+
+def test_latency_stats_median_iqr_and_noise_helper():
+    m = small()
+    s = M.latency_stats(m, threads=1, repeats=7, warmup=2)
+    assert s.samples == 7 and s.number >= 1 and s.device == "cpu"
+    assert s.q1_ms <= s.median_ms <= s.q3_ms and s.iqr_ms == pytest.approx(s.q3_ms - s.q1_ms)
+    assert M.within_noise(s.median_ms, s.median_ms, s.iqr_ms)
+    assert not M.within_noise(s.median_ms + s.iqr_ms + 1.0, s.median_ms, s.iqr_ms)
+    assert not M.within_noise(5.0, None, None)
+    c = M.measure(m, repeats=3, warmup=1, cuda_latency=False)
+    assert c.latency_cuda_ms is None and c.latency_cuda_iqr_ms is None
+    if not torch.cuda.is_available():
+        assert M.measure(m, repeats=3, warmup=1).latency_cuda_ms is None
+        with pytest.raises(RuntimeError):
+            M.latency_stats(m, device="cuda")

@@ -211,3 +211,118 @@ def test_smoke_protocol_is_fast(digits):
     t0 = time.perf_counter()
     train_model(TinyCNN(), digits, SMOKE)
     assert time.perf_counter() - t0 < 30
+
+
+# --- deadline, sync-free NaN checks, execution settings -----------------------------------------
+
+class LateNaN(nn.Module):
+    """A tiny CNN whose output turns NaN from its ``bad_from``-th training forward on."""
+
+    def __init__(self, bad_from: int):
+        super().__init__()
+        self.net = TinyCNN()
+        self.calls = 0
+        self.bad_from = bad_from
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.training and self.calls >= self.bad_from else out
+
+
+def test_nan_found_later_still_names_its_step(digits):
+    seed_everything(0)
+    # 8 steps per epoch; the loss is read every 3 steps: step 5 is found at the read after step 6
+    result = train_model(LateNaN(5), digits, SMOKE, check_every=3)
+    assert not result.ok and "step 5/16" in result.reason and "epoch 1" in result.reason
+    assert result.steps == 4 and result.epochs_run == 0
+
+
+def test_reading_the_loss_rarely_changes_nothing(digits):
+    runs = []
+    for every in (1, 5, 1000):
+        seed_everything(0)
+        m = TinyCNN()
+        r = train_model(m, digits, SMOKE, check_every=every)
+        runs.append((r.losses, [t.clone() for t in m.state_dict().values()]))
+    for losses, state in runs[1:]:
+        assert losses == runs[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(state, runs[0][1]))
+
+
+def test_deadline_stops_training_at_the_next_step(digits):
+    seed_everything(0)
+    done = time.monotonic() - 1.0
+    r = train_model(TinyCNN(), digits, SMOKE, deadline=done)
+    assert not r.ok and "time limit reached at step 0/16" in r.reason and r.steps == 0
+
+    deadline = time.monotonic() + 2.0
+
+    def slow_after_three(step, total, loss):
+        while step == 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    r = train_model(TinyCNN(), digits, SMOKE, deadline=deadline, progress=slow_after_three)
+    assert not r.ok and "time limit reached at step 3/16" in r.reason and r.steps == 3
+    assert train_model(TinyCNN(), digits, SMOKE, deadline=time.monotonic() + 600).ok
+
+
+def test_finetune_deadline_raises_with_the_result(digits, trained_tiny):
+    import copy
+
+    from recommender.train import TimeLimitReached
+
+    model, _ = trained_tiny
+    ft = finetune_fn(digits, SMOKE, deadline=time.monotonic() - 1)
+    with pytest.raises(TimeLimitReached) as err:
+        ft(copy.deepcopy(model), 5)
+    assert not err.value.result.ok and "time limit reached at step 0/5" in err.value.result.reason
+    ft2 = finetune_fn(digits, SMOKE)  # per-call deadline
+    assert np.isfinite(ft2(copy.deepcopy(model), 2, deadline=time.monotonic() + 600))
+    with pytest.raises(TimeLimitReached):
+        ft2(copy.deepcopy(model), 2, deadline=time.monotonic() - 1)
+
+
+def test_cpu_bf16_and_channels_last_paths_run(digits):
+    """The mixed-precision / channels_last code path (CUDA's defaults) on the CPU: it trains,
+    evaluates, and gives the model back float32 in the default memory format."""
+    proto = SMOKE.replace(device="cpu", precision="bf16", channels_last="on", epochs=1)
+    ex = proto.execution()
+    assert ex.amp_dtype == torch.bfloat16 and ex.channels_last and ex.device == "cpu"
+    seed_everything(0)
+    m = TinyCNN()
+    r = train_model(m, digits, proto)
+    assert r.ok, r.reason
+    conv = m.features[0].weight
+    assert conv.dtype == torch.float32 and conv.is_contiguous()
+    assert evaluate(m, digits, proto).accuracy > 0.1
+
+
+def test_default_execution_on_this_machine():
+    ex = get_protocol("proxy").execution()
+    if torch.cuda.is_available():
+        assert ex.device == "cuda" and ex.amp_dtype is not None and ex.channels_last
+    else:
+        assert ex.device == "cpu" and ex.amp_dtype is None and not ex.channels_last
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_evaluation_and_step_timing(digits):
+    from recommender.train import step_seconds
+
+    proto = SMOKE.replace(device="cuda", epochs=3)
+    seed_everything(0)
+    m = TinyCNN()
+    r = train_model(m, digits, proto)
+    assert r.ok, r.reason
+    assert next(m.parameters()).device.type == "cpu"  # handed back on the CPU
+    ev = evaluate(m, digits, proto)
+    assert ev.accuracy > 0.5
+    logits = teacher_logits(m, digits, proto)
+    assert logits.device.type == "cpu" and torch.isfinite(logits).all()
+    assert 0 < step_seconds(TinyCNN(), digits, proto) < 5
+    # fp16 with loss scaling
+    seed_everything(0)
+    r16 = train_model(TinyCNN(), digits, proto.replace(precision="fp16"))
+    assert r16.ok, r16.reason

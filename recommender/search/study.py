@@ -27,13 +27,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
+import torch
 from torch import nn
 from optuna.trial import TrialState
 
 from .. import validate
 from ..cache import WeightsCache
 from ..constraints import Budget, MaxDrop, parse_budgets
-from ..data import TensorData, load_dataset
+from ..data import ImageData, load_dataset
+from ..devices import available_cpus, cuda_available
 from ..errors import RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_family, get_preset
@@ -92,6 +94,13 @@ class StudySpec:
         latency: measure CPU latency of every candidate (ms, batch 1).
         max_trial_seconds: skip (prune, with the reason) a candidate whose proxy training is
             estimated, from two timed steps, to take longer than this; None: no limit.
+        device: where candidates train and are evaluated: ``auto`` (a CUDA GPU when present),
+            ``cpu`` or ``cuda``. Latency budgets name their own device (``12ms``: CPU,
+            ``12ms-cuda``: GPU).
+        threads: CPU threads of training and evaluation (0: ``OMP_NUM_THREADS``, else the CPUs
+            this process may use).
+        image_size: image folders and dataset pairs: side (px) the images are decoded to
+            (None: their native size when square and at most 64 px, else 32).
     """
 
     model: str
@@ -123,6 +132,9 @@ class StudySpec:
     max_trial_seconds: float | None = 120.0
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         from ..models import register_module, resolve_model
@@ -134,12 +146,17 @@ class StudySpec:
             resolve_model(self.model, check_only=True)  # an unknown name fails before any work
         if self.checkpoint and self.weights:
             raise RecommenderError("give --checkpoint (a trained baseline) or --weights (initial weights), not both")
-        get_protocol(self.fidelity)  # an unknown fidelity fails before any storage is touched
+        # an unknown fidelity, device (or cuda without a GPU) fails before any storage is touched
+        get_protocol(self.fidelity, device=self.device, threads=self.threads).resolved_device()
         if isinstance(self.max_drop, str):
             self.max_drop = MaxDrop.parse(self.max_drop)
         self.budgets = parse_budgets(self.budgets)
         if not self.budgets:
             raise RecommenderError("give at least one budget, e.g. --budget 5M-params")
+        for b in self.budgets:
+            if b.device == "cuda" and not torch.cuda.is_available():
+                raise RecommenderError(f"budget {b.text or b.describe()} is a CUDA latency but no CUDA "
+                                       f"GPU is available here; use a CPU latency budget (e.g. 12ms)")
         if self.sampler not in SAMPLERS:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if self.trials < 1:
@@ -208,7 +225,9 @@ class StudySpec:
                 "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
                 "seed": self.seed, "checkpoint": file_digest(self.checkpoint) if self.checkpoint else None,
                 "weights": file_digest(self.weights) if self.weights else None,
-                "baseline_accuracy": self.baseline_accuracy}
+                "baseline_accuracy": self.baseline_accuracy,
+                # decoded size changes the data (absent: as before, resumes match)
+                **({"image_size": self.image_size} if self.image_size else {})}
 
     def worker_threads(self) -> int:
         """Threads of each worker: the CPUs this process may use, shared among the jobs."""
@@ -310,14 +329,6 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(keys))
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 #: Single-threaded workers run many small trainings faster than one worker with every thread
 #: (measured in benchmarks/proxy_cost.py); more than two rarely pays on a laptop's memory bandwidth.
 MAX_AUTO_JOBS = 2
@@ -325,9 +336,7 @@ MAX_AUTO_JOBS = 2
 
 def default_jobs(device: str = "auto") -> int:
     """``--jobs auto``: one worker per CPU up to ``MAX_AUTO_JOBS``; one on a GPU (it is shared)."""
-    import torch
-
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    if device == "cuda" or (device == "auto" and cuda_available()):
         return 1
     return max(1, min(MAX_AUTO_JOBS, available_cpus()))
 
@@ -337,6 +346,10 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     towards ``--trials``."""
     return study.get_trials(deepcopy=False, states=FINISHED)
 
+
+#: Measured latency fields a promoted candidate keeps from the search rung (rungs re-train, they do
+#: not re-time: the architecture and its compression are the same).
+LATENCY_FIELDS = ("latency_ms", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms")
 
 #: A study stops drawing after this many trials per requested trial, however many were skipped.
 MAX_DRAWS_PER_TRIAL = 5
@@ -357,8 +370,10 @@ class Search:
         self.callbacks = list(callbacks)
         check_writable(spec)  # before any training: not found out after the baseline
         threads = spec.worker_threads() if worker else (spec.threads or 0)
-        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed, threads=threads)
-        self.data: TensorData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed)
+        self.protocol: ProxyProtocol = get_protocol(spec.fidelity, seed=spec.seed, device=spec.device,
+                                                    threads=threads)
+        self.data: ImageData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed,
+                                            image_size=spec.image_size)
         from ..models import resolve_model
         from ..models.registry import is_registered
 
@@ -612,7 +627,7 @@ class Search:
                 prev = c.evaluation
                 rst.enqueue_trial({}, user_attrs={"source_trial": c.trial, "recipe": c.recipe,
                                                   "preset": src.user_attrs.get("preset") if src else None,
-                                                  "latency_ms": prev.costs.get("latency_ms")})
+                                                  "latency": {f: prev.costs.get(f) for f in LATENCY_FIELDS}})
             numbers = [c.trial for c in chosen]
             rst.set_user_attr("promoted", numbers)
             self.study.set_user_attr(key, numbers)
@@ -639,8 +654,8 @@ class Search:
             recipe = Recipe.from_dict(trial.user_attrs["recipe"])
             self.log(f"rung {k}: trial {src} ({recipe.describe()})")
             res = ev.evaluate(recipe, baseline, self.spec.max_drop)
-            if trial.user_attrs.get("latency_ms") is not None:  # costs do not depend on the fidelity
-                res.costs = {**res.costs, "latency_ms": trial.user_attrs["latency_ms"]}
+            if trial.user_attrs.get("latency"):  # costs do not depend on the fidelity: keep rung 0's
+                res.costs = {**res.costs, **trial.user_attrs["latency"]}
             trial.set_user_attr("evaluation", res.to_dict())
             if not res.ok:
                 trial.set_user_attr("fail_reason", res.reason)
