@@ -108,7 +108,7 @@ def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch
     assert sorted(after) == sorted(promoted) and all(len(v) == 1 for v in after.values())
     rung1 = optuna.load_study(study_name="promo.rung1", storage=storage)
     assert rung1.user_attrs["baseline_evaluations"] == 1
-    assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == 40 and study.user_attrs["baseline_evaluations"] == 1
     d = rec.to_dict()
     assert d["rungs"][1]["index"] == 1 and d["rungs"][1]["promoted"] == promoted
     if d["recommended"] is not None and d["feasible"]:
@@ -119,9 +119,10 @@ def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch
 RUNNER = """
 import sys, json
 from recommender import recommend
-kw = json.loads(sys.argv[1])
-rec = recommend(**kw)
-print("DONE", rec.feasible)
+if __name__ == "__main__":  # the workers are spawned: they re-import this file
+    kw = json.loads(sys.argv[1])
+    rec = recommend(**kw)
+    print("DONE", rec.feasible)
 """
 
 
@@ -135,17 +136,30 @@ def test_two_workers_on_sqlite_reach_the_target_once(tmp_path):
     assert rec.counts["evaluated"] >= 4
 
 
+def test_workers_that_cannot_start_are_an_error_not_a_short_study(tmp_path):
+    kw = common(tmp_path, "noguard", trials=3, rungs="1", jobs=2)
+    script = tmp_path / "run.py"
+    script.write_text("import sys, json\nfrom recommender import recommend\n"
+                      "recommend(**json.loads(sys.argv[1]))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, str(script), json.dumps(kw)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert "__main__" in p.stderr
+
+
 def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
-    kw = common(tmp_path, "sigint", trials=6, rungs="1", jobs=2)
+    kw = common(tmp_path, "sigint", trials=40, rungs="1", jobs=2)
     script = tmp_path / "run.py"
     script.write_text(RUNNER)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = open(tmp_path / "run.log", "wb")  # a file, not a pipe: nobody reads until the end
     p = subprocess.Popen([sys.executable, str(script), json.dumps(kw)], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     storage = f"sqlite:///{tmp_path / 'studies' / 'sigint.db'}"
     deadline = time.monotonic() + 500
     while time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(0.5)
         try:
             study = optuna.load_study(study_name="sigint", storage=storage)
         except Exception:
@@ -153,12 +167,14 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
         if len(counted_trials(study)) >= 2:
             break
     os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode != 0, out
+    p.wait(timeout=120)
+    log.close()
+    out = (tmp_path / "run.log").read_text(errors="replace")
+    assert p.returncode != 0, out[-3000:]
     study = optuna.load_study(study_name="sigint", storage=storage)
     kept = len(counted_trials(study))
-    assert 2 <= kept < 6
+    assert 2 <= kept < 40
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), "no trial left RUNNING"
     recommend(**kw)  # the same command resumes and reaches the target
     study = optuna.load_study(study_name="sigint", storage=storage)
-    assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == 40 and study.user_attrs["baseline_evaluations"] == 1

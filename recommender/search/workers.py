@@ -67,6 +67,7 @@ def run_workers(spec: Any, jobs: int, phase: str, *, rung: int = 0, deadline: fl
     for p in procs:
         p.start()
     errors: list[str] = []
+    finished: set[int] = set()  # workers that reported "done" or "interrupted"
 
     def drain() -> None:
         while True:
@@ -78,6 +79,8 @@ def run_workers(spec: Any, jobs: int, phase: str, *, rung: int = 0, deadline: fl
                 log(payload)
             elif kind == "error":
                 errors.append(payload)
+            else:
+                finished.add(payload)
 
     try:
         while any(p.is_alive() for p in procs):
@@ -99,3 +102,10 @@ def run_workers(spec: Any, jobs: int, phase: str, *, rung: int = 0, deadline: fl
             p.join(1.0)
     if errors:
         raise RecommenderError(errors[0])
+    silent = [i for i, p in enumerate(procs, 1) if i not in finished and p.exitcode not in (0, None)]
+    if silent:
+        # A worker that dies before it runs (spawn re-imports the caller's main module) says
+        # nothing on the queue; without this check the study would end early and look finished.
+        raise RecommenderError(
+            f"worker {silent[0]} exited with code {procs[silent[0] - 1].exitcode} before reporting; "
+            "a script that calls recommend(jobs > 1) must start under `if __name__ == \"__main__\":`")
