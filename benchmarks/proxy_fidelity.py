@@ -18,6 +18,7 @@ side by side in one run, for each search-rung variant:
     python benchmarks/proxy_fidelity.py                         # cifar10-mini, variants kd and nokd
     python benchmarks/proxy_fidelity.py --dataset digits --reference benchmarks/results/digits-reference.json
     python benchmarks/proxy_fidelity.py --variants kd --override epochs=8 --json out.json
+    python benchmarks/proxy_fidelity.py --rung 1                # the promotion rung (3x epochs, native px)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from recommender.measure import count_flops, count_params  # noqa: E402
 from recommender.models import build_model, get_preset  # noqa: E402
 from recommender.protocol import get_protocol  # noqa: E402
 from recommender.recipe import PruneConfig, Recipe  # noqa: E402
+from recommender.search.rungs import ladder  # noqa: E402
 from recommender.stats import paired_drop  # noqa: E402
 
 #: search-rung variants: protocol overrides of the ``proxy`` fidelity
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", default=None, help="default benchmarks/results/<dataset>-reference.json")
     ap.add_argument("--variants", default="kd,nokd", help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--fidelity", default="proxy", help="the search rung's fidelity")
+    ap.add_argument("--rung", type=int, default=0,
+                    help="which rung of the default ladder to score (0: the search rung, 1: the promotion rung)")
     ap.add_argument("--override", action="append", default=[], help="protocol field=value (repeatable)")
     ap.add_argument("--pruned", action="store_true", help="also pruned candidates of the baseline")
     ap.add_argument("--max-drop", type=float, default=2.0, help="tolerance in pp (default 2)")
@@ -130,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = item.partition("=")
         overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
 
-    results = {"dataset": data.describe(), "reference": str(ref_path), "models": names,
+    results = {"dataset": data.describe(), "reference": str(ref_path), "models": names, "rung": args.rung,
                "reference_protocol": ref["baseline"]["protocol"], "variants": {}}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        protocol = get_protocol(args.fidelity, seed=0, threads=args.threads, **{**VARIANTS[variant], **overrides})
+        search = get_protocol(args.fidelity, seed=0, threads=args.threads)
+        rung = ladder(search, data.native_resolution, "auto")[args.rung].protocol
+        protocol = rung.replace(**{**VARIANTS[variant], **overrides})
         ev = Evaluator(args.model, data, protocol, cache=WeightsCache(args.cache_dir), latency=False)
         t0 = time.perf_counter()
         base = ev.evaluate_baseline()

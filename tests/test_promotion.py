@@ -108,7 +108,7 @@ def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch
     assert sorted(after) == sorted(promoted) and all(len(v) == 1 for v in after.values())
     rung1 = optuna.load_study(study_name="promo.rung1", storage=storage)
     assert rung1.user_attrs["baseline_evaluations"] == 1
-    assert len(counted_trials(study)) == 40 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1
     d = rec.to_dict()
     assert d["rungs"][1]["index"] == 1 and d["rungs"][1]["promoted"] == promoted
     if d["recommended"] is not None and d["feasible"]:
@@ -149,7 +149,7 @@ def test_workers_that_cannot_start_are_an_error_not_a_short_study(tmp_path):
 
 
 def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
-    kw = common(tmp_path, "sigint", trials=40, rungs="1", jobs=2)
+    kw = common(tmp_path, "sigint", trials=12, rungs="1", jobs=2)
     script = tmp_path / "run.py"
     script.write_text(RUNNER)
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -173,8 +173,8 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
     assert p.returncode != 0, out[-3000:]
     study = optuna.load_study(study_name="sigint", storage=storage)
     kept = len(counted_trials(study))
-    assert 2 <= kept < 40
+    assert 2 <= kept < 12
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), "no trial left RUNNING"
     recommend(**kw)  # the same command resumes and reaches the target
     study = optuna.load_study(study_name="sigint", storage=storage)
-    assert len(counted_trials(study)) == 40 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == 12 and study.user_attrs["baseline_evaluations"] == 1
