@@ -154,6 +154,7 @@ class Recommendation:
     rungs: list[dict[str, Any]] = field(default_factory=list)
     power: dict[str, Any] = field(default_factory=dict)
     warm_start_skipped: dict[str, str] = field(default_factory=dict)
+    space_note: str = ""
     alternatives: dict[str, Choice] = field(default_factory=dict)
     front: list[Choice] = field(default_factory=list)
     closest: list[Choice] = field(default_factory=list)
@@ -282,6 +283,7 @@ class Recommendation:
             "power": self.power,
             "rungs": self.rungs,
             "warm_start_skipped": self.warm_start_skipped,
+            "space_note": self.space_note,
             "alternatives": {k: choice(v) for k, v in self.alternatives.items()},
             "pareto": [choice(c) for c in self.front],
             "closest_infeasible": [choice(c) for c in self.closest],
@@ -445,7 +447,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     return Recommendation(
         study_name=study.study_name, storage=storage, spec=spec, baseline=baseline, chosen=chosen,
         feasible=feasible, rung_baselines=rung_baselines, rungs=rungs_info, power=power,
-        warm_start_skipped=dict(attrs.get("warm_start_skipped", {})),
+        warm_start_skipped=dict(attrs.get("warm_start_skipped", {})), space_note=str(attrs.get("space_note", "")),
         alternatives=alternatives, front=front, closest=closest,
         counts=counts, infeasible_reasons=dict(reasons), failures=dict(failures),
         importances=_importances(study), binding=binding, study=study)
@@ -541,6 +543,8 @@ def render(rec: Recommendation) -> Group:
     power = _power_line(rec)
     if power:
         parts.append(Text(power, style="yellow"))
+    if rec.space_note:
+        parts.append(Text(rec.space_note, style="dim"))
     c = rec.chosen
     if c is None and not rec.counts.get("finished"):
         parts.append(Panel(Text("No candidate finished yet: no recommendation.", style="bold red")))
@@ -705,6 +709,8 @@ def markdown(rec: Recommendation) -> str:
     power = _power_line(rec)
     if power:
         lines += [f"*{power}*", ""]
+    if rec.space_note:
+        lines += [rec.space_note, ""]
     r = d["recommended"]
     if r is None and not rec.counts.get("finished"):
         lines.append("**No candidate finished yet.**")

@@ -127,3 +127,23 @@ def test_structure_check_uses_method_estimates():
     nz = parse_budgets(["3M-nonzero-params"])
     assert check_structure(*args, Recipe(prune=PruneConfig("unstructured-l1", 0.8)), nz, (1, 3, 32, 32)).feasible
     assert not check_structure(*args, Recipe(prune=PruneConfig("unstructured-l1", 0.5)), nz, (1, 3, 32, 32)).feasible
+
+
+def test_cli_takes_a_factory_and_says_its_space_is_pruning_x_quantization(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests_dir), str(tests_dir.parent)]))
+    out = subprocess.run(
+        [sys.executable, "-m", "recommender.cli", "--model", "fixtures:make_net", "--max-drop", "60%",
+         "--budget", "20k-params", "--fidelity", "smoke", "--trials", "2", "--rungs", "1", "--no-latency",
+         "--no-warm-start", "--quiet", "--jobs", "1", "--studies-dir", str(tmp_path / "studies"), "--json"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    assert d["spec"]["model"].startswith("custom:SmallNet-")
+    assert "pruning x quantization only" in d["space_note"]
+    assert d["study"]["evaluated"] == 2

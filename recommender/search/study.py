@@ -292,6 +292,16 @@ def _env_seconds(name: str, default: int) -> int:
     return int(raw)
 
 
+def space_note(model: str) -> str:
+    """A sentence for the explanation when ``model``'s family supports no architecture technique
+    (a user's module, a factory): its search space is pruning x quantization only."""
+    family = get_family(model)
+    if family.techniques_for(model):
+        return ""
+    return (f"{model} supports no architecture technique here (family {family.name}): "
+            "the search space is pruning x quantization only.")
+
+
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0) -> optuna.Study:
     """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`)
     with its sampler seeded by :func:`sampler_seed` for ``worker``."""
@@ -391,6 +401,9 @@ class Search:
         self.study = open_study(spec, worker=worker)
         if not worker:
             self.log(f"study {spec.name} in {redact(spec.storage_url)}")
+            note = space_note(spec.model)
+            if note and self.study.user_attrs.get("space_note") != note:
+                self.study.set_user_attr("space_note", note)  # the explanation says it
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
         self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
                                         spec.confirm_fidelity, spec.policy())
