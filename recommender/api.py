@@ -17,10 +17,10 @@ import optuna
 import torch
 
 from .constraints import Budget, MaxDrop
-from .errors import RecommenderError, StorageError
+from .errors import RecommenderError
 from .evaluation import TrainProgress
 from .io import atomic_write, remove_file
-from .recipe import Recipe, load_recipe
+from .recipe import load_recipe
 from .report import Recommendation, recommendation_from_study
 from . import validate
 from .search.storage import open_existing_storage, redact, sqlite_url

@@ -27,7 +27,7 @@ from .compress import checkpoint as ckpt
 from .compress.pipeline import compress
 from .constraints import Budget, MaxDrop
 from .data import TensorData
-from .errors import ArchError, CheckpointError, RecommenderError, TrainingError
+from .errors import ArchError, RecommenderError, TrainingError
 from .models import build_model, get_family
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol

@@ -76,7 +76,6 @@ def scan_image_folder(root: str | os.PathLike) -> FolderScan:
         DatasetError: no class folders, a class without images (after deduplication), or an
             image whose header cannot be read.
     """
-    from PIL import Image
 
     top = Path(root).resolve()
     try:

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from recommender.cache import WeightsCache, cache_key
 from recommender.data import load_dataset

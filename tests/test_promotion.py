@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from recommender import recommend
-from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results, select_for_promotion
+from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results
 from recommender.search.study import counted_trials
 
 torch.set_num_threads(2)

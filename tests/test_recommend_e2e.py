@@ -11,7 +11,7 @@ import torch
 
 from recommender import recommend
 from recommender.cli import main
-from recommender.report import completed, feasible_pareto, is_feasible
+from recommender.report import feasible_pareto, is_feasible
 from recommender.search.rungs import rung_results
 
 torch.set_num_threads(2)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
-from torch import nn
 
-from recommender.compress.methods import STAGES, get_method, list_methods, make_config
+from recommender.compress.methods import get_method, list_methods, make_config
 from recommender.errors import ArchError, RecommenderError, UnknownNameError
-from recommender.models import (ArchConfig, build_model, get_family, list_families, list_models, list_presets,
-                                register_module, resolve_model)
+from recommender.models import (ArchConfig, build_model, get_family, list_families, list_models, register_module, resolve_model)
 from recommender.recipe import PruneConfig, QuantConfig, Recipe
 from recommender.search.space import SearchSpace
 from recommender.search.structure import check_structure

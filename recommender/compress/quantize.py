@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import copy
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from torch import nn
 
 from ..measure import safe_deepcopy, size_mb
 from ..errors import RecommenderError
-from .methods import (CompressContext, MethodConfig, StructureCosts, check_int, get_method, list_methods,
+from .methods import (CompressContext, MethodConfig, StructureCosts, check_int, list_methods,
                       register_method)
 
 __all__ = [

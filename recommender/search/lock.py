@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock

@@ -111,7 +111,3 @@ class Objective:
                         "per trial (--max-trial-time)")
         return None
 
-
-def trial_evaluation(trial: optuna.trial.FrozenTrial) -> Evaluation | None:
-    d = trial.user_attrs.get("evaluation")
-    return Evaluation.from_dict(d) if d else None

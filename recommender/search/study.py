@@ -22,7 +22,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,7 +43,7 @@ from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
-from .objective import Objective, TrialFailed, trial_evaluation
+from .objective import Objective, TrialFailed
 from .recovery import RequeueStale, counted_trials, counts_toward_target, interruptible, reap_dead_trials
 from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
 from .space import SearchSpace
