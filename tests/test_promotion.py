@@ -149,7 +149,8 @@ def test_workers_that_cannot_start_are_an_error_not_a_short_study(tmp_path):
 
 
 def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
-    kw = common(tmp_path, "sigint", trials=12, rungs="1", jobs=2)
+    # a target the run cannot reach before the signal, however fast the machine
+    kw = common(tmp_path, "sigint", trials=500, rungs="1", jobs=2)
     script = tmp_path / "run.py"
     script.write_text(RUNNER)
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -173,8 +174,8 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
     assert p.returncode != 0, out[-3000:]
     study = optuna.load_study(study_name="sigint", storage=storage)
     kept = len(counted_trials(study))
-    assert 2 <= kept < 12
+    assert 2 <= kept < 500
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), "no trial left RUNNING"
-    recommend(**kw)  # the same command resumes and reaches the target
+    recommend(**{**kw, "trials": kept + 3})  # the study resumes and reaches its (new) target
     study = optuna.load_study(study_name="sigint", storage=storage)
-    assert len(counted_trials(study)) == 12 and study.user_attrs["baseline_evaluations"] == 1
+    assert len(counted_trials(study)) == kept + 3 and study.user_attrs["baseline_evaluations"] == 1
