@@ -47,8 +47,9 @@ from recommender.stats import paired_drop  # noqa: E402
 
 #: search-rung variants: protocol overrides of the ``proxy`` fidelity
 VARIANTS = {
-    "kd": {"distill_alpha": 0.5},
-    "nokd": {"distill_alpha": 0.0},
+    "kd": {"distill_alpha": 0.5, "recovery_distill_alpha": 0.5},
+    "nokd": {"distill_alpha": 0.0, "recovery_distill_alpha": 0.0},
+    "default": {},  # the shipped defaults (distillation in recovery only)
 }
 PRESETS = [f"paper-resnet101-{i}" for i in range(6, 15)]
 #: pruned candidates of the baseline (they inherit its trained weights)

@@ -254,8 +254,9 @@ class Evaluator:
                 self._baseline_seconds = float(meta.get("seconds", 0.0))
         return self._baseline_model
 
-    def _teacher_logits(self, protocol: ProxyProtocol) -> torch.Tensor | None:
-        if protocol.distill_alpha <= 0 or not self.distill:
+    def _teacher_logits(self, protocol: ProxyProtocol, *, recovery: bool = False) -> torch.Tensor | None:
+        alpha = protocol.recovery_distill_alpha if recovery else protocol.distill_alpha
+        if alpha <= 0 or not self.distill:
             return None
         if self._teacher is None:
             key = self.baseline_key()
@@ -372,7 +373,7 @@ class Evaluator:
             example = torch.randn(self.input_size)
             n_batches = max(cfg.batches_needed() for cfg in recipe.stages())
             train_batches = list(batches(self.data, self.protocol, n_batches)) if n_batches else None
-            teacher = self._teacher_logits(self.protocol) if recipe.prune.active else None
+            teacher = self._teacher_logits(self.protocol, recovery=True) if recipe.prune.active else None
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
                                      finetune=finetune_fn(self.data, self.protocol, teacher, deadline=deadline),
                                      finetune_steps=self.recovery_steps())

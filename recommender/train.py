@@ -128,14 +128,14 @@ def _make_optimizer(model: nn.Module, protocol: ProxyProtocol, lr: float) -> tor
 
 
 def _kd_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None,
-             protocol: ProxyProtocol) -> torch.Tensor:
+             protocol: ProxyProtocol, alpha: float | None = None) -> torch.Tensor:
     ce = F.cross_entropy(logits, y, label_smoothing=protocol.label_smoothing)
-    if teacher is None or protocol.distill_alpha <= 0:
+    a = protocol.distill_alpha if alpha is None else alpha
+    if teacher is None or a <= 0:
         return ce
     t = protocol.distill_temperature
     kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1),
                   reduction="batchmean", log_target=True) * (t * t)
-    a = protocol.distill_alpha
     return (1.0 - a) * ce + a * kd
 
 
@@ -471,7 +471,7 @@ def finetune_fn(data: ImageData, protocol: ProxyProtocol,
     pruning: ``steps`` SGD steps (constant ``protocol.finetune_lr``, the protocol's momentum and
     weight decay, with its augmentation) on training batches, continuing through a seeded stream
     across calls, with logit distillation from ``teacher_logits`` (see :func:`teacher_logits`)
-    when the protocol asks for it. Pruning masks (``torch.nn.utils.prune``) stay applied. A
+    weighted ``protocol.recovery_distill_alpha``. Pruning masks (``torch.nn.utils.prune``) stay applied. A
     non-finite loss stops the fine-tune (the returned loss is then NaN; the loss is read every
     ``check_every`` steps). The model's training mode is restored; it is left on the CPU.
 
@@ -486,7 +486,7 @@ def finetune_fn(data: ImageData, protocol: ProxyProtocol,
     gen = torch.Generator().manual_seed(protocol.seed + 2)
     state: dict = {"it": None}
     teacher = None
-    if teacher_logits is not None and protocol.distill_alpha > 0:
+    if teacher_logits is not None and protocol.recovery_distill_alpha > 0:
         teacher = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32)
     default_deadline = deadline
 
@@ -527,7 +527,7 @@ def finetune_fn(data: ImageData, protocol: ProxyProtocol,
                 t = None if teacher is None else teacher[idx].to(dev)
                 with ex.autocast():
                     logits = model(ex.input(x))
-                    loss = _kd_loss(logits.float(), y, t, protocol)
+                    loss = _kd_loss(logits.float(), y, t, protocol, protocol.recovery_distill_alpha)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

@@ -324,3 +324,20 @@ def test_cuda_training_evaluation_and_step_timing(digits):
     seed_everything(0)
     r16 = train_model(TinyCNN(), digits, proto.replace(precision="fp16"))
     assert r16.ok, r16.reason
+
+
+def test_recovery_distills_from_the_teacher_by_its_own_weight(digits, trained_tiny):
+    """Recovery after pruning uses ``recovery_distill_alpha`` (on by default), independent of
+    ``distill_alpha`` (training from scratch, off by default)."""
+    import copy
+
+    model = trained_tiny[0]
+    assert SMOKE.distill_alpha == 0.0 and SMOKE.recovery_distill_alpha > 0
+    logits = teacher_logits(model, digits, SMOKE)
+    out = {}
+    for alpha in (0.0, 1.0):
+        m = copy.deepcopy(model)
+        ft = finetune_fn(digits, SMOKE.replace(recovery_distill_alpha=alpha), logits)
+        out[alpha] = ft(m, 3)
+    assert np.isfinite(out[0.0]) and np.isfinite(out[1.0])
+    assert out[0.0] != out[1.0]  # the distillation term changes the loss that is optimised

@@ -684,7 +684,8 @@ class Search:
         """Compute the teacher logits once here (cached on disk) before workers need them."""
         ev = ev or self.evaluator
         if ev.distill and self.spec.baseline_accuracy is None:
-            ev._teacher_logits(ev.protocol)
+            ev._teacher_logits(ev.protocol)  # distillation of rewritten architectures, if on
+            ev._teacher_logits(ev.protocol, recovery=True)  # of pruned candidates' recovery
 
     def promote(self, jobs: int = 1) -> None:
         """Promotion rungs 1.. in order, each decided once and evaluated by every worker."""
