@@ -38,7 +38,7 @@ from recommender.cache import WeightsCache  # noqa: E402
 from recommender.constraints import MaxDrop  # noqa: E402
 from recommender.data import find_cifar10_mini, load_dataset  # noqa: E402
 from recommender.evaluation import Evaluator, unpack_bools  # noqa: E402
-from recommender.measure import count_flops, count_params  # noqa: E402
+from recommender.measure import count_flops, count_nonzero_params  # noqa: E402
 from recommender.models import build_model, get_preset  # noqa: E402
 from recommender.protocol import get_protocol  # noqa: E402
 from recommender.recipe import PruneConfig, Recipe  # noqa: E402
@@ -78,10 +78,19 @@ def _reference(path: Path, model: str) -> dict[str, dict]:
 
 
 def _costs(model: str, names: list[str], nc: int) -> dict[str, tuple[int, float]]:
+    """(non-zero params, MFLOPs at 32 px) of each model as it is deployed: pruned candidates
+    are pruned (structure and sparsity do not depend on the trained weights at these ratios)."""
+    import torch
+
+    from recommender.compress.pipeline import compress
+
     out = {}
     for n in names:
         net = build_model(model, _recipe(n).arch, nc).eval()
-        out[n] = (count_params(net), count_flops(net, (1, 3, 32, 32)) / 1e6)
+        if n in PRUNED:
+            net, _ = compress(net, _recipe(n), example_input=torch.randn(1, 3, 32, 32), batches=None)
+            net.eval()
+        out[n] = (count_nonzero_params(net), count_flops(net, (1, 3, 32, 32)) / 1e6)
     return out
 
 
