@@ -14,7 +14,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue as queue_mod
 import time
+import warnings
 from typing import Any, Callable
+
+import optuna
 
 from ..errors import RecommenderError
 
@@ -24,12 +27,19 @@ __all__ = ["run_workers"]
 INTERRUPT_GRACE = 30.0
 
 
-def _worker_main(spec: Any, index: int, phase: str, rung: int, deadline: float | None, out: Any) -> None:
+def _worker_main(spec: Any, index: int, phase: str, rung: int, deadline: float | None, out: Any,
+                 quiet: tuple[int, list] | None = None) -> None:
+    import warnings
+
+    import optuna
     import torch
 
     from .study import Search
 
     torch.set_num_threads(spec.worker_threads())  # this process is ours alone
+    if quiet is not None:  # the caller's Optuna verbosity and warning filters, as in its process
+        optuna.logging.set_verbosity(quiet[0])
+        warnings.filters[:] = quiet[1]
 
     def log(line: str) -> None:
         out.put(("log", f"[worker {index}] {line}"))
@@ -62,7 +72,8 @@ def run_workers(spec: Any, jobs: int, phase: str, *, rung: int = 0, deadline: fl
     log = log or (lambda s: None)
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(spec, i, phase, rung, deadline, out),
+    quiet = (optuna.logging.get_verbosity(), list(warnings.filters))
+    procs = [ctx.Process(target=_worker_main, args=(spec, i, phase, rung, deadline, out, quiet),
                          name=f"recommend-worker-{i}") for i in range(1, jobs + 1)]
     for p in procs:
         p.start()
