@@ -252,11 +252,16 @@ def build_parser() -> _Parser:
     p = _Parser(prog="recommend",
                 usage="recommend --model MODEL --budget BUDGET [--max-drop DROP] [options]\n"
                       "       recommend COMMAND [options]   (COMMAND --help for its options)",
-                description="Recommend a compression recipe (architecture changes, pruning, quantization) that "
-                            "meets a budget within an accuracy tolerance.",
-                epilog="exit codes: 0 a feasible recommendation; 1 finished, nothing feasible; 2 bad input; "
-                       "3 internal error; 130 interrupted, 143 terminated (finished trials are kept: run the same command to "
-                       "resume).")
+                formatter_class=argparse.RawDescriptionHelpFormatter,  # the exit-code table keeps its lines
+                description="Recommend a compression recipe (architecture changes, pruning, quantization)\n"
+                            "that meets a budget within an accuracy tolerance.",
+                epilog="exit codes:\n"
+                       "  0    a feasible recommendation (recipe.json written)\n"
+                       "  1    finished, nothing feasible (the closest candidates are shown)\n"
+                       "  2    bad input (one line on stderr)\n"
+                       "  3    internal error\n"
+                       "  130  interrupted (Ctrl-C), 143 terminated (SIGTERM): finished trials are kept,\n"
+                       "       and the same command resumes the study")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",
