@@ -36,3 +36,20 @@ class DivergingCNN(TinyCNN):
     def forward(self, x):
         out = super().forward(x)
         return out * 1e38 if self.training else out
+
+
+def step_space(family: str) -> str:
+    """A search space of one architecture, no pruning (sparsity 0) and fp32, whose free continuous
+    dimension ``prune.step`` makes every candidate distinct: replayed or lockstep proposals show."""
+    return f"""\
+family: {family}
+description: one architecture, no pruning, fp32; prune.step is a free continuous dimension
+arch: {{}}
+prune:
+  method: {{choices: [unstructured-l1]}}
+  sparsity: {{value: 0.0}}
+  step: {{low: 0.05, high: 0.95}}
+quant:
+  scheme: {{choices: [fp32]}}
+warm_start: []
+"""

@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.helpers import step_space
+
 SERVER_URL = os.environ.get("RECOMMENDER_TEST_PG_URL")
 pytestmark = [
     pytest.mark.postgres,
@@ -37,18 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The tiny search space: every trial reuses the baseline's weights (no training). ``prune.step``
 # does nothing at sparsity 0; it is a free continuous dimension, so that two workers proposing
 # the same candidates in lockstep (one sampler seed for the whole fleet) would show.
-SPACE = """\
-family: resnet
-description: test space (the baseline architecture, no pruning, fp32)
-arch: {}
-prune:
-  method: {choices: [unstructured-l1]}
-  sparsity: {value: 0.0}
-  step: {low: 0.05, high: 0.95}
-quant:
-  scheme: {choices: [fp32]}
-warm_start: []
-"""
+SPACE = step_space("resnet")
 
 # Runs the real CLI and reports how many trials this process ran (its own count, which the
 # database does not record per worker).

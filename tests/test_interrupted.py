@@ -23,22 +23,12 @@ import pytest
 
 from recommender.cli import main
 from recommender.search.recovery import counted_trials, worker_alive, worker_identity
+from tests.helpers import step_space
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tests.helpers:SlowCNN"
 STUDY = "interrupt-me"
-SPACE = """\
-family: custom
-description: one architecture, no pruning, fp32; prune.step is a free continuous dimension
-arch: {}
-prune:
-  method: {choices: [unstructured-l1]}
-  sparsity: {value: 0.0}
-  step: {low: 0.05, high: 0.95}
-quant:
-  scheme: {choices: [fp32]}
-warm_start: []
-"""
+SPACE = step_space("custom")
 
 
 @pytest.fixture
