@@ -136,6 +136,7 @@ class Execution:
             model.to(memory_format=torch.contiguous_format)
         if self.device != "cpu":
             model.to("cpu")
+        _refresh_pruned_weights(model)
         return model
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,3 +145,17 @@ class Execution:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def _refresh_pruned_weights(model: nn.Module) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` on modules that ``torch.nn.utils.prune``
+    reparametrised. The hook sets that attribute only in ``forward``, so after training it is one
+    optimizer step stale and still on the training device in its memory format (a channels_last
+    CUDA tensor broke the next global pruning round)."""
+    from torch.nn.utils import prune as tprune
+
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, tprune.BasePruningMethod):
+                setattr(m, hook._tensor_name, hook.apply_mask(m))
+

@@ -626,8 +626,7 @@ def render(rec: Recommendation) -> Group:
         if info.get("skipped"):
             parts.append(Text(f"Rung {info['index']} ({info.get('label')}) not run: {info['skipped']}.", style="yellow"))
     if rec.warm_start_skipped:
-        parts.append(Text(f"Presets skipped by structure (not enqueued): {', '.join(rec.warm_start_skipped)}.",
-                          style="dim"))
+        parts.append(Text(skipped_presets_line(rec.warm_start_skipped), style="dim"))
     if rec.infeasible_reasons:
         parts.append(Text("Why candidates were infeasible or skipped: " + "; ".join(
             f"{k} ({v})" for k, v in sorted(rec.infeasible_reasons.items(), key=lambda kv: -kv[1])), style="dim"))
@@ -660,6 +659,18 @@ def _misses(e: Evaluation, base: Baseline | None, md: MaxDrop, budgets: list[Bud
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def skipped_presets_line(skipped: dict[str, str]) -> str:
+    """One sentence on the warm-start presets that were not enqueued, grouped by why."""
+    na = [n for n, why in skipped.items() if why.startswith("does not apply")]
+    by_structure = [n for n in skipped if n not in na]
+    parts = []
+    if by_structure:
+        parts.append(f"skipped by structure: {', '.join(by_structure)}")
+    if na:
+        parts.append(f"not applicable to this model: {', '.join(na)}")
+    return f"Presets not enqueued ({'; '.join(parts)})."
 
 
 def summary_line(counts: dict[str, int], rungs: int = 1) -> str:
@@ -758,7 +769,7 @@ def markdown(rec: Recommendation) -> str:
         if info.get("skipped"):
             lines += ["", f"Rung {info['index']} ({info.get('label')}) not run: {info['skipped']}."]
     if rec.warm_start_skipped:
-        lines += ["", f"Presets skipped by structure (not enqueued): {', '.join(rec.warm_start_skipped)}."]
+        lines += ["", skipped_presets_line(rec.warm_start_skipped)]
     if rec.infeasible_reasons:
         lines.append("")
         lines.append("Why candidates were infeasible or pruned: " + "; ".join(

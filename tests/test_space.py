@@ -145,3 +145,28 @@ def test_recipe_outside_space_is_rejected():
 
     with pytest.raises(SearchSpaceError):
         sp.params_for(Recipe(arch=ArchConfig(stem_width=7)))
+
+
+def test_warm_start_skips_presets_that_break_the_budget_or_do_not_apply(tmp_path):
+    """ResNet-18 shares the ResNet family's presets: those whose structure breaks the budget are
+    skipped by structure, the grouped-pointwise one (bottleneck blocks only) as not applicable;
+    neither aborts the study (it did: the ArchError ended `recommend --model resnet18` with exit 2)."""
+    from optuna.trial import TrialState
+
+    from recommender.constraints import MaxDrop
+    from recommender.report import skipped_presets_line
+    from recommender.search.study import Search, StudySpec
+
+    spec = StudySpec(model="resnet18", max_drop=MaxDrop.parse("5%"), budgets=["5M-params"], dataset="digits",
+                     fidelity="smoke", studies_dir=str(tmp_path), trials=1, latency=False)
+    search = Search(spec)
+    n = search.warm_start()
+    skipped = search.study.user_attrs["warm_start_skipped"]
+    assert skipped["paper-resnet101-5"].startswith("does not apply") and "BasicBlock" in skipped["paper-resnet101-5"]
+    assert not skipped["paper-resnet101-1"].startswith("does not apply")  # 42M params: by structure
+    waiting = [t for t in search.study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert n == len(waiting) > 0
+    assert not {t.user_attrs["preset"] for t in waiting} & set(skipped)
+    line = skipped_presets_line(skipped)
+    assert "skipped by structure: paper-resnet101-1" in line and "not applicable to this model: paper-resnet101-5" in line
+    assert search.warm_start() == 0  # once per study

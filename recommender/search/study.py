@@ -36,7 +36,7 @@ from ..cache import WeightsCache
 from ..constraints import Budget, MaxDrop, parse_budgets
 from ..data import ImageData, load_dataset
 from ..devices import available_cpus, cuda_available
-from ..errors import RecommenderError, StorageError, UnknownNameError
+from ..errors import ArchError, RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_family, get_preset
 from ..protocol import ProxyProtocol, get_protocol
@@ -461,7 +461,8 @@ class Search:
 
     def warm_start(self) -> int:
         """Enqueue the paper's presets once per study, except those whose structure already breaks
-        a budget (listed once as skipped by structure); returns how many were enqueued."""
+        a budget and those this model cannot build (each listed once with its reason); returns how
+        many were enqueued."""
         if not self.spec.warm_start or self.study.user_attrs.get("warm_started"):
             return 0
         with study_lock(self.spec.storage_url, self.spec.name, "warm_start"):
@@ -471,8 +472,12 @@ class Search:
             ev = self.evaluator
             for name in self.space.warm_start:
                 recipe = Recipe(arch=get_preset(name).arch)
-                check = check_structure(ev.model_name, self.data.num_classes, recipe, self.spec.budgets,
-                                        ev.input_size)
+                try:
+                    check = check_structure(ev.model_name, self.data.num_classes, recipe, self.spec.budgets,
+                                            ev.input_size)
+                except ArchError as exc:  # a preset of the family that this member cannot build
+                    skipped[name] = f"does not apply: {exc}"
+                    continue
                 if not check.feasible:
                     skipped[name] = check.reason()
                     continue
@@ -482,8 +487,8 @@ class Search:
             self.study.set_user_attr("warm_start_skipped", skipped)
             self.study.set_user_attr("warm_started", True)
             if skipped:
-                self.log(f"warm start: {n} presets enqueued; {len(skipped)} skipped by structure "
-                         f"({', '.join(skipped)})")
+                self.log(f"warm start: {n} presets enqueued; {len(skipped)} skipped (structure breaks the "
+                         f"budget, or the preset does not apply): {', '.join(skipped)}")
             return n
 
     # -- search ------------------------------------------------------------------------------
