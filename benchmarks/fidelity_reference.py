@@ -66,6 +66,15 @@ def _pruned(name: str, base_weights: Path, args, data, protocol):
     return pruned
 
 
+def _device(protocol) -> str:
+    """Where the run trained, in words (the execution fields are not in the protocol key)."""
+    ex = protocol.execution()
+    if ex.device == "cuda":
+        return (f"{torch.cuda.get_device_name()} ({str(ex.amp_dtype).replace('torch.', '') if ex.amp_dtype else 'fp32'}"
+                f"{', channels_last' if ex.channels_last else ''})")
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def _find(runs: dict, model: str, arch: str, protocol) -> dict | None:
     """A finished run of (model, arch) under the same protocol (compared field by field on what
     decides the result, so that a protocol field added later does not orphan old runs)."""
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "ci": [ev.ci_low, ev.ci_high], "n_val": ev.n, "correct": pack_bools(ev.correct),
             "seconds": round(secs, 1), "train": {"ok": tr.ok, "reason": tr.reason, "losses": tr.losses,
                                                  "images_per_s": tr.images_per_s},
-            "protocol": protocol.to_dict(), "torch_threads": torch.get_num_threads(),
+            "protocol": protocol.to_dict(), "torch_threads": torch.get_num_threads(), "device": _device(protocol),
             **({"recovery_epochs": args.recovery_epochs, "recovery_lr": args.recovery_lr} if name in PRUNED else {})}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))

@@ -66,15 +66,15 @@ def _recipe(name: str) -> Recipe:
     return Recipe(arch=get_preset(name).arch)
 
 
-def _reference(path: Path, model: str) -> dict[str, dict]:
-    """Reference runs by name ('baseline', preset names, pruned names)."""
+def _reference(path: Path, model: str, epochs: int | None = None) -> dict[str, dict]:
+    """Reference runs by name ('baseline', preset names, pruned names), all of one protocol:
+    ``epochs``, or else the longest one that has a baseline run (a file may hold several)."""
     data = json.loads(path.read_text())
-    out = {}
-    for run in data["runs"].values():
-        if run["model"] != model:
-            continue
-        out[run.get("name") or run["arch"]] = run
-    return out
+    runs = [r for r in data["runs"].values() if r["model"] == model]
+    if epochs is None:
+        base = [r["protocol"]["epochs"] for r in runs if (r.get("name") or r["arch"]) == "baseline"]
+        epochs = max(base) if base else None
+    return {(r.get("name") or r["arch"]): r for r in runs if r["protocol"]["epochs"] == epochs}
 
 
 def _costs(model: str, names: list[str], nc: int) -> dict[str, tuple[int, float]]:
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which rung of the default ladder to score (0: the search rung, 1: the promotion rung)")
     ap.add_argument("--override", action="append", default=[], help="protocol field=value (repeatable)")
     ap.add_argument("--pruned", action="store_true", help="also pruned candidates of the baseline")
+    ap.add_argument("--reference-epochs", type=int, default=None,
+                    help="which reference protocol (default: the longest with a baseline run)")
     ap.add_argument("--max-drop", type=float, default=2.0, help="tolerance in pp (default 2)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache-dir", default="studies/cache")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ref_path.exists():
         print(f"no reference results at {ref_path}: run benchmarks/fidelity_reference.py first", file=sys.stderr)
         return 2
-    ref = _reference(ref_path, args.model)
+    ref = _reference(ref_path, args.model, args.reference_epochs)
     data = load_dataset(args.dataset, seed=0)
     names = ["baseline"] + [p for p in PRESETS if p in ref] + ([n for n in PRUNED if n in ref] if args.pruned else [])
     names = [n for n in names if n in ref]
