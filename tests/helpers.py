@@ -1,6 +1,7 @@
 """Small shared test fixtures: a tiny CNN that trains in a second, a slow one and a diverging one."""
 
 import os
+import signal
 import time
 
 from torch import nn
@@ -53,3 +54,11 @@ quant:
   scheme: {{choices: [fp32]}}
 warm_start: []
 """
+
+
+def interruptible_child() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: restore the default action.
+    A test run started in the background of a non-interactive shell inherits SIGINT *ignored*
+    (POSIX), and a Python started that way installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

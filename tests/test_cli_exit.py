@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import interruptible_child
+
 from recommender.cli import main
 
 torch.set_num_threads(2)
@@ -183,7 +185,8 @@ def test_exit_130_on_sigint(tmp_path):
     argv = [sys.executable, "-m", "recommender.cli", "--model", MODEL, "--budget", "1M-params", "--max-drop", "50%",
             "--fidelity", "smoke", "--no-warm-start", "--no-latency", "--trials", "200", "--space",
             str(tmp_path / "space.yaml"), "--confirm-fidelity", "none", "--studies-dir", str(tmp_path / "studies")]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         preexec_fn=interruptible_child)
     try:
         deadline = time.monotonic() + 120
         seen = []

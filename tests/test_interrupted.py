@@ -23,7 +23,7 @@ import pytest
 
 from recommender.cli import main
 from recommender.search.recovery import counted_trials, worker_alive, worker_identity
-from tests.helpers import step_space
+from tests.helpers import interruptible_child, step_space
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tests.helpers:SlowCNN"
@@ -65,7 +65,8 @@ def start_worker(setup: dict[str, Any], trials: int) -> subprocess.Popen:
                RECOMMENDER_TEST_SLOW_S="0.3", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log = open(setup["root"] / "worker.log", "w")
     p = subprocess.Popen([sys.executable, "-m", "recommender.cli", *argv(setup, trials)], cwd=REPO, env=env,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=interruptible_child)
     log.close()
     return p
 

@@ -15,6 +15,8 @@ import optuna
 import pytest
 import torch
 
+from tests.helpers import interruptible_child
+
 from recommender import recommend
 from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results
 from recommender.search.study import counted_trials
@@ -156,7 +158,8 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     log = open(tmp_path / "run.log", "wb")  # a file, not a pipe: nobody reads until the end
     p = subprocess.Popen([sys.executable, str(script), json.dumps(kw)], cwd=tmp_path, env=env,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=interruptible_child)
     storage = f"sqlite:///{tmp_path / 'studies' / 'sigint.db'}"
     deadline = time.monotonic() + 500
     while time.monotonic() < deadline:
