@@ -295,14 +295,16 @@ class Evaluator:
         """Whether ``recipe`` starts from the trained baseline's weights (it keeps its layers)."""
         return recipe.arch == ArchConfig()
 
-    def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2) -> float | None:
+    def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2, *, always: bool = False) -> float | None:
         """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
         (after one warm-up) at the protocol's batch size and resolution; None when no training is
-        needed (the baseline's architecture, or trained weights already cached)."""
-        if arch == ArchConfig():
-            return None
-        if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
-            return None
+        needed (the baseline's architecture, or trained weights already cached), unless
+        ``always`` (a reference time: the baseline architecture's, say)."""
+        if not always:
+            if arch == ArchConfig():
+                return None
+            if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
+                return None
         d = protocol_data(self.data, self.protocol)
         res = self.protocol.input_resolution(d.native_resolution)
         model = self._build(arch).train()

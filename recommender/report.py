@@ -28,6 +28,7 @@ from rich.text import Text
 from .constraints import Budget, MaxDrop, format_quantity
 from .evaluation import Baseline, Evaluation
 from .recipe import Recipe
+from .search.objective import counts_as_trial
 
 COST_ROWS = (  # (Costs field, label, unit)
     ("params", "params", "params"),
@@ -276,8 +277,12 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     done = completed(study)
     feas = [t for t in done if is_feasible(t)]
     front = [_choice(t, confirmed) for t in pareto_front(feas)]
+    # Structure skips of the constraint policy trained nothing and do not count as trials.
+    skipped = [t for t in all_trials if not counts_as_trial(t)]
     counts = {
-        "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials),
+        "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials)
+        - len(skipped),
+        "skipped_by_structure": len(skipped),
         "complete": len(done), "feasible": len(feas), "infeasible": len(done) - len(feas),
         "pruned": sum(t.state == TrialState.PRUNED for t in all_trials),
         "failed": sum(t.state == TrialState.FAIL for t in all_trials),

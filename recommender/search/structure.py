@@ -33,11 +33,13 @@ class StructureCheck:
 
     ``costs``: best-case params / non-zero params (counts), MFLOPs and dense size (MB).
     ``unbounded``: metrics some method lowers without an estimate (never judged here).
-    ``violations``: budget -> relative excess of the best case (> 0 breaks the budget).
+    ``excess``: every judged budget -> relative excess of the best case (<= 0: within it).
+    ``violations``: the budgets the best case breaks (excess > 0).
     """
 
     costs: StructureCosts
     unbounded: set[str] = field(default_factory=set)
+    excess: dict[str, float] = field(default_factory=dict)
     violations: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -85,6 +87,7 @@ def check_structure(model: str, num_classes: int, recipe: Recipe, budgets: list[
         if b.metric in unbounded:
             continue
         v = b.violation(values)
+        out.excess[b.describe()] = v
         if v > 0:
             out.violations[b.describe()] = v
     return out

@@ -33,12 +33,15 @@ from ..models import get_preset, list_presets
 from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
 from .lock import study_lock
-from .objective import Objective, TrialFailed, trial_evaluation
+from .objective import (DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed, counts_as_trial,
+                        trial_evaluation)
+from .sampling import SAMPLERS, make_sampler  # noqa: F401  (re-exported: older imports use study.make_sampler)
 from .space import SearchSpace
 
-SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
+#: Under the constraint policy, a study stops after this many structure skips per counted trial.
+MAX_SKIPPED_PER_TRIAL = 10
 
 # Failed trials are recorded with their reason and shown in the report; optuna would also print a
 # traceback for each on stderr.
@@ -64,7 +67,7 @@ class StudySpec:
         n_confirm: how many of the best feasible candidates are re-evaluated.
         trials: finished trials the study should reach (resumes count the earlier ones).
         timeout: seconds of search for this invocation (None: no limit).
-        sampler: ``tpe`` (default), ``nsga2`` or ``random``.
+        sampler: ``tpe`` (default), ``nsga2``, ``gp`` or ``random``.
         seed: seeds the sampler and the protocol.
         storage: Optuna storage URL (default ``sqlite:///<studies_dir>/<study>.db``).
         study_name: defaults to a name derived from model, dataset, budgets and tolerance.
@@ -75,8 +78,13 @@ class StudySpec:
             match), trained under the protocol once and cached.
         baseline_accuracy: a stated baseline accuracy in percent (no baseline evaluation).
         latency: measure CPU latency of every candidate (ms, batch 1).
-        max_trial_seconds: skip (prune, with the reason) a candidate whose proxy training is
-            estimated, from two timed steps, to take longer than this; None: no limit.
+        max_trial_seconds: skip a candidate whose proxy training is estimated, from two timed
+            steps, to take longer than this and than the baseline architecture's estimate
+            (:meth:`Objective.time_limit`); None: no limit.
+        structure_policy: what the search does with a candidate whose structure breaks a budget
+            before training: ``resample`` (default: the sampler draws again, the candidate never
+            becomes a trial) or ``constraint`` (an untrained trial that reports its structural
+            excess as constraint values and does not count towards ``trials``).
     """
 
     model: str
@@ -100,6 +108,7 @@ class StudySpec:
     baseline_accuracy: float | None = None
     latency: bool = True
     max_trial_seconds: float | None = 120.0
+    structure_policy: str = DEFAULT_STRUCTURE_POLICY
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
 
@@ -121,6 +130,8 @@ class StudySpec:
             raise RecommenderError("give at least one budget, e.g. --budget 5M-params")
         if self.sampler not in SAMPLERS:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
+        if self.structure_policy not in STRUCTURE_POLICIES:
+            raise UnknownNameError("structure policy", self.structure_policy, STRUCTURE_POLICIES)
         if self.trials < 1:
             raise RecommenderError("--trials must be at least 1")
         if self.confirm_fidelity in ("none", "", None):
@@ -155,17 +166,6 @@ class StudySpec:
         return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
                 "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
                 "seed": self.seed}
-
-
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler by name, seeded. Constraints reach it through ``trial.set_constraint``."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=12)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise UnknownNameError("sampler", name, SAMPLERS)
 
 
 def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
@@ -208,7 +208,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
     # Workers of a fleet (a server storage) must not share the sampler's seed: with one seed and
     # one history they would propose the same candidates in lockstep. A SQLite study (one machine)
     # stays reproducible; --seed still fixes the training protocol everywhere.
-    sampler_seed = spec.seed if spec.storage_url.startswith("sqlite") else None
+    sampler_seed = _sampler_seed(spec)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
                                     directions=["maximize", "minimize"],
@@ -229,13 +229,19 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
     return study
 
 
+def _sampler_seed(spec: StudySpec) -> int | None:
+    return spec.seed if spec.storage_url.startswith("sqlite") else None
+
+
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(keys))
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=FINISHED)
+    """Finished trials that count towards ``trials`` (not the untrained structure skips of the
+    ``constraint`` policy)."""
+    return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if counts_as_trial(t)]
 
 
 class Search:
@@ -304,11 +310,17 @@ class Search:
 
     def optimize(self, baseline: Baseline) -> None:
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
-                              self.spec.max_trial_seconds)
+                              self.spec.max_trial_seconds, structure_policy=self.spec.structure_policy,
+                              seed=_sampler_seed(self.spec))
         remaining = self.remaining()
         if remaining <= 0:
             return
         target = self.spec.trials
+        # Structure skips of the constraint policy do not count, so optimize() cannot be told how
+        # many trials to run; stop() ends it, and a space that is nearly all over budget ends
+        # after MAX_SKIPPED_PER_TRIAL skips per trial.
+        n_trials = remaining if self.spec.structure_policy == "resample" else None
+        max_skipped = MAX_SKIPPED_PER_TRIAL * target
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Count the trials other workers are running too: with finished trials alone, every
@@ -316,18 +328,20 @@ class Search:
             # target by up to one trial per worker. A dead worker's trial stops counting once its
             # heartbeat is stale (failed here, and retried by the next trial of a live worker).
             optuna.storages.fail_stale_trials(study)
-            if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target:
+            trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            counted = sum(counts_as_trial(t) for t in trials)
+            if counted >= target or len(trials) - counted >= max_skipped:
                 study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            self.trials_run += 1
+            self.trials_run += counts_as_trial(trial)
 
         for cb in self.callbacks:  # progress bars start with the trials, not before
             start = getattr(cb, "start", None)
             if start is not None:
                 start(self.study)
 
-        self.study.optimize(objective, n_trials=remaining, timeout=self.spec.timeout,
+        self.study.optimize(objective, n_trials=n_trials, timeout=self.spec.timeout,
                             catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
 
     # -- confirm stage -----------------------------------------------------------------------
