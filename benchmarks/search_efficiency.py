@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import statistics
 import time
-from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,10 +42,11 @@ from recommender.data import load_dataset
 from recommender.errors import ArchError
 from recommender.evaluation import Baseline, Evaluation, Evaluator
 from recommender.protocol import get_protocol
-from recommender.search.objective import Objective, TrialFailed, counts_as_trial
+from recommender.compress.methods import StructureCosts
+from recommender.search.objective import Objective, TrialFailed, Verdict, counts_as_trial
 from recommender.search.sampling import SAMPLERS, SamplerSettings, make_sampler
 from recommender.search.space import SearchSpace
-from recommender.search.structure import best_case
+from recommender.search.structure import StructureCheck, best_case
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -85,6 +87,43 @@ class DiskMemoEvaluator:
         tmp.write_text(json.dumps(ev.to_dict(), default=str))
         tmp.replace(path)
         return ev
+
+
+class MemoObjective(Objective):
+    """An Objective whose pre-check verdicts (structure best case, invalid architectures) are
+    shared through ``memo`` (recipe JSON -> verdict as JSON), which the benchmark keeps on disk:
+    the structured-pruning estimate of a large draft takes seconds, and a study checks hundreds."""
+
+    memo: dict[str, Any] | None = None
+
+    def verdict(self, recipe):
+        if self.memo is None:
+            return super().verdict(recipe)
+        key = recipe.to_json(sort_keys=True)
+        if key not in self.memo:
+            v = super().verdict(recipe)
+            self.memo[key] = None if v is None else {
+                "kind": v.kind, "reason": v.reason, "short": v.short,
+                "check": None if v.check is None else {"costs": asdict(v.check.costs), "excess": v.check.excess,
+                                                       "violations": v.check.violations}}
+        d = self.memo[key]
+        if d is None:
+            return None
+        c = d["check"]
+        check = None if c is None else StructureCheck(StructureCosts(**c["costs"]), excess=c["excess"],
+                                                      violations=c["violations"])
+        return Verdict(d["kind"], d["reason"], d["short"], check)
+
+
+def load_memo(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_memo(path: Path, memo: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(path)
 
 
 def hypervolume(points: Sequence[tuple[float, float]], ref_cost: float) -> float:
@@ -169,6 +208,10 @@ def main() -> None:
     ap.add_argument("--max-drop", default="15%")
     ap.add_argument("--fit", type=float, default=0.15, help="fraction of random draws the budget lets through")
     ap.add_argument("--budget", default=None, help="a fixed budget instead of --fit")
+    ap.add_argument("--draws", type=int, default=200, help="random draws measured to pick the budget")
+    ap.add_argument("--memory-limit-gb", type=float, default=10.0,
+                    help="address-space limit of this process: torch-pruning's dependency graph of a few "
+                         "grouped-conv structures grows to tens of GB on this shared machine")
     ap.add_argument("--trials", type=int, default=24, help="trained trials per study")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
@@ -180,6 +223,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="studies/bench-cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.memory_limit_gb > 0:
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     t_start = time.perf_counter()
     cache = Path(args.cache_dir)
@@ -191,7 +237,7 @@ def main() -> None:
     inner = Evaluator(args.model, data, protocol, cache=WeightsCache(cache / "weights"), latency=False)
     evaluator = DiskMemoEvaluator(inner, cache / "evals", max_drop)
     t0 = time.perf_counter()
-    draws = structure_sample(args.model, space, data.num_classes, inner.input_size, 400, cache)
+    draws = structure_sample(args.model, space, data.num_classes, inner.input_size, args.draws, cache)
     if args.budget:
         budget = parse_budgets([args.budget])[0]
         fits = sum(p is not None and p <= budget.limit for p in draws) / len(draws)
@@ -210,18 +256,24 @@ def main() -> None:
     samplers = [s for s in args.samplers.split(",") if s]
     configs = [(s, p) for p in args.policies.split(",") if p for s in samplers]
     configs += [(s, "none") for s in args.baseline_policy_samplers.split(",") if s in samplers]
-    objectives = {p: Objective(evaluator, space, baseline, max_drop, [budget],
-                               structure_policy="constraint" if p == "constraint" else "resample",
-                               max_draws=1 if p == "none" else 64, seed=0)
-                  for p in {p for _, p in configs}}
+    memo_path = cache / f"verdicts-{hashlib.sha256(json.dumps([args.model, space.source, budget.describe()]).encode()).hexdigest()[:16]}.json"
+    memo = load_memo(memo_path)
+    objectives = {}
+    for p in {p for _, p in configs}:
+        objectives[p] = MemoObjective(evaluator, space, baseline, max_drop, [budget],
+                                      structure_policy="constraint" if p == "constraint" else "resample",
+                                      max_draws=1 if p == "none" else 64)
+        objectives[p].memo = memo
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for sampler_name, policy in configs:
         hv, waste, skip, secs, trained_f = [], [], [], [], []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
+            objectives[policy].seed = seed  # the random drafts of resample
             study = run_study(objectives[policy], make_sampler(sampler_name, seed, settings), args.trials,
                               args.max_skipped)
             secs.append(time.perf_counter() - t0)
+            save_memo(memo_path, memo)
             pts = feasible_points(study)
             hv.append(hypervolume(pts, budget.limit))
             waste.append(wasted(study))
