@@ -246,7 +246,7 @@ def main() -> None:
     baseline = inner.evaluate_baseline()
     invalid = sum(p is None for p in draws) / len(draws)
     print(f"{args.model} on {args.dataset}, {protocol.describe()}; baseline {100 * baseline.accuracy:.1f}% "
-          f"({format_quantity(baseline.costs['params'], 'params')} params), max drop {max_drop.describe()}")
+          f"({format_quantity(baseline.costs['params'], 'params')}), max drop {max_drop.describe()}")
     print(f"space {space.source}: {len(space.keys())} searched dimensions; budget {budget.describe()}: "
           f"{100 * fits:.1f}% of {len(draws)} random draws fit ({100 * invalid:.1f}% cannot be built) "
           f"[{time.perf_counter() - t0:.0f} s]")
