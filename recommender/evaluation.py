@@ -307,14 +307,16 @@ class Evaluator:
         """Whether ``recipe`` starts from the trained baseline's weights (it keeps its layers)."""
         return recipe.arch == ArchConfig()
 
-    def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2) -> float | None:
+    def estimate_train_seconds(self, arch: ArchConfig, steps: int = 2, *, always: bool = False) -> float | None:
         """Seconds a proxy training of ``arch`` would take here, from ``steps`` timed SGD steps
-        (after one warm-up) at the protocol's batch size and resolution on its device; None when no training is
-        needed (the baseline's architecture, or trained weights already cached)."""
-        if arch == ArchConfig():
-            return None
-        if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
-            return None
+        (after one warm-up) at the protocol's batch size and resolution on its device; None when no
+        training is needed (the baseline's architecture, or trained weights already cached), unless
+        ``always`` (a reference time: the baseline architecture's, say)."""
+        if not always:
+            if arch == ArchConfig():
+                return None
+            if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
+                return None
         d = protocol_data(self.data, self.protocol)
         per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
         # timed on the protocol's device, precision and memory format

@@ -28,6 +28,7 @@ from rich.text import Text
 from .constraints import Budget, MaxDrop, format_quantity
 from .evaluation import Baseline, Evaluation
 from .recipe import Recipe
+from .search.recovery import SKIPPED_ATTR
 from .search.rungs import RungResult, rung_results
 
 COST_ROWS = (  # (Costs field, label, unit)
@@ -375,17 +376,17 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     rungs_info += [{k: v for k, v in i.items() if k in ("index", "label", "promoted", "skipped")} for i in infos]
 
     all_trials = study.get_trials(deepcopy=False)
-    done = [t for t in completed(study) if not t.user_attrs.get("skipped_by_structure")]
+    done = [t for t in completed(study) if not t.user_attrs.get(SKIPPED_ATTR)]
     feas = [t for t in done if is_feasible(t)]
     by_number = {t.number: t for t in done}
-    front_trials = [t for t in feasible_pareto(study) if not t.user_attrs.get("skipped_by_structure")]
+    front_trials = [t for t in feasible_pareto(study) if not t.user_attrs.get(SKIPPED_ATTR)]
     front = [_choice(t, per_trial) for t in front_trials]
     promoted = {n for n, rs in per_trial.items() if rs}
     counts = {
         "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in all_trials),
         "evaluated": len(done), "complete": len(done), "feasible": len(feas), "infeasible": len(done) - len(feas),
         "pruned": sum(t.state == TrialState.PRUNED for t in all_trials)
-        + sum(bool(t.user_attrs.get("skipped_by_structure")) for t in all_trials if t.state == TrialState.COMPLETE),
+        + sum(bool(t.user_attrs.get(SKIPPED_ATTR)) for t in all_trials if t.state == TrialState.COMPLETE),
         "failed": sum(t.state == TrialState.FAIL for t in all_trials),
         "running": sum(t.state == TrialState.RUNNING for t in all_trials),
         "sampled": sum(1 for t in done if not t.user_attrs.get("preset")),
@@ -398,7 +399,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
             for v in _violations(t, budgets):
                 reasons[v] += 1
     for t in all_trials:
-        r = t.user_attrs.get("pruned_reason") if t.state == TrialState.PRUNED else t.user_attrs.get("skipped_by_structure")
+        r = t.user_attrs.get("pruned_reason") if t.state == TrialState.PRUNED else t.user_attrs.get(SKIPPED_ATTR)
         if r:
             # "structure breaks the budget before training: params <= 5M best case ..." -> its head
             head, _, tail = str(r).partition(":")

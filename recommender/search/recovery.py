@@ -51,6 +51,9 @@ ORPHAN_AFTER_S = 600.0
 WORKER_ATTR = "worker"
 RETRY_ATTR = "retry_of"
 INTERRUPTED_ATTR = "interrupted"
+#: A trial completed untrained because its structure breaks a budget (the ``constraint``
+#: structure policy): the reason.
+SKIPPED_ATTR = "skipped_by_structure"
 #: User attributes a retry keeps from the trial it repeats.
 _KEEP = ("preset",)
 
@@ -133,7 +136,7 @@ def counts_toward_target(t: FrozenTrial) -> bool:
     trials skipped before training (PRUNED, or completed as skipped by structure) do not count:
     ``--trials 3`` trains three candidates."""
     if t.state == TrialState.COMPLETE:
-        return not t.user_attrs.get("skipped_by_structure")
+        return not t.user_attrs.get(SKIPPED_ATTR)
     return t.state == TrialState.FAIL and not is_interrupted(t)
 
 

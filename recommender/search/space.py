@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from ..compress.methods import STAGES, stage_fields
 from ..errors import SearchSpaceError
@@ -129,6 +130,16 @@ class Dimension:
         if self.is_int:
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def distribution(self) -> BaseDistribution | None:
+        """The Optuna distribution :meth:`suggest` asks for (None for a fixed dimension)."""
+        if self.fixed:
+            return None
+        if self.choices is not None:
+            return CategoricalDistribution([_encode(c) for c in self.choices])
+        if self.is_int:
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
 
     def contains(self, value: Any) -> bool:
         if self.fixed:
@@ -285,6 +296,11 @@ class SearchSpace:
 
     def keys(self) -> list[str]:
         return [d.key for d in self.dimensions if not d.fixed]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Every searched parameter's Optuna distribution, active or not (for samplers that
+        draft whole candidates, :class:`~recommender.search.sampling.FeasibleSampler`)."""
+        return {d.key: dist for d in self.dimensions if (dist := d.distribution()) is not None}
 
 
 def _diff(want: Recipe, got: Recipe) -> str:

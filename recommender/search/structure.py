@@ -31,13 +31,16 @@ STRUCTURAL = ("params", "nonzero-params", "flops", "size")
 class StructureCheck:
     """The best case of a recipe and the budgets it breaks.
 
-    ``costs``: best-case params / non-zero params (counts), MFLOPs and dense size (MB).
+    ``costs``: best-case params / non-zero params (counts), MFLOPs and dense size (MB); the
+    unmodified structure's when that already meets every budget (see :func:`best_case`).
     ``unbounded``: metrics some method lowers without an estimate (never judged here).
-    ``violations``: budget -> relative excess of the best case (> 0 breaks the budget).
+    ``excess``: every judged budget -> relative excess of the best case (<= 0: within it).
+    ``violations``: the budgets the best case breaks (excess > 0).
     """
 
     costs: StructureCosts
     unbounded: set[str] = field(default_factory=set)
+    excess: dict[str, float] = field(default_factory=dict)
     violations: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -51,14 +54,18 @@ class StructureCheck:
 
 
 def best_case(model: str, num_classes: int, recipe: Recipe, input_size: tuple[int, ...],
-              flops: bool = True) -> tuple[StructureCosts, set[str]]:
+              flops: bool = True, within: list[Budget] | None = None) -> tuple[StructureCosts, set[str]]:
     """Best-case costs of ``recipe`` on ``model`` from an untrained build, and the metrics some
     method lowers without an estimate. MFLOPs are fvcore's at ``input_size`` (None when
-    ``flops`` is False)."""
+    ``flops`` is False). When the unmodified structure already meets every budget of ``within``,
+    its costs are returned without running the methods' estimates (methods only lower costs, and
+    the structured-pruning estimate of some graphs takes minutes)."""
     net = build_model(model, recipe.arch, num_classes=num_classes).eval()
     n = measure_mod.count_params(net)
     mflops = measure_mod.count_flops(net, input_size) / 1e6 if flops else None
     costs = StructureCosts(n, n, mflops, measure_mod.size_mb(net))
+    if within and all(b.violation(costs.as_costs()) <= 0 for b in within):
+        return costs, set()
     ctx = CompressContext(example_input=torch.randn(input_size))
     unbounded: set[str] = set()
     for cfg in recipe.stages():
@@ -78,13 +85,14 @@ def check_structure(model: str, num_classes: int, recipe: Recipe, budgets: list[
     if not judged:
         return StructureCheck(StructureCosts(0, 0, None, 0.0))
     costs, unbounded = best_case(model, num_classes, recipe, input_size,
-                                 flops=any(b.metric == "flops" for b in judged))
+                                 flops=any(b.metric == "flops" for b in judged), within=judged)
     out = StructureCheck(costs, unbounded)
     values = costs.as_costs()
     for b in judged:
         if b.metric in unbounded:
             continue
         v = b.violation(values)
+        out.excess[b.describe()] = v
         if v > 0:
             out.violations[b.describe()] = v
     return out

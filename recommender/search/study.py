@@ -22,6 +22,7 @@ import math
 import os
 import re
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,15 +44,15 @@ from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
-from .objective import Objective, TrialFailed
+from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed
 from .recovery import RequeueStale, counted_trials, counts_toward_target, interruptible, reap_dead_trials
 from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
+from .sampling import SAMPLERS, make_sampler
 from .space import SearchSpace
 from .storage import redact
 from .structure import check_structure
 from .workers import run_workers
 
-SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
 
@@ -81,7 +82,7 @@ class StudySpec:
         jobs: worker processes on this machine (1: in this process; 0: auto, see
             :meth:`Search.jobs`).
         threads: CPU threads in all (0: what this process may use); each worker gets threads/jobs.
-        sampler: ``tpe`` (default), ``nsga2`` or ``random``.
+        sampler: ``tpe`` (default), ``nsga2``, ``gp`` or ``random``.
         seed: seeds the sampler and the protocol.
         storage: Optuna storage URL (default ``sqlite:///<studies_dir>/<study>.db``).
         study_name: defaults to a name derived from model, dataset, budgets and tolerance.
@@ -92,8 +93,13 @@ class StudySpec:
             match), trained under the protocol once and cached.
         baseline_accuracy: a stated baseline accuracy in percent (no baseline evaluation).
         latency: measure CPU latency of every candidate (ms, batch 1).
-        max_trial_seconds: skip (prune, with the reason) a candidate whose proxy training is
-            estimated, from two timed steps, to take longer than this; None: no limit.
+        max_trial_seconds: skip a candidate whose proxy training is estimated, from two timed
+            steps, to take longer than this and than the baseline architecture's estimate
+            (:meth:`Objective.time_limit`); None: no limit.
+        structure_policy: what the search does with a candidate whose structure breaks a budget
+            before training: ``resample`` (default: the sampler draws again, the candidate never
+            becomes a trial) or ``constraint`` (an untrained trial that reports its structural
+            excess as constraint values and does not count towards ``trials``).
         device: where candidates train and are evaluated: ``auto`` (a CUDA GPU when present),
             ``cpu`` or ``cuda``. Latency budgets name their own device (``12ms``: CPU,
             ``12ms-cuda``: GPU).
@@ -130,6 +136,7 @@ class StudySpec:
     baseline_accuracy: float | None = None
     latency: bool = True
     max_trial_seconds: float | None = 120.0
+    structure_policy: str = DEFAULT_STRUCTURE_POLICY
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
     device: str = "auto"
@@ -159,6 +166,8 @@ class StudySpec:
                                        f"GPU is available here; use a CPU latency budget (e.g. 12ms)")
         if self.sampler not in SAMPLERS:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
+        if self.structure_policy not in STRUCTURE_POLICIES:
+            raise UnknownNameError("structure policy", self.structure_policy, STRUCTURE_POLICIES)
         if self.trials < 1:
             raise RecommenderError("--trials must be at least 1")
         if self.jobs < 0:
@@ -233,17 +242,6 @@ class StudySpec:
         """Threads of each worker: the CPUs this process may use, shared among the jobs."""
         total = self.threads or available_cpus()
         return max(1, total // max(1, self.jobs))
-
-
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler by name, seeded. Constraints reach it through ``trial.set_constraint``."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=12)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise UnknownNameError("sampler", name, SAMPLERS)
 
 
 def sampler_seed(base_seed: int, study: optuna.Study, worker: int = 0, run: int = 0) -> int:
@@ -330,8 +328,19 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
         if set(mine) - set(ident):
             study.set_user_attr("spec", mine)
     run = claim_run(study, spec.storage_url)
-    study.sampler = make_sampler(spec.sampler, sampler_seed(spec.seed, study, worker=worker, run=run))
+    seed = sampler_seed(spec.seed, study, worker=worker, run=run)
+    study.sampler = make_sampler(spec.sampler, seed)
+    _SEEDS[study] = seed
     return study
+
+
+#: the sampler seed each opened study was given (the structure pre-check's random drafts use it)
+_SEEDS: "weakref.WeakKeyDictionary[optuna.Study, int]" = weakref.WeakKeyDictionary()
+
+
+def sampler_seed_of(study: optuna.Study) -> int | None:
+    """The seed :func:`open_study` gave ``study``'s sampler (None for a study it did not open)."""
+    return _SEEDS.get(study)
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -514,7 +523,8 @@ class Search:
             return None
 
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
-                              self.spec.max_trial_seconds, gate=gate)
+                              self.spec.max_trial_seconds, structure_policy=self.spec.structure_policy,
+                              seed=sampler_seed_of(self.study), gate=gate)
         reap_dead_trials(self.study, objective.values_from_dict)  # a killed earlier run's trials
         if self.remaining() <= 0:
             return
