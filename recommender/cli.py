@@ -133,7 +133,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "CPU with 2+ cores, 1 on a GPU or at the smoke fidelity)")
     g.add_argument("--max-trial-time", metavar="TIME", default="2m",
                    help="skip candidates whose proxy training is estimated to take longer (default 2m; 0: no limit)")
-    g.add_argument("--sampler", metavar="NAME", default="tpe", help="tpe (default), nsga2, random")
+    g.add_argument("--sampler", metavar="NAME", default="tpe", help="tpe (default), nsga2, gp, random")
+    g.add_argument("--structure-policy", default="resample", choices=("resample", "constraint"),
+                   help="a candidate whose structure breaks a budget: resample (default: the sampler draws "
+                        "another) or constraint (an untrained trial that reports its excess to the sampler)")
     g.add_argument("--seed", metavar="N", type=int, default=0, help="seeds the sampler and the training protocol (default 0)")
     g.add_argument("--space", metavar="YAML", help="search-space file (default: the model family's bundled one)")
     g.add_argument("--no-warm-start", action="store_true", help="do not enqueue the paper's presets first")
@@ -168,7 +171,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         storage=args.storage, study_name=args.study_name, space=args.space, checkpoint=args.checkpoint,
         weights=args.weights, baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
         latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
-        max_trial_seconds=parse_duration(args.max_trial_time) or None,
+        max_trial_seconds=parse_duration(args.max_trial_time) or None, structure_policy=args.structure_policy,
         device=args.device, threads=args.threads, image_size=args.image_size)
     if args.trials is not None:
         options["trials"] = args.trials

@@ -109,3 +109,19 @@ def test_ablate_structure_json(capsys):
     assert rows[0]["params"] == 42_512_970 and rows[0]["params_pct"] == 100.0
     assert {"preset", "params", "mflops", "size_mb"} <= set(rows[1])
     assert rows[1]["params"] < rows[0]["params"] / 100
+
+
+def test_search_flags_reach_the_study_spec():
+    """Every search flag maps onto its StudySpec field, and the spec accepts the value."""
+    from recommender.cli import build_parser, run_options
+    from recommender.constraints import MaxDrop
+    from recommender.search.study import StudySpec
+
+    args = build_parser().parse_args(["--model", "resnet18", "--max-drop", "2%", "--budget", "5M-params",
+                                      "--sampler", "gp", "--structure-policy", "constraint"])
+    opts = run_options(args)
+    assert opts["sampler"] == "gp" and opts["structure_policy"] == "constraint"
+    spec = StudySpec(model="resnet18", max_drop=MaxDrop.parse("2%"), budgets=["5M-params"], **opts)
+    assert spec.structure_policy == "constraint"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "resnet18", "--structure-policy", "sometimes"])
