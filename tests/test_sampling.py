@@ -113,6 +113,22 @@ def test_constraint_policy_skips_without_counting(setup, tmp_path):
     assert counts["evaluated"] == 3 and counts["pruned"] >= len(skipped)  # skipped before training
 
 
+def test_search_resamples_from_its_first_trial(setup, tmp_path):
+    """Through ``Search`` (the default policy): every trial of the study trained a candidate
+    within the budget, the first one included (the wrapper is in place before it is created)."""
+    from recommender.search.study import Search, StudySpec
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(SPACE)
+    spec = StudySpec(model=TinyCNN(), max_drop="50%", budgets=[BUDGET], fidelity="smoke", trials=3,
+                     confirm_fidelity="none", latency=False, warm_start=False, space=str(space_file),
+                     studies_dir=str(tmp_path), seed=1)
+    assert spec.structure_policy == "resample"
+    trials = Search(spec).run().get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert all(t.user_attrs["constraints"][1] <= 0 for t in trials)
+
+
 def test_gp_sampler_runs_with_constraints(setup):
     study = _study(make_sampler("gp", 0, SamplerSettings(gp_startup_trials=2)))
     assert isinstance(study.sampler, optuna.samplers.GPSampler)

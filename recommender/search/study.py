@@ -528,6 +528,9 @@ class Search:
         reap_dead_trials(self.study, objective.values_from_dict)  # a killed earlier run's trials
         if self.remaining() <= 0:
             return
+        if self.spec.structure_policy == "resample":
+            # before the first trial: Optuna draws a trial's relative sample when it creates it
+            objective.attach(self.study)
 
         def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Count the trials other workers are running too: with finished trials alone, every
