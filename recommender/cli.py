@@ -132,7 +132,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="worker processes on this machine (default auto: 2 single-threaded workers on a "
                         "CPU with 2+ cores, 1 on a GPU or at the smoke fidelity)")
     g.add_argument("--max-trial-time", metavar="TIME", default="2m",
-                   help="skip candidates whose proxy training is estimated to take longer (default 2m; 0: no limit)")
+                   help="skip candidates whose proxy training is estimated to take longer than this and than the "
+                        "baseline architecture's own (default 2m; 0: no limit)")
     g.add_argument("--sampler", metavar="NAME", default="tpe", help="tpe (default), nsga2, gp, random")
     g.add_argument("--structure-policy", default="resample", choices=("resample", "constraint"),
                    help="a candidate whose structure breaks a budget: resample (default: the sampler draws "
