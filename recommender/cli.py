@@ -264,8 +264,8 @@ def build_parser() -> _Parser:
                        "  1    finished, nothing feasible (the closest candidates are shown)\n"
                        "  2    bad input (one line on stderr)\n"
                        "  3    internal error\n"
-                       "  130  interrupted (Ctrl-C), 143 terminated (SIGTERM): finished trials are kept,\n"
-                       "       and the same command resumes the study")
+                       "  130  interrupted (Ctrl-C); finished trials are kept, rerun to resume\n"
+                       "  143  terminated (SIGTERM); finished trials are kept, rerun to resume")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",
