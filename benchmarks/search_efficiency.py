@@ -106,14 +106,12 @@ class MemoObjective(Objective):
             v = super().verdict(recipe)
             self.memo[key] = None if v is None else {
                 "kind": v.kind, "reason": v.reason, "short": v.short,
-                "check": None if v.check is None else {"costs": asdict(v.check.costs), "excess": v.check.excess,
-                                                       "violations": v.check.violations}}
+                "check": None if v.check is None else {"costs": asdict(v.check.costs), "excess": v.check.excess}}
         d = self.memo[key]
         if d is None:
             return None
         c = d["check"]
-        check = None if c is None else StructureCheck(StructureCosts(**c["costs"]), excess=c["excess"],
-                                                      violations=c["violations"])
+        check = None if c is None else StructureCheck(StructureCosts(**c["costs"]), excess=c["excess"])
         return Verdict(d["kind"], d["reason"], d["short"], check)
 
 

@@ -158,4 +158,3 @@ def _refresh_pruned_weights(model: nn.Module) -> None:
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, tprune.BasePruningMethod):
                 setattr(m, hook._tensor_name, hook.apply_mask(m))
-

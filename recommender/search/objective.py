@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import optuna
@@ -107,7 +108,6 @@ class Objective:
     gate: Callable[[optuna.Trial], str | None] | None = None
     _verdicts: dict[str, Verdict | None] = field(default_factory=dict, init=False, repr=False)
     _seconds: dict[str, float | None] = field(default_factory=dict, init=False, repr=False)
-    _reference: list[float | None] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.structure_policy not in STRUCTURE_POLICIES:
@@ -213,12 +213,6 @@ class Objective:
         v = self.verdict(recipe)
         return None if v is None else v.short
 
-    def precheck(self, recipe: Recipe) -> str | None:
-        """A reason to skip training: the architecture cannot be built, the structure's best
-        case breaks a budget, or the proxy training would take longer than the time limit."""
-        v = self.verdict(recipe)
-        return None if v is None else v.reason
-
     def verdict(self, recipe: Recipe) -> Verdict | None:
         """Why ``recipe`` is not worth training (None: train it); memoised per recipe."""
         key = recipe.to_json(sort_keys=True)
@@ -256,8 +250,11 @@ class Objective:
             return None
         if self.max_trial_scale is None:
             return self.max_trial_seconds
-        if not self._reference:
-            self._reference.append(self.evaluator.estimate_train_seconds(ArchConfig(), always=True))
-        ref = self._reference[0]
+        ref = self._baseline_arch_seconds
         return max(self.max_trial_seconds, self.max_trial_scale * ref) if ref else self.max_trial_seconds
+
+    @cached_property
+    def _baseline_arch_seconds(self) -> float | None:
+        # measured once per objective (per worker), the same way as every candidate's estimate
+        return self.evaluator.estimate_train_seconds(ArchConfig(), always=True)
 

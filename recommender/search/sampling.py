@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,10 +60,10 @@ def make_sampler(name: str, seed: int | None, settings: SamplerSettings = Sample
     Constraints reach it through ``trial.set_constraint``."""
     s = settings
     if name == "tpe":
-        with warnings.catch_warnings():  # ``group`` is "experimental" but documented and stable
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.tpe_startup_trials,
-                                              multivariate=s.tpe_multivariate, group=s.tpe_multivariate)
+        # ``group`` warns that it is experimental; the CLI filters that warning, a library
+        # function leaves the caller's warning filters alone
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.tpe_startup_trials,
+                                          multivariate=s.tpe_multivariate, group=s.tpe_multivariate)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=s.nsga2_population)
     if name == "gp":

@@ -41,7 +41,10 @@ class StructureCheck:
     costs: StructureCosts
     unbounded: set[str] = field(default_factory=set)
     excess: dict[str, float] = field(default_factory=dict)
-    violations: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def violations(self) -> dict[str, float]:
+        return {name: v for name, v in self.excess.items() if v > 0}
 
     @property
     def feasible(self) -> bool:
@@ -91,8 +94,5 @@ def check_structure(model: str, num_classes: int, recipe: Recipe, budgets: list[
     for b in judged:
         if b.metric in unbounded:
             continue
-        v = b.violation(values)
-        out.excess[b.describe()] = v
-        if v > 0:
-            out.violations[b.describe()] = v
+        out.excess[b.describe()] = b.violation(values)
     return out

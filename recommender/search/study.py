@@ -22,7 +22,6 @@ import math
 import os
 import re
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -303,6 +302,12 @@ def space_note(model: str) -> str:
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0) -> optuna.Study:
     """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`)
     with its sampler seeded by :func:`sampler_seed` for ``worker``."""
+    return _open_study(spec, storage, worker)[0]
+
+
+def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
+                worker: int) -> tuple[optuna.Study, int]:
+    """:func:`open_study`, and the sampler seed it chose."""
     storage = storage or open_storage(spec.storage_url)
     primary = spec.budgets[0]
     try:
@@ -330,17 +335,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
     run = claim_run(study, spec.storage_url)
     seed = sampler_seed(spec.seed, study, worker=worker, run=run)
     study.sampler = make_sampler(spec.sampler, seed)
-    _SEEDS[study] = seed
-    return study
-
-
-#: the sampler seed each opened study was given (the structure pre-check's random drafts use it)
-_SEEDS: "weakref.WeakKeyDictionary[optuna.Study, int]" = weakref.WeakKeyDictionary()
-
-
-def sampler_seed_of(study: optuna.Study) -> int | None:
-    """The seed :func:`open_study` gave ``study``'s sampler (None for a study it did not open)."""
-    return _SEEDS.get(study)
+    return study, seed
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -407,7 +402,7 @@ class Search:
                 from ..compress.checkpoint import check_file
 
                 check_file(path)
-        self.study = open_study(spec, worker=worker)
+        self.study, self.sampler_seed = _open_study(spec, None, worker)
         if not worker:
             self.log(f"study {spec.name} in {redact(spec.storage_url)}")
             note = space_note(spec.model)
@@ -524,7 +519,7 @@ class Search:
 
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
                               self.spec.max_trial_seconds, structure_policy=self.spec.structure_policy,
-                              seed=sampler_seed_of(self.study), gate=gate)
+                              seed=self.sampler_seed, gate=gate)
         reap_dead_trials(self.study, objective.values_from_dict)  # a killed earlier run's trials
         if self.remaining() <= 0:
             return

@@ -29,9 +29,6 @@ INTERRUPT_GRACE = 30.0
 
 def _worker_main(spec: Any, index: int, phase: str, rung: int, deadline: float | None, out: Any,
                  quiet: tuple[int, list] | None = None) -> None:
-    import warnings
-
-    import optuna
     import torch
 
     from .study import Search
