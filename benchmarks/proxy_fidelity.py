@@ -50,6 +50,10 @@ VARIANTS = {
     "kd": {"distill_alpha": 0.5, "recovery_distill_alpha": 0.5},
     "nokd": {"distill_alpha": 0.0, "recovery_distill_alpha": 0.0},
     "default": {},  # the shipped defaults (distillation in recovery only)
+    # block-wise distillation: each stage of a rewrite matches the trained baseline's
+    "blockwise": {"feature_distill_alpha": 1.0},
+    # a cheaper search rung: 4 epochs at batch 128 (half the baseline's steps)
+    "fast": {"epochs": 4, "batch_size": 128, "lr": 0.03},
 }
 PRESETS = [f"paper-resnet101-{i}" for i in range(6, 15)]
 #: pruned candidates of the baseline (they inherit its trained weights)

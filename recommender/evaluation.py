@@ -32,8 +32,8 @@ from .models import build_model, get_family
 from .models.arch import ArchConfig
 from .protocol import ProxyProtocol
 from .recipe import Recipe
-from .train import (TimeLimitReached, batches, evaluate, finetune_fn, paired_drop, protocol_data, step_seconds, teacher_logits,
-                    train_model)
+from .train import (TimeLimitReached, batches, evaluate, finetune_fn, paired_drop, protocol_data, step_seconds,
+                    teacher_features, teacher_logits, train_model)
 
 Log = Callable[[str], None]
 # progress(label, step, total_steps, loss): after every optimiser step of a training run.
@@ -191,6 +191,7 @@ class Evaluator:
         self._baseline_model: nn.Module | None = None
         self._baseline_seconds = 0.0
         self._teacher: torch.Tensor | None = None
+        self._features: tuple[int, list[torch.Tensor]] | None = None
         self._source = self._source_identity()
         net = self._build(ArchConfig())  # fail fast on a bad model or class count
         if self.family.style == "custom":
@@ -235,7 +236,7 @@ class Evaluator:
                                 protocol.seed, self.data.identity)
 
     def baseline_key(self, protocol: ProxyProtocol | None = None) -> str:
-        p = protocol or self.teacher_protocol
+        p = (protocol or self.teacher_protocol).for_baseline()
         return WeightsCache.key(self.model_name, {"arch": ArchConfig().to_dict(), **self._source}, p.key(), p.seed,
                                 self.data.identity)
 
@@ -268,6 +269,26 @@ class Evaluator:
             self._teacher = torch.as_tensor(arr)
         return self._teacher
 
+    def _teacher_features(self, protocol: ProxyProtocol) -> list[torch.Tensor] | None:
+        """The trained baseline's pooled stage outputs (block-wise distillation), computed once
+        and cached; None when the protocol does not ask for them or the family has no stages."""
+        if protocol.feature_distill_alpha <= 0 or not self.distill or not self.family.stages:
+            return None
+        pool = protocol.feature_distill_pool
+        if self._features is None or self._features[0] != pool:
+            key = self.baseline_key()
+            names = [f"stage_features_p{pool}_{i}" for i in range(len(self.family.stages))]
+            arrs = [self.cache.load_array(key, n) for n in names] if self.cache else [None]
+            if any(a is None for a in arrs):
+                arrs = [t.numpy() for t in teacher_features(self.baseline_model(), self.data,
+                                                            self.teacher_protocol.replace(feature_distill_pool=pool),
+                                                            self.family.stages)]
+                if self.cache:
+                    for n, a in zip(names, arrs):
+                        self.cache.save_array(key, n, a)
+            self._features = (pool, [torch.as_tensor(a) for a in arrs])
+        return self._features[1]
+
     def _init_baseline(self, model: nn.Module) -> None:
         if self.weights:
             skipped = ckpt.load_matching(model, self.weights)
@@ -280,8 +301,10 @@ class Evaluator:
         """Build and train ``arch`` (or load it from the cache). Returns (model, meta, cache hit).
         A training stopped at ``deadline`` (``time.monotonic()``) fails and is not cached."""
         logits = self._teacher_logits(protocol) if teacher else None
+        feats = self._teacher_features(protocol) if teacher else None
         baseline = arch == ArchConfig() and not teacher
-        key = self.baseline_key(protocol) if baseline else self._key(arch, protocol, logits is not None)
+        key = self.baseline_key(protocol) if baseline else self._key(arch, protocol,
+                                                                      logits is not None or feats is not None)
         label = "baseline" if baseline else arch.describe()
 
         def train_fn(m: nn.Module) -> dict[str, Any]:
@@ -290,7 +313,8 @@ class Evaluator:
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
             report = self.progress
             step_fn = (lambda step, total, loss: report(label, step, total, loss)) if report else None
-            res = train_model(m, self.data, protocol, teacher_logits=logits, progress=step_fn, deadline=deadline)
+            res = train_model(m, self.data, protocol, teacher_logits=logits, teacher_features=feats,
+                              stages=self.family.stages, progress=step_fn, deadline=deadline)
             if not res.ok:
                 raise TrainingFailed(res.reason)
             return res.to_dict()

@@ -49,6 +49,14 @@ __all__ = ["ProxyProtocol", "FIDELITIES", "get_protocol", "list_fidelities"]
 
 # Fields that change how fast a run goes, not what it converges to: left out of key().
 _EXECUTION_FIELDS = ("threads", "device", "eval_batch_size", "precision", "channels_last", "compile")
+# Fields that change how candidates learn from the trained baseline, never how the baseline
+# itself trains: reset to their defaults in the baseline's cache key (for_baseline), so that
+# protocols differing only in them share one trained baseline.
+CANDIDATE_ONLY_FIELDS = ("distill_alpha", "distill_temperature", "feature_distill_alpha", "feature_distill_pool",
+                         "finetune_lr", "recovery_epochs", "recovery_distill_alpha", "calibration_batch_size")
+# Fields added after weights were cached and references stored: in the key only when they differ
+# from this default, so existing keys (and cached trainings) stay valid.
+_KEYED_IF_SET = {"feature_distill_alpha": 0.0, "feature_distill_pool": 2}
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,11 @@ class ProxyProtocol:
         augment: random crop (zero padding) + horizontal flip where the dataset allows it.
         distill_alpha: weight of the logit-distillation term (0 = plain cross-entropy).
         distill_temperature: softmax temperature of the distillation term.
+        feature_distill_alpha: weight of block-wise feature distillation for candidates trained
+            from scratch: each stage of the student matches the trained baseline's same stage
+            (:mod:`recommender.feature_distill`; families that declare their stages). 0 = off,
+            the default: see ``docs/measurements.md`` for the benchmark that decided it.
+        feature_distill_pool: side (px) both stage outputs are average-pooled to before matching.
         finetune_lr: learning rate of the recovery training after pruning (constant).
         recovery_epochs: recovery budget after pruning, in epochs of the training subset: a
             candidate that inherits the trained baseline's weights is pruned, then trained this
@@ -133,6 +146,8 @@ class ProxyProtocol:
     augment: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
+    feature_distill_alpha: float = 0.0
+    feature_distill_pool: int = 2
     finetune_lr: float = 1e-3
     recovery_epochs: float = 1.0
     recovery_distill_alpha: float = 0.5
@@ -175,6 +190,10 @@ class ProxyProtocol:
             bad("recovery_distill_alpha must be in [0, 1]")
         if not self.distill_temperature > 0:
             bad("distill_temperature must be > 0")
+        if not 0.0 <= self.feature_distill_alpha <= 100.0:
+            bad("feature_distill_alpha must be in [0, 100]")
+        if not 1 <= int(self.feature_distill_pool) <= 8:
+            bad("feature_distill_pool must be in [1, 8] px")
         if self.device not in DEVICES:
             bad(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -217,10 +236,17 @@ class ProxyProtocol:
     def replace(self, **changes: Any) -> ProxyProtocol:
         return with_overrides(self, **changes)
 
+    def for_baseline(self) -> ProxyProtocol:
+        """This protocol with the candidate-only fields (``CANDIDATE_ONLY_FIELDS``) at their
+        defaults: what identifies the baseline's own training."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in CANDIDATE_ONLY_FIELDS}
+        return replace(self, **defaults)
+
     def key(self) -> str:
         """Stable cache key: ``<fidelity>-<12 hex of sha256(canonical JSON)>``; execution fields
         (threads, device, eval batch size) are excluded."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+        d = {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS
+             and not (k in _KEYED_IF_SET and v == _KEYED_IF_SET[k])}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return f"{self.fidelity}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

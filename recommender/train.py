@@ -9,8 +9,9 @@
 - :func:`evaluate` returns the per-image correctness on the validation subset, the accuracy and a
   95% Wilson interval.
 - :func:`paired_drop` compares two models on the same validation images with a paired bootstrap.
-- :func:`teacher_logits`, :func:`finetune_fn` and :func:`batches` serve distillation, pruning and
-  quantization calibration.
+- :func:`teacher_logits`, :func:`teacher_features`, :func:`finetune_fn` and :func:`batches` serve
+  distillation (of logits, and block-wise of stage outputs: :mod:`recommender.feature_distill`),
+  pruning and quantization calibration.
 
 Distillation choice: the teacher's logits are computed once, on the *un-augmented* training images
 at the protocol resolution, and reused for every epoch whatever augmentation the student sees.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,12 +35,13 @@ import torch.nn.functional as F
 
 from .data import ImageData
 from .devices import Execution
+from .feature_distill import StageMatcher, has_stages, stage_features
 from .protocol import ProxyProtocol
 from .stats import DropEstimate, paired_drop, wilson_interval
 
 __all__ = [
     "TrainResult", "EvalResult", "DropEstimate", "train_model", "evaluate", "paired_drop",
-    "wilson_interval", "teacher_logits", "finetune_fn", "batches", "seed_everything",
+    "wilson_interval", "teacher_logits", "teacher_features", "finetune_fn", "batches", "seed_everything",
     "protocol_data", "threads", "zero_init_residual", "step_seconds", "TimeLimitReached",
 ]
 
@@ -120,8 +122,11 @@ def protocol_data(data: ImageData, protocol: ProxyProtocol) -> ImageData:
 
 
 
-def _make_optimizer(model: nn.Module, protocol: ProxyProtocol, lr: float) -> torch.optim.SGD:
+def _make_optimizer(model: nn.Module, protocol: ProxyProtocol, lr: float,
+                    extra: nn.Module | None = None) -> torch.optim.SGD:
     params = [p for p in model.parameters() if p.requires_grad]
+    if extra is not None:  # trained with the model (feature-distillation adapters)
+        params += list(extra.parameters())
     return torch.optim.SGD(params, lr=lr, momentum=protocol.momentum,
                            weight_decay=protocol.weight_decay,
                            nesterov=protocol.nesterov and protocol.momentum > 0)
@@ -202,6 +207,7 @@ class _NonFinite:
 
 def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
                 teacher_logits: torch.Tensor | np.ndarray | None = None,
+                teacher_features: Sequence[torch.Tensor] | None = None, stages: Sequence[str] = (),
                 progress: ProgressFn | None = None, deadline: float | None = None,
                 check_every: int = 25) -> TrainResult:
     """Train ``model`` in place under ``protocol`` on its subset of ``data``.
@@ -209,6 +215,10 @@ def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
     Args:
         teacher_logits: ``(n_train_subset, num_classes)`` logits from :func:`teacher_logits`
             (same data and protocol); used when ``protocol.distill_alpha > 0``.
+        teacher_features, stages: the teacher's pooled stage outputs on the training subset
+            (:func:`recommender.feature_distill.stage_features`, same order) and the stage
+            module names; block-wise distillation when ``protocol.feature_distill_alpha > 0``
+            and the model has those stages.
         progress: called after every step as ``progress(step, total_steps, loss)`` (this reads
             the loss every step: a host sync per step on a GPU).
         deadline: a ``time.monotonic()`` value: no step starts after it; the run then stops
@@ -249,7 +259,13 @@ def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
         if protocol.zero_init_residual:
             zero_init_residual(model)
         ex.prepare_model(model)
-        opt = _make_optimizer(model, protocol, protocol.lr)
+        matcher = None
+        if teacher_features is not None and protocol.feature_distill_alpha > 0 and has_stages(model, stages):
+            probe = ex.input(next(iter(d.val_batches(2, res)))[0])
+            matcher = StageMatcher(model, stages, [int(f.shape[1]) for f in teacher_features],
+                                   protocol.feature_distill_pool, probe).to(dev)
+            teacher_features = [f.to(dev) for f in teacher_features]
+        opt = _make_optimizer(model, protocol, protocol.lr, extra=matcher)
         scaler = torch.amp.GradScaler(ex.device) if ex.needs_scaler else None
         forward = torch.compile(model) if ex.compile else model
         sched = None
@@ -298,6 +314,9 @@ def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
                     logits = forward(x)
                     loss = _kd_loss(logits.float(), y,
                                     None if teacher is None else teacher[idx.to(dev)], protocol)
+                    if matcher is not None:
+                        i = idx.to(dev)
+                        loss = loss + protocol.feature_distill_alpha * matcher.loss([f[i] for f in teacher_features])
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -323,6 +342,8 @@ def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
             if not ok:
                 break
             losses.append(epoch_loss / max(epoch_n, 1))
+        if matcher is not None:
+            matcher.remove()
         model.eval()
         ex.release_model(model)
     seconds = time.perf_counter() - t0
@@ -433,6 +454,24 @@ def teacher_logits(model: nn.Module, data: ImageData, protocol: ProxyProtocol) -
         out = _predict(model, d.train_batches(protocol.eval_batch_size, res, shuffle=False), ex)
         ex.release_model(model)
     model.train(was_training)
+    return out
+
+
+def teacher_features(model: nn.Module, data: ImageData, protocol: ProxyProtocol,
+                     stages: Sequence[str]) -> list[torch.Tensor]:
+    """The teacher's named stage outputs on the protocol's training subset, un-augmented, at the
+    protocol resolution, pooled to ``protocol.feature_distill_pool`` px, in the stored order: one
+    ``(n_train_subset, channels, pool, pool)`` float32 CPU tensor per stage (block-wise
+    distillation, :mod:`recommender.feature_distill`)."""
+    d = protocol_data(data, protocol)
+    res = protocol.input_resolution(d.native_resolution)
+    ex = _eval_execution(model, protocol)
+    with threads(protocol.resolved_threads()), ex.engine_flags():
+        ex.prepare_model(model)
+        it = ((ex.input(x), y) for x, y, *_ in d.train_batches(protocol.eval_batch_size, res, shuffle=False))
+        with ex.autocast():
+            out = stage_features(model, stages, it, protocol.feature_distill_pool)
+        ex.release_model(model)
     return out
 
 

@@ -161,6 +161,25 @@ def test_protocol_round_trip_and_key():
         ProxyProtocol.from_dict({**p.to_dict(), "bogus": 1})
 
 
+def test_keys_of_the_named_fidelities_are_stable():
+    """Cached trainings and stored references are found by these keys: a field added later is
+    keyed only when set, so the named fidelities keep their keys."""
+    assert {n: get_protocol(n).key() for n in ("smoke", "proxy", "confirm", "paper")} == {
+        "smoke": "smoke-f1d268fe2790", "proxy": "proxy-97870df2241c", "confirm": "confirm-e876d2dd6e77",
+        "paper": "paper-f95b9dd48732"}
+    p = get_protocol("proxy")
+    assert p.replace(feature_distill_alpha=1.0).key() != p.key()
+
+
+def test_candidate_only_fields_share_the_baseline():
+    p = get_protocol("proxy")
+    for change in ({"distill_alpha": 0.5}, {"feature_distill_alpha": 1.0}, {"recovery_epochs": 2.0},
+                   {"finetune_lr": 0.01}, {"recovery_distill_alpha": 0.0}):
+        assert p.replace(**change).key() != p.key()
+        assert p.replace(**change).for_baseline().key() == p.key(), change
+    assert p.replace(epochs=3).for_baseline().key() != p.key()  # the baseline's own training changes
+
+
 def test_input_resolution():
     assert get_protocol("proxy").input_resolution(8) == 8
     assert get_protocol("proxy").input_resolution(32) == get_protocol("proxy").max_resolution

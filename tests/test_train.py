@@ -365,3 +365,72 @@ def test_pruning_rounds_after_channels_last_training(digits):
     finetune_fn(digits, proto)(m, 2)
     assert conv.weight.is_contiguous()
     assert torch.equal(conv.weight, conv.weight_orig * conv.weight_mask)  # not one step stale
+
+
+# --- block-wise (stage) distillation ------------------------------------------------------------
+
+STAGES = ("features.2", "features.5")  # TinyCNN's two ReLU outputs: 16 ch at 8 px, 32 ch at 4 px
+
+
+def test_stage_features_and_matcher(digits, trained_tiny):
+    from recommender.feature_distill import StageMatcher, has_stages
+    from recommender.train import teacher_features
+
+    teacher, _ = trained_tiny
+    proto = SMOKE.replace(feature_distill_alpha=1.0, feature_distill_pool=2)
+    feats = teacher_features(teacher, digits, proto, STAGES)
+    assert [tuple(f.shape) for f in feats] == [(proto.train_size, 16, 2, 2), (proto.train_size, 32, 2, 2)]
+    assert not teacher._forward_hooks and not teacher.features[2]._forward_hooks  # hooks removed
+    student = TinyCNN(width=8)
+    assert has_stages(student, STAGES) and not has_stages(student, ("layer1",))
+    x = next(iter(digits.subset(proto.train_size).train_batches(8, 8, shuffle=False)))[0]
+    bn = student.features[1].running_mean.clone()
+    m = StageMatcher(student, STAGES, [16, 32], 2, x[:2])
+    assert torch.equal(bn, student.features[1].running_mean)  # the probe leaves BN statistics alone
+    assert [a.in_channels for a in m.adapters] == [8, 16] and [a.out_channels for a in m.adapters] == [16, 32]
+    student(x)
+    loss = m.loss([f[:8] for f in feats])
+    assert 0.0 < float(loss.detach()) <= 4.0  # squared distance of unit vectors
+    loss.backward()
+    assert student.features[0].weight.grad is not None and m.adapters[0].weight.grad is not None
+    m.remove()
+    assert not student.features[2]._forward_hooks
+
+
+def test_blockwise_distillation_pulls_stages_towards_the_teacher(digits, trained_tiny):
+    """Training with the stage term makes the student's stages closer to the teacher's than
+    training without it, and changes nothing when the model lacks the stages."""
+    from recommender.feature_distill import StageMatcher
+    from recommender.train import teacher_features
+
+    teacher, _ = trained_tiny
+    on = SMOKE.replace(feature_distill_alpha=5.0, epochs=4, lr=0.1)
+    feats = teacher_features(teacher, digits, on, STAGES)
+    distances = {}
+    for name, proto in (("on", on), ("off", on.replace(feature_distill_alpha=0.0))):
+        seed_everything(3)
+        student = TinyCNN(width=8)
+        assert train_model(student, digits, proto, teacher_features=feats, stages=STAGES).ok
+        assert not student.features[2]._forward_hooks
+        # how well the best linear map of the student's stages fits the teacher's: a fresh
+        # adapter fitted for a few steps on frozen students, the same for both
+        x = next(iter(digits.subset(on.train_size).train_batches(256, 8, shuffle=False)))[0]
+        torch.manual_seed(0)
+        m = StageMatcher(student, STAGES, [16, 32], 2, x[:2])
+        opt = torch.optim.Adam(m.parameters(), lr=0.05)
+        with torch.no_grad():
+            student.eval()(x)
+        for _ in range(100):
+            opt.zero_grad()
+            loss = m.loss([f[:256] for f in feats])
+            loss.backward()
+            opt.step()
+        distances[name] = float(loss)
+        m.remove()
+    assert distances["on"] < distances["off"], distances
+    seed_everything(3)
+    a, b = TinyCNN(width=8), TinyCNN(width=8)
+    b.load_state_dict(a.state_dict())
+    train_model(a, digits, on.replace(epochs=1), teacher_features=feats, stages=("layer1",))
+    train_model(b, digits, on.replace(epochs=1, feature_distill_alpha=0.0))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

@@ -62,6 +62,9 @@ class ModelFamily:
         identity: extra cache identity (hash of a user module's architecture and initial state).
         description: one line for listings.
         per_model_techniques: model -> techniques, where they differ from ``techniques``.
+        stages: names of the modules whose outputs are the stage boundaries, shared by every
+            architecture of the family (block-wise distillation matches a rewrite's stages to
+            the trained baseline's there); empty: no block-wise distillation.
     """
 
     name: str
@@ -77,6 +80,7 @@ class ModelFamily:
     identity: str = ""
     description: str = ""
     per_model_techniques: dict[str, frozenset[str]] = field(default_factory=dict)
+    stages: tuple[str, ...] = ()
 
     def techniques_for(self, model: str) -> frozenset[str]:
         """ArchConfig fields that may differ from their defaults for ``model``."""

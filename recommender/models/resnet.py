@@ -217,5 +217,6 @@ FAMILY = register_family(ModelFamily(
     style="cifar",
     min_input=8,
     deploy_input=INPUT_SIZE,
+    stages=("layer1", "layer2", "layer3", "layer4"),
     description="CIFAR ResNets (3x3 stride-1 stem, no max-pool) with the paper's techniques",
 ))

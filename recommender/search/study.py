@@ -694,11 +694,13 @@ class Search:
         return done
 
     def _teacher_ready(self, ev: Evaluator | None = None) -> None:
-        """Compute the teacher logits once here (cached on disk) before workers need them."""
+        """Compute the teacher's logits (and stage features) once here, cached on disk, before
+        workers need them."""
         ev = ev or self.evaluator
         if ev.distill and self.spec.baseline_accuracy is None:
             ev._teacher_logits(ev.protocol)  # distillation of rewritten architectures, if on
             ev._teacher_logits(ev.protocol, recovery=True)  # of pruned candidates' recovery
+            ev._teacher_features(ev.protocol)  # block-wise distillation, if on
 
     def promote(self, jobs: int = 1) -> None:
         """Promotion rungs 1.. in order, each decided once and evaluated by every worker."""
