@@ -31,6 +31,11 @@ How ``proxy`` was chosen (2-core CPU, torch 2.14, measured; ``benchmarks/proxy_c
 - 6 epochs (the default since): the baseline reached 94.9% [92.4, 96.6] in 93 s on a quiet
   machine, presets 6-14 trained in 21-38 s each, and the README's main command finished cold
   (baseline included) in 643 s.
+- Half the steps (4 epochs at batch 128, max_lr 0.03) was measured and rejected: the baseline
+  trains in half the time (114 s against 223 s, 2 threads, a slower host than above) but the
+  search rung's ranking of presets 6-14 against long reference trainings falls from Kendall tau
+  +0.36 to -0.23 and its drops err by 3.2 pp instead of 1.4 pp (``benchmarks/proxy_fidelity.py``,
+  variant ``fast``).
 - paper-resnet101-11 / -13 at the same protocol: 94.4% / 97.6% in ~32 s each (1 thread, loaded
   machine, ~330 img/s).
 """

@@ -176,3 +176,31 @@ def test_benchmark_hypervolume_on_a_known_front():
     assert hv([(0.8, 80.0), (0.4, 60.0), (0.9, 100.0), (0.5, 50.0)], 100.0) == pytest.approx(0.31)
     assert hv([], 100.0) == 0.0
     assert hv([(1.0, 0.0)], 100.0) == pytest.approx(1.0)
+
+
+def test_time_budget_stops_a_trial_in_flight_and_queues_it_again(setup):
+    """--timeout bounds the run: a trial still training when the search's time is up is stopped,
+    marked interrupted (it does not count) and queued again with the same parameters."""
+    import time
+
+    from recommender.search.recovery import counts_toward_target
+
+    ev, space, base, budgets, drop = setup
+    study = _study()
+    study.enqueue_trial({"prune.method": "structured-channel", "prune.sparsity": 0.5, "quant.scheme": "fp32"},
+                        user_attrs={"preset": "p"})
+    stop = time.monotonic() - 1.0  # already over: the evaluation stops at its first step
+    obj = Objective(ev, space, base, drop, budgets, seed=0, stop_at=lambda: stop)
+    study.optimize(obj, n_trials=1, catch=(TrialFailed,))
+    first = study.trials[0]
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["interrupted"] is True
+    assert "time budget" in first.user_attrs["fail_reason"] and not counts_toward_target(first)
+    retry = study.trials[1]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.user_attrs["retry_of"] == 0
+    assert retry.user_attrs["preset"] == "p"
+    # with time left, the queued candidate is evaluated and counts
+    obj.stop_at = lambda: time.monotonic() + 600
+    study.optimize(obj, n_trials=1, catch=(TrialFailed,))
+    done = study.trials[1]
+    assert done.state == optuna.trial.TrialState.COMPLETE and done.params == first.params
+    assert counts_toward_target(done)

@@ -404,7 +404,7 @@ def test_blockwise_distillation_pulls_stages_towards_the_teacher(digits, trained
     from recommender.train import teacher_features
 
     teacher, _ = trained_tiny
-    on = SMOKE.replace(feature_distill_alpha=5.0, epochs=4, lr=0.1)
+    on = SMOKE.replace(feature_distill_alpha=5.0, epochs=3, lr=0.1)
     feats = teacher_features(teacher, digits, on, STAGES)
     distances = {}
     for name, proto in (("on", on), ("off", on.replace(feature_distill_alpha=0.0))):
@@ -420,7 +420,7 @@ def test_blockwise_distillation_pulls_stages_towards_the_teacher(digits, trained
         opt = torch.optim.Adam(m.parameters(), lr=0.05)
         with torch.no_grad():
             student.eval()(x)
-        for _ in range(100):
+        for _ in range(60):
             opt.zero_grad()
             loss = m.loss([f[:256] for f in feats])
             loss.backward()

@@ -42,7 +42,7 @@ from ..models.arch import ArchConfig
 from ..recipe import Recipe
 from .sampling import FeasibleSampler
 from .space import SearchSpace
-from .recovery import SKIPPED_ATTR
+from .recovery import INTERRUPTED_ATTR, SKIPPED_ATTR, requeue
 from .structure import STRUCTURAL, StructureCheck, check_structure
 
 STRUCTURE_POLICIES = ("resample", "constraint")
@@ -93,6 +93,10 @@ class Objective:
         seed: seeds the random drafts of ``resample`` (None: unseeded).
         gate: ``gate(trial)`` -> a reason not to run this trial at all (it is pruned, not
             counted), e.g. other workers' running trials already complete the study.
+        stop_at: ``stop_at()`` -> the ``time.monotonic()`` at which the run's time budget for
+            the search ends (``--timeout`` less what the promotions need), or None. A trial
+            still training then is stopped, marked interrupted and queued again (it does not
+            count, and a resumed run evaluates it), so ``--timeout`` bounds the run.
     """
 
     evaluator: Evaluator
@@ -106,6 +110,7 @@ class Objective:
     max_trial_scale: float | None = 1.0
     seed: int | None = None
     gate: Callable[[optuna.Trial], str | None] | None = None
+    stop_at: Callable[[], float | None] | None = None
     _verdicts: dict[str, Verdict | None] = field(default_factory=dict, init=False, repr=False)
     _seconds: dict[str, float | None] = field(default_factory=dict, init=False, repr=False)
 
@@ -141,7 +146,12 @@ class Objective:
         if verdict is None:
             limit = self.time_limit()
             deadline = time.monotonic() + HARD_LIMIT_FACTOR * limit if limit else None
+            stop = self.stop_at() if self.stop_at is not None else None
+            if stop is not None and (deadline is None or stop < deadline):
+                deadline = stop
             ev = self.evaluator.evaluate(recipe, self.baseline, self.max_drop, deadline=deadline)
+            if not ev.ok and stop is not None and time.monotonic() >= stop:
+                self.out_of_time(trial)
             return self.record(trial, ev)
         if verdict.kind != "time" and self.structure_policy == "constraint":
             return self.skip(trial, verdict)
@@ -151,6 +161,15 @@ class Objective:
         # Under resample: every draft was rejected, or the parameters were enqueued (a preset).
         trial.set_user_attr("pruned_reason", verdict.reason)
         raise optuna.TrialPruned(verdict.reason)
+
+    def out_of_time(self, trial: optuna.Trial) -> None:
+        """The run's time budget ended this trial's evaluation: interrupted and queued again
+        (not a failed candidate; a resumed run evaluates it). Raises :class:`TrialFailed`."""
+        why = "stopped at the end of the time budget (--timeout) before its evaluation finished; queued again"
+        trial.set_user_attr("fail_reason", why)
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
+        requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+        raise TrialFailed(why)
 
     def record(self, trial: optuna.Trial, ev: Evaluation) -> tuple[float, float]:
         trial.set_user_attr("evaluation", ev.to_dict())

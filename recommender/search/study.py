@@ -517,9 +517,15 @@ class Search:
                 return "the study reached its target (other workers' trials complete it)"
             return None
 
+        def stop_at() -> float | None:
+            # the search's share of the time budget: what the promotions need is kept back
+            if self.deadline is None:
+                return None
+            return self.deadline - (reserve() if reserve else 0.0)
+
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
                               self.spec.max_trial_seconds, structure_policy=self.spec.structure_policy,
-                              seed=self.sampler_seed, gate=gate)
+                              seed=self.sampler_seed, gate=gate, stop_at=stop_at)
         reap_dead_trials(self.study, objective.values_from_dict)  # a killed earlier run's trials
         if self.remaining() <= 0:
             return
