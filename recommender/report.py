@@ -28,7 +28,7 @@ from rich.text import Text
 from .constraints import Budget, MaxDrop, format_quantity
 from .evaluation import Baseline, Evaluation
 from .recipe import Recipe
-from .search.recovery import SKIPPED_ATTR
+from .search.recovery import SKIPPED_ATTR, is_interrupted
 from .search.rungs import RungResult, rung_results
 
 COST_ROWS = (  # (Costs field, label, unit)
@@ -387,7 +387,8 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
         "evaluated": len(done), "complete": len(done), "feasible": len(feas), "infeasible": len(done) - len(feas),
         "pruned": sum(t.state == TrialState.PRUNED for t in all_trials)
         + sum(bool(t.user_attrs.get(SKIPPED_ATTR)) for t in all_trials if t.state == TrialState.COMPLETE),
-        "failed": sum(t.state == TrialState.FAIL for t in all_trials),
+        "failed": sum(t.state == TrialState.FAIL and not is_interrupted(t) for t in all_trials),
+        "interrupted": sum(is_interrupted(t) for t in all_trials),
         "running": sum(t.state == TrialState.RUNNING for t in all_trials),
         "sampled": sum(1 for t in done if not t.user_attrs.get("preset")),
         "confirmed": len(promoted),
@@ -676,12 +677,15 @@ def skipped_presets_line(skipped: dict[str, str]) -> str:
 
 def summary_line(counts: dict[str, int], rungs: int = 1) -> str:
     """One sentence counting the study's trials: evaluated = feasible + infeasible (the sampler's
-    and the presets'), skipped before training, failed; running trials (other workers) are named
+    and the presets'), skipped before training, failed, interrupted (queued again); running trials (other workers) are named
     apart; promotions when there are rungs above the search's."""
     n = counts
     text = (f"{_plural(n.get('evaluated', 0), 'candidate')} evaluated ({n.get('sampled', 0)} chosen by the "
             f"sampler): {n.get('feasible', 0)} feasible, {n.get('infeasible', 0)} infeasible at the search rung; "
             f"{n.get('pruned', 0)} skipped before training, {n.get('failed', 0)} failed")
+    if n.get("interrupted"):
+        text += (f"; {n['interrupted']} stopped before the end (Ctrl-C, a killed worker or the time budget) "
+                 "and queued again for a resumed run")
     if n.get("running"):
         text += f"; {n['running']} still running"
     if rungs > 1:

@@ -142,6 +142,9 @@ def test_summary_counts_evaluated_candidates():
     assert s.startswith("3 candidates evaluated (2 chosen by the sampler): 2 feasible, 1 infeasible")
     assert "3 skipped before training" in s and "1 failed" in s
     assert "2 still running" in s and "2 promoted to higher rungs (2 rungs in all)" in s
+    assert "stopped before the end" not in s
+    s = summary_line({"finished": 2, "evaluated": 1, "sampled": 1, "feasible": 1, "interrupted": 1})
+    assert "0 failed; 1 stopped before the end (Ctrl-C, a killed worker or the time budget) and queued again" in s
 
 
 def test_write_outputs_removes_a_stale_recipe(tmp_path):
