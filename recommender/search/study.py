@@ -507,6 +507,14 @@ class Search:
         """Run trials until the study has ``trials`` counted ones (or the draw cap, or the time
         left minus what ``reserve()`` keeps for the promotions)."""
         target, cap = self.spec.trials, self._draw_cap()
+        if reserve is not None and self.deadline is not None:
+            need, left = reserve(), self._time_left()
+            if need >= left:
+                # the promotions cannot fit whatever the search does: keeping their time back would
+                # only stop every trial at once; the search uses the whole budget instead
+                self.log(f"time budget: the promotions need an estimated {need:.0f} s of the {max(0.0, left):.0f} s "
+                         "left, so the search uses all of it")
+                reserve = None
 
         def gate(trial: optuna.Trial) -> str | None:
             # Workers that start a trial at the same moment would overshoot the target: the
