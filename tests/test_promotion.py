@@ -182,3 +182,24 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
     recommend(**{**kw, "trials": kept + 3})  # the study resumes and reaches its (new) target
     study = optuna.load_study(study_name="sigint", storage=storage)
     assert len(counted_trials(study)) == kept + 3 and study.user_attrs["baseline_evaluations"] == 1
+
+
+def test_a_rung_skipped_for_time_is_decided_by_a_later_run(tmp_path):
+    """Out of time, the rung is skipped with its reason but not decided: a later run of the same
+    study with time left promotes, and the skip reason is cleared."""
+    import time as _time
+
+    from recommender.search.study import Search, StudySpec
+
+    kw = {k: v for k, v in common(tmp_path, "later", trials=3, rungs="auto").items() if k != "write_files"}
+    search = Search(StudySpec(**kw))
+    base = search.baseline()
+    search.optimize(base)
+    search.deadline = _time.monotonic() + 0.01  # the rung's baseline cannot be trained in 10 ms
+    assert search.decide(1, base) == []
+    assert search.study.user_attrs.get("promoted_1") is None
+    assert "time budget" in search._rung_study(1).user_attrs["skipped"]
+    search.deadline = None  # a later run without a time limit
+    chosen = search.decide(1, base)
+    assert chosen and search.study.user_attrs["promoted_1"] == chosen
+    assert search._rung_study(1).user_attrs.get("skipped") is None

@@ -553,9 +553,12 @@ class Search:
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if sum(counts_toward_target(t) for t in trials) + running >= target or len(trials) >= cap:
                 study.stop()
-            elif self._time_left() <= (reserve() if reserve else 0.0):
-                self.log("time budget: the search stops here to leave the promotions their time")
-                study.stop()
+            else:
+                keep = reserve() if reserve else 0.0
+                if self._time_left() <= keep:
+                    self.log("time budget: the search stops here to leave the promotions their time" if keep > 0
+                             else "time budget: the search stops here (the time is up)")
+                    study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1
@@ -634,7 +637,9 @@ class Search:
 
     def decide(self, k: int, baseline: Baseline) -> list[int]:
         """Choose (once per study, under the lock) the candidates promoted to rung k and enqueue
-        them in rung k's study; returns their source trial numbers ([] when the rung is skipped)."""
+        them in rung k's study; returns their source trial numbers ([] when the rung is skipped).
+        A rung skipped because its estimated time does not fit the time left is not decided: a
+        later run of the study (with time left) decides it."""
         key = f"promoted_{k}"
         if self.study.user_attrs.get(key) is not None:
             return list(self.study.user_attrs[key])
@@ -661,6 +666,11 @@ class Search:
             if reason:
                 rst.set_user_attr("skipped", reason)
                 self.log(f"rung {k} ({self.rungs[k].label}) not run: {reason}")
+                if limit == 0:
+                    # skipped for lack of time: not a decision, a later run with time left decides
+                    return []
+            elif rst.user_attrs.get("skipped"):
+                rst.set_user_attr("skipped", None)  # an earlier run's time skip: it runs now
             main_trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
             for c in chosen:
                 src = main_trials.get(c.trial)
