@@ -425,7 +425,7 @@ def test_blockwise_distillation_pulls_stages_towards_the_teacher(digits, trained
             loss = m.loss([f[:256] for f in feats])
             loss.backward()
             opt.step()
-        distances[name] = float(loss)
+        distances[name] = float(loss.detach())
         m.remove()
     assert distances["on"] < distances["off"], distances
     seed_everything(3)
