@@ -264,8 +264,10 @@ def build_parser() -> _Parser:
                        "  1    finished, nothing feasible (the closest candidates are shown)\n"
                        "  2    bad input (one line on stderr)\n"
                        "  3    internal error\n"
-                       "  130  interrupted (Ctrl-C); finished trials are kept, rerun to resume\n"
-                       "  143  terminated (SIGTERM); finished trials are kept, rerun to resume")
+                       "  130  stopped by Ctrl-C; finished trials are kept, rerun to resume\n"
+                       "  143  stopped by SIGTERM; finished trials are kept, rerun to resume\n"
+                       "\n"
+                       "example: recommend --model resnet101 --max-drop 2% --budget 5M-params --timeout 10m")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",

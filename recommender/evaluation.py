@@ -255,18 +255,25 @@ class Evaluator:
                 self._baseline_seconds = float(meta.get("seconds", 0.0))
         return self._baseline_model
 
+    def _teacher_arrays(self, names: list[str], compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Arrays computed from the trained baseline (teacher logits, stage outputs): from the
+        cache under the baseline's key, else ``compute()`` once and stored there."""
+        key = self.baseline_key()
+        arrs = [self.cache.load_array(key, n) for n in names] if self.cache else [None]
+        if any(a is None for a in arrs):
+            arrs = [t.numpy() for t in compute()]
+            if self.cache:
+                for n, a in zip(names, arrs):
+                    self.cache.save_array(key, n, a)
+        return [torch.as_tensor(a) for a in arrs]
+
     def _teacher_logits(self, protocol: ProxyProtocol, *, recovery: bool = False) -> torch.Tensor | None:
         alpha = protocol.recovery_distill_alpha if recovery else protocol.distill_alpha
         if alpha <= 0 or not self.distill:
             return None
         if self._teacher is None:
-            key = self.baseline_key()
-            arr = self.cache.load_array(key, "teacher_logits") if self.cache else None
-            if arr is None:
-                arr = teacher_logits(self.baseline_model(), self.data, self.teacher_protocol).numpy()
-                if self.cache:
-                    self.cache.save_array(key, "teacher_logits", arr)
-            self._teacher = torch.as_tensor(arr)
+            self._teacher = self._teacher_arrays(
+                ["teacher_logits"], lambda: [teacher_logits(self.baseline_model(), self.data, self.teacher_protocol)])[0]
         return self._teacher
 
     def _teacher_features(self, protocol: ProxyProtocol) -> list[torch.Tensor] | None:
@@ -276,17 +283,11 @@ class Evaluator:
             return None
         pool = protocol.feature_distill_pool
         if self._features is None or self._features[0] != pool:
-            key = self.baseline_key()
-            names = [f"stage_features_p{pool}_{i}" for i in range(len(self.family.stages))]
-            arrs = [self.cache.load_array(key, n) for n in names] if self.cache else [None]
-            if any(a is None for a in arrs):
-                arrs = [t.numpy() for t in teacher_features(self.baseline_model(), self.data,
-                                                            self.teacher_protocol.replace(feature_distill_pool=pool),
-                                                            self.family.stages)]
-                if self.cache:
-                    for n, a in zip(names, arrs):
-                        self.cache.save_array(key, n, a)
-            self._features = (pool, [torch.as_tensor(a) for a in arrs])
+            stages = self.family.stages
+            names = [f"stage_features_p{pool}_{i}" for i in range(len(stages))]
+            teacher_p = self.teacher_protocol.replace(feature_distill_pool=pool)
+            self._features = (pool, self._teacher_arrays(
+                names, lambda: teacher_features(self.baseline_model(), self.data, teacher_p, stages)))
         return self._features[1]
 
     def _init_baseline(self, model: nn.Module) -> None:

@@ -310,12 +310,11 @@ def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
                                   f"{epoch + 1}) after {time.perf_counter() - t0:.1f} s")
                     break
                 x, y = ex.input(x), y.to(dev, non_blocking=True)
+                i = idx.to(dev) if teacher is not None or matcher is not None else None
                 with ex.autocast():
                     logits = forward(x)
-                    loss = _kd_loss(logits.float(), y,
-                                    None if teacher is None else teacher[idx.to(dev)], protocol)
+                    loss = _kd_loss(logits.float(), y, None if teacher is None else teacher[i], protocol)
                     if matcher is not None:
-                        i = idx.to(dev)
                         loss = loss + protocol.feature_distill_alpha * matcher.loss([f[i] for f in teacher_features])
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:

@@ -42,7 +42,7 @@ from ..models.arch import ArchConfig
 from ..recipe import Recipe
 from .sampling import FeasibleSampler
 from .space import SearchSpace
-from .recovery import INTERRUPTED_ATTR, SKIPPED_ATTR, requeue
+from .recovery import SKIPPED_ATTR, mark_interrupted
 from .structure import STRUCTURAL, StructureCheck, check_structure
 
 STRUCTURE_POLICIES = ("resample", "constraint")
@@ -166,9 +166,7 @@ class Objective:
         """The run's time budget ended this trial's evaluation: interrupted and queued again
         (not a failed candidate; a resumed run evaluates it). Raises :class:`TrialFailed`."""
         why = "stopped at the end of the time budget (--timeout) before its evaluation finished; queued again"
-        trial.set_user_attr("fail_reason", why)
-        trial.set_user_attr(INTERRUPTED_ATTR, True)
-        requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+        mark_interrupted(trial, why)
         raise TrialFailed(why)
 
     def record(self, trial: optuna.Trial, ev: Evaluation) -> tuple[float, float]:

@@ -40,7 +40,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["MAX_RETRIES", "worker_identity", "worker_alive", "interruptible", "reap_dead_trials",
+__all__ = ["MAX_RETRIES", "worker_identity", "worker_alive", "interruptible", "mark_interrupted", "reap_dead_trials",
            "RequeueStale", "requeue", "is_interrupted", "counts_toward_target", "counted_trials"]
 
 #: How often a candidate whose worker died is run again.
@@ -157,6 +157,14 @@ def requeue(study: optuna.Study, params: Mapping[str, Any], number: int, user_at
     study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)
 
 
+def mark_interrupted(trial: optuna.Trial, reason: str) -> None:
+    """Record why ``trial`` stopped before its result, mark it interrupted (it does not count)
+    and queue its parameters again (a user's interrupt or the time budget, not a death)."""
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr(INTERRUPTED_ATTR, True)
+    requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+
+
 def interruptible(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
     """``objective`` that records its worker on the trial and, on Ctrl-C or SIGTERM (a
     KeyboardInterrupt), marks the trial interrupted and queues its parameters again before the
@@ -167,10 +175,7 @@ def interruptible(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.
         try:
             return objective(trial)
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) before its evaluation finished; "
-                                               "queued again")
-            trial.set_user_attr(INTERRUPTED_ATTR, True)
-            requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+            mark_interrupted(trial, "interrupted (Ctrl-C or SIGTERM) before its evaluation finished; queued again")
             raise
 
     run.__wrapped__ = objective  # type: ignore[attr-defined]

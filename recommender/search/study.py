@@ -525,11 +525,12 @@ class Search:
                 return "the study reached its target (other workers' trials complete it)"
             return None
 
+        def keep() -> float:
+            return reserve() if reserve else 0.0  # seconds kept back for the promotions
+
         def stop_at() -> float | None:
-            # the search's share of the time budget: what the promotions need is kept back
-            if self.deadline is None:
-                return None
-            return self.deadline - (reserve() if reserve else 0.0)
+            # the search's share of the time budget
+            return None if self.deadline is None else self.deadline - keep()
 
         objective = Objective(self.evaluator, self.space, baseline, self.spec.max_drop, self.spec.budgets,
                               self.spec.max_trial_seconds, structure_policy=self.spec.structure_policy,
@@ -553,12 +554,10 @@ class Search:
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if sum(counts_toward_target(t) for t in trials) + running >= target or len(trials) >= cap:
                 study.stop()
-            else:
-                keep = reserve() if reserve else 0.0
-                if self._time_left() <= keep:
-                    self.log("time budget: the search stops here to leave the promotions their time" if keep > 0
-                             else "time budget: the search stops here (the time is up)")
-                    study.stop()
+            elif self._time_left() <= (kept := keep()):
+                self.log("time budget: the search stops here to leave the promotions their time" if kept > 0
+                         else "time budget: the search stops here (the time is up)")
+                study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1
