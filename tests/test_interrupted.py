@@ -206,3 +206,35 @@ def test_orphan_trial_is_failed_and_its_queued_params_kept(tmp_path):
     assert trials[1].state.name == "WAITING" and trials[1].user_attrs["retry_of"] == 0
     assert trials[1].system_attrs["fixed_params"] == {"x": 0.25}
     assert counted_trials(s) == []
+
+
+def test_interrupt_while_another_process_holds_the_sqlite_write_lock(tmp_path):
+    """Another process (a worker, a reader's transaction) holds SQLite's write lock longer than
+    sqlite3's default 5 s wait while an interrupted trial is told its result: the interrupt still
+    goes through (before, the tell failed on the lock and Optuna raised "Should not reach")."""
+    import sqlite3
+    import threading
+
+    from recommender.search.storage import open_storage
+
+    db = tmp_path / "lock.db"
+    st = open_storage(f"sqlite:///{db}", heartbeat=False)
+    study_ = optuna.create_study(storage=st)
+    held = threading.Event()
+
+    def hold() -> None:
+        con = sqlite3.connect(db)
+        con.execute("BEGIN IMMEDIATE")  # the write lock; readers go on
+        held.set()
+        time.sleep(6)
+        con.rollback()
+        con.close()
+
+    def objective(trial: optuna.Trial) -> float:
+        threading.Thread(target=hold).start()
+        held.wait(10)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study_.optimize(objective, n_trials=1)
+    assert study_.trials[0].state == optuna.trial.TrialState.FAIL

@@ -29,6 +29,12 @@ __all__ = ["engine_url", "redact", "scrub", "sqlite_url", "sqlite_path", "is_pos
            "open_existing_storage", "error_text"]
 
 #: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
+#: Seconds a SQLite write waits for another process's lock (sqlite3's default is 5). Workers of
+#: ``--jobs`` and readers (``show``, the dashboard, progress polling) share one database file;
+#: on a loaded machine a 5 s wait ran out while a trial was being told its result, and Optuna
+#: then failed with "Should not reach".
+SQLITE_BUSY_TIMEOUT_S = 60.0
+
 _SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
 #: Fallback for a URL SQLAlchemy cannot parse: everything between ``scheme://user:`` and the last
 #: ``@`` is treated as the password (over-redacting a host is better than printing a password).
@@ -203,8 +209,9 @@ def open_storage(url: str, heartbeat: bool = True, *, heartbeat_interval: int = 
         # Workers started together on an empty database would race to create Optuna's tables
         # (the losers fail with a duplicate-key error): create them under the advisory lock.
         with study_lock(url if is_postgres(url) else None, "<optuna schema>", "create_tables"):
-            return RDBStorage(real, engine_kwargs=None if real.startswith("sqlite") else {"pool_pre_ping": True},
-                              **kwargs)
+            engine = ({"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if real.startswith("sqlite")
+                      else {"pool_pre_ping": True})
+            return RDBStorage(real, engine_kwargs=engine, **kwargs)
     except StorageError:
         raise
     except Exception as exc:  # sqlalchemy/psycopg errors: unreachable, bad URL, no driver
