@@ -238,3 +238,56 @@ def test_interrupt_while_another_process_holds_the_sqlite_write_lock(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         study_.optimize(objective, n_trials=1)
     assert study_.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+class _InterruptOnFirstTrial(optuna.samplers.RandomSampler):
+    """Sends this process SIGINT while Optuna creates the first trial (after the trial exists in
+    storage, before the objective runs): the window a loaded SQLite study makes wide."""
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # without the guard the interrupt is raised here
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_ctrl_c_while_a_trial_is_created_leaves_no_running_trial(tmp_path, guarded):
+    """Ctrl-C during trial creation: with the guard the trial records its worker first, is then
+    failed as interrupted and its queued parameters are queued again; without it (Optuna alone)
+    the trial stays RUNNING with no worker, which is what the guard is for."""
+    from recommender.search.recovery import guard_trial_creation, interruptible
+
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'g.db'}", sampler=_InterruptOnFirstTrial(seed=0))
+    s.enqueue_trial({"x": 0.25})
+    if guarded:
+        guard_trial_creation(s)
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        s.optimize(interruptible(lambda t: ran.append(t.number) or t.suggest_float("x", 0, 1)), n_trials=2)
+    assert ran == []
+    first = s.get_trials(deepcopy=False)[0]
+    if not guarded:
+        assert first.state.name == "RUNNING" and "worker" not in first.user_attrs
+        return
+    assert first.state.name == "FAIL" and first.user_attrs["interrupted"] is True
+    assert first.user_attrs["worker"] == worker_identity()
+    retry = s.get_trials(deepcopy=False)[1]
+    assert retry.state.name == "WAITING" and retry.system_attrs["fixed_params"] == {"x": 0.25}
+    assert counted_trials(s) == []
+
+
+def test_release_own_trials_fails_only_this_workers_running_trials(tmp_path):
+    """After an interrupt a worker fails the trials it still runs (the interrupt landed outside
+    the objective), and leaves another worker's running trial alone."""
+    from recommender.search.recovery import release_own_trials
+
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}")
+    s.enqueue_trial({"x": 0.5})
+    mine, other = s.ask(), s.ask()
+    mine.set_user_attr("worker", worker_identity())
+    other.set_user_attr("worker", {**worker_identity(), "pid": worker_identity()["pid"] + 1})
+    assert release_own_trials(s) == [mine.number]
+    trials = s.get_trials(deepcopy=False)
+    assert trials[mine.number].state.name == "FAIL" and trials[mine.number].user_attrs["interrupted"] is True
+    assert trials[other.number].state.name == "RUNNING"
+    assert trials[-1].state.name == "WAITING" and trials[-1].system_attrs["fixed_params"] == {"x": 0.5}

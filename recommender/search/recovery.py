@@ -17,9 +17,14 @@ with every candidate evaluated once.
   finished from what it stored instead of being run again.
 - **A dead worker on another machine** (a PostgreSQL fleet): Optuna's heartbeat fails its trial
   after the grace period and calls :class:`RequeueStale`.
-- **An interrupt between Optuna creating a trial and the objective starting** (milliseconds):
-  the trial has no worker and no heartbeat, so nothing above sees it; it would stay RUNNING for
-  ever and count as running. :func:`reap_dead_trials` fails such an orphan once it is
+- **An interrupt between Optuna creating a trial and the objective starting**: Optuna creates
+  the trial (RUNNING) before it calls the objective, outside :func:`interruptible`; under a
+  loaded SQLite study that takes long enough for Ctrl-C to land there (seen in a test, with
+  two workers). :func:`guard_trial_creation` creates each trial and records its worker with
+  Ctrl-C and SIGTERM deferred (they arrive right after, and fail the trial as interrupted),
+  and :func:`release_own_trials` fails what the worker still runs when the interrupt ends its
+  loop. A trial left without a worker anyway (an ask outside the main thread, a process
+  killed in that moment) is failed by :func:`reap_dead_trials` once it is
   :data:`ORPHAN_AFTER_S` old.
 
 A candidate whose worker died :data:`MAX_RETRIES` times is not queued again (it may be what
@@ -32,16 +37,20 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = ["MAX_RETRIES", "worker_identity", "worker_alive", "interruptible", "mark_interrupted", "reap_dead_trials",
-           "RequeueStale", "requeue", "is_interrupted", "counts_toward_target", "counted_trials"]
+           "RequeueStale", "requeue", "is_interrupted", "counts_toward_target", "counted_trials",
+           "guard_trial_creation", "release_own_trials"]
 
 #: How often a candidate whose worker died is run again.
 MAX_RETRIES = 2
@@ -163,6 +172,88 @@ def mark_interrupted(trial: optuna.Trial, reason: str) -> None:
     trial.set_user_attr("fail_reason", reason)
     trial.set_user_attr(INTERRUPTED_ATTR, True)
     requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+
+
+INTERRUPTED_BEFORE_START = "interrupted (Ctrl-C or SIGTERM) before its evaluation began; queued again"
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _fail_interrupted(study: optuna.Study, t: FrozenTrial, reason: str) -> None:
+    """Fail the RUNNING trial ``t`` as interrupted and queue what it was to evaluate: its
+    parameters, or what it was queued with when the objective had not suggested them yet."""
+    storage, tid = study._storage, t._trial_id
+    try:
+        storage.set_trial_user_attr(tid, "fail_reason", reason)
+        storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, True)
+        if not storage.set_trial_state_values(tid, TrialState.FAIL):
+            return
+    except UpdateFinishedTrialError:  # finished meanwhile (its own objective, or a reaper)
+        return
+    params = t.params or t.system_attrs.get("fixed_params", {})
+    if params:
+        requeue(study, params, t.number, t.user_attrs, died=False)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back for the block and deliver them, with the caller's own
+    handlers, right after it. Only the main thread receives signals in Python; elsewhere the
+    block runs as it is. The handlers are swapped for the block alone and then restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {s: signal.getsignal(s) for s in _HELD}
+    saved = {s: h for s, h in saved.items() if h is not None}  # None: installed outside Python, left alone
+    for s in saved:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+def guard_trial_creation(study: optuna.Study) -> optuna.Study:
+    """Make ``study.ask`` (which ``study.optimize`` calls for each trial) create the trial and
+    record its worker with Ctrl-C and SIGTERM deferred, so that an interrupt never leaves a
+    RUNNING trial that no process owns. An interrupt that arrived meanwhile is delivered right
+    after: the new trial is then failed as interrupted (what it was queued with is queued
+    again) and the interrupt goes on. Idempotent; returns ``study``."""
+    if getattr(study, "_guarded_ask", False):
+        return study
+    ask = study.ask
+
+    def guarded_ask(*args: Any, **kwargs: Any) -> optuna.Trial:
+        trial = None
+        try:
+            with _interrupts_deferred():
+                trial = ask(*args, **kwargs)
+                trial.set_user_attr(WORKER_ATTR, worker_identity())
+        except KeyboardInterrupt:
+            if trial is not None:
+                _fail_interrupted(study, study._storage.get_trial(trial._trial_id), INTERRUPTED_BEFORE_START)
+            raise
+        return trial
+
+    study.ask = guarded_ask  # type: ignore[method-assign]
+    study._guarded_ask = True  # type: ignore[attr-defined]
+    return study
+
+
+def release_own_trials(study: optuna.Study, reason: str = INTERRUPTED_BEFORE_START) -> list[int]:
+    """Fail as interrupted the trials this process still runs (an interrupt that landed between
+    Optuna's steps around the objective); returns their numbers. Call it when Ctrl-C or SIGTERM
+    has ended this worker's loop: no other process owns these trials."""
+    me = worker_identity()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(WORKER_ATTR) == me:
+            _fail_interrupted(study, t, reason)
+            out.append(t.number)
+    return out
 
 
 def interruptible(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:

@@ -44,7 +44,8 @@ from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
 from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed
-from .recovery import RequeueStale, counted_trials, counts_toward_target, interruptible, reap_dead_trials
+from .recovery import (RequeueStale, counted_trials, counts_toward_target, guard_trial_creation, interruptible,
+                       reap_dead_trials, release_own_trials)
 from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
 from .sampling import SAMPLERS, make_sampler
 from .space import SearchSpace
@@ -567,8 +568,13 @@ class Search:
             if start is not None:
                 start(self.study)
         timeout = None if self.deadline is None else max(1.0, self._time_left())
-        self.study.optimize(interruptible(objective), n_trials=max(1, cap - len(self.study.trials)), timeout=timeout,
-                            catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
+        guard_trial_creation(self.study)  # no RUNNING trial without its worker, whenever Ctrl-C lands
+        try:
+            self.study.optimize(interruptible(objective), n_trials=max(1, cap - len(self.study.trials)),
+                                timeout=timeout, catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
+        except KeyboardInterrupt:
+            release_own_trials(self.study)  # one the interrupt caught outside the objective
+            raise
 
     # -- promotion rungs ---------------------------------------------------------------------
     def _rung_study(self, k: int) -> optuna.Study:
