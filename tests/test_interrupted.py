@@ -277,17 +277,22 @@ def test_ctrl_c_while_a_trial_is_created_leaves_no_running_trial(tmp_path, guard
 
 
 def test_release_own_trials_fails_only_this_workers_running_trials(tmp_path):
-    """After an interrupt a worker fails the trials it still runs (the interrupt landed outside
-    the objective), and leaves another worker's running trial alone."""
+    """After an interrupt a worker finishes the trials it still runs (the interrupt landed
+    outside the objective): one whose result was stored is completed from it, one without is
+    failed as interrupted and queued again; another worker's running trial is left alone."""
     from recommender.search.recovery import release_own_trials
 
     s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}")
     s.enqueue_trial({"x": 0.5})
-    mine, other = s.ask(), s.ask()
-    mine.set_user_attr("worker", worker_identity())
+    mine, done, other = s.ask(), s.ask(), s.ask()
+    for t in (mine, done):
+        t.set_user_attr("worker", worker_identity())
+    done.set_user_attr("evaluation", {"ok": True, "accuracy": 0.75})
+    done.set_user_attr("constraints", [0.0])
     other.set_user_attr("worker", {**worker_identity(), "pid": worker_identity()["pid"] + 1})
-    assert release_own_trials(s) == [mine.number]
+    assert release_own_trials(s, lambda ev: [ev["accuracy"]]) == [mine.number, done.number]
     trials = s.get_trials(deepcopy=False)
     assert trials[mine.number].state.name == "FAIL" and trials[mine.number].user_attrs["interrupted"] is True
+    assert trials[done.number].state.name == "COMPLETE" and trials[done.number].value == 0.75
     assert trials[other.number].state.name == "RUNNING"
     assert trials[-1].state.name == "WAITING" and trials[-1].system_attrs["fixed_params"] == {"x": 0.5}

@@ -243,16 +243,23 @@ def guard_trial_creation(study: optuna.Study) -> optuna.Study:
     return study
 
 
-def release_own_trials(study: optuna.Study, reason: str = INTERRUPTED_BEFORE_START) -> list[int]:
-    """Fail as interrupted the trials this process still runs (an interrupt that landed between
-    Optuna's steps around the objective); returns their numbers. Call it when Ctrl-C or SIGTERM
-    has ended this worker's loop: no other process owns these trials."""
+def release_own_trials(study: optuna.Study, values: ValuesFn | None = None,
+                       reason: str = INTERRUPTED_BEFORE_START) -> list[int]:
+    """Finish the trials this process still runs after Ctrl-C or SIGTERM ended its loop (the
+    interrupt landed between Optuna's steps around the objective); returns their numbers. A
+    trial whose result was stored is finished from it, as :func:`reap_dead_trials` does
+    (``values(evaluation)``); any other is failed as interrupted and queued again. No other
+    process owns these trials: they carry this process's identity."""
     me = worker_identity()
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get(WORKER_ATTR) == me:
+        if t.user_attrs.get(WORKER_ATTR) != me:
+            continue
+        if "evaluation" in t.user_attrs or "pruned_reason" in t.user_attrs:
+            _finish_dead(study, t, values)
+        else:
             _fail_interrupted(study, t, reason)
-            out.append(t.number)
+        out.append(t.number)
     return out
 
 

@@ -573,7 +573,7 @@ class Search:
             self.study.optimize(interruptible(objective), n_trials=max(1, cap - len(self.study.trials)),
                                 timeout=timeout, catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
         except KeyboardInterrupt:
-            release_own_trials(self.study)  # one the interrupt caught outside the objective
+            release_own_trials(self.study, objective.values_from_dict)  # caught outside the objective
             raise
 
     # -- promotion rungs ---------------------------------------------------------------------
