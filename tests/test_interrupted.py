@@ -262,8 +262,13 @@ def test_ctrl_c_while_a_trial_is_created_leaves_no_running_trial(tmp_path, guard
     if guarded:
         guard_trial_creation(s)
     ran = []
-    with pytest.raises(KeyboardInterrupt):
-        s.optimize(interruptible(lambda t: ran.append(t.number) or t.suggest_float("x", 0, 1)), n_trials=2)
+    # Python's own Ctrl-C handler: a shell starts background jobs (CI's runner too) with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.optimize(interruptible(lambda t: ran.append(t.number) or t.suggest_float("x", 0, 1)), n_trials=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert ran == []
     first = s.get_trials(deepcopy=False)[0]
     if not guarded:
