@@ -300,6 +300,10 @@ def main() -> None:
     ceiling = hypervolume(sorted(union), budget.limit)
     plain = rows.get(("random", "none"))  # random search without structure-aware sampling
     plain_med = statistics.median(plain["hv"]) if plain else float("nan")
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b and b > 0 else float("nan")
+
     print()
     print(f"{'sampler':7s} {'policy':10s} {'median HV':>9s} {'vs random':>9s} {'vs plain':>8s} {'of front':>8s} "
           f"{'wasted':>7s} {'skipped':>8s} {'feasible':>8s}  per-seed HV")
@@ -307,14 +311,13 @@ def main() -> None:
     for (s, p), r in rows.items():
         med = statistics.median(r["hv"])
         ref = rows.get(("random", p))
-        ref_med = statistics.median(ref["hv"]) if ref else float("nan")
-        ratio = med / ref_med if ref_med and ref_med > 0 else float("nan")
-        vs_plain = med / plain_med if plain_med and plain_med > 0 else float("nan")
-        print(f"{s:7s} {p:10s} {med:9.4f} {ratio:8.2f}x {vs_plain:7.2f}x {(med / ceiling if ceiling else float('nan')):8.0%} "
+        vs_random = ratio(med, statistics.median(ref["hv"]) if ref else float("nan"))
+        vs_plain, share = ratio(med, plain_med), ratio(med, ceiling)
+        print(f"{s:7s} {p:10s} {med:9.4f} {vs_random:8.2f}x {vs_plain:7.2f}x {share:8.0%} "
               f"{statistics.median(r['wasted']):7.1f} {statistics.median(r['skipped']):8.1f} "
               f"{statistics.median(r['feasible']):8.1f}  " + ", ".join(f"{h:.3f}" for h in r["hv"]))
-        summary[f"{s}/{p}"] = {"median_hv": med, "vs_random": ratio, "vs_plain_random": vs_plain,
-                               "of_front": med / ceiling if ceiling else float("nan"), **r}
+        summary[f"{s}/{p}"] = {"median_hv": med, "vs_random": vs_random, "vs_plain_random": vs_plain,
+                               "of_front": share, **r}
     ref = rows.get(("random", "resample")) or plain
     ref_med = statistics.median(ref["hv"]) if ref else float("nan")
     print(f"\nbest known front (every feasible point any study here trained, {len(union)} points): "

@@ -258,16 +258,17 @@ def build_parser() -> _Parser:
                       "       recommend COMMAND [options]   (COMMAND --help for its options)",
                 formatter_class=argparse.RawDescriptionHelpFormatter,  # the exit-code table keeps its lines
                 description="Recommend a compression recipe (architecture changes, pruning, quantization)\n"
-                            "that meets a budget within an accuracy tolerance.",
+                            "that meets a budget within an accuracy tolerance. The main job, on the bundled\n"
+                            "digits data:\n"
+                            "  recommend --model resnet101 --max-drop 2% --budget 5M-params\n"
+                            "(add --timeout 10m to bound the run; rerun the same command to resume)",
                 epilog="exit codes:\n"
                        "  0    a feasible recommendation (recipe.json written)\n"
                        "  1    finished, nothing feasible (the closest candidates are shown)\n"
                        "  2    bad input (one line on stderr)\n"
                        "  3    internal error\n"
                        "  130  stopped by Ctrl-C; finished trials are kept, rerun to resume\n"
-                       "  143  stopped by SIGTERM; finished trials are kept, rerun to resume\n"
-                       "\n"
-                       "example: recommend --model resnet101 --max-drop 2% --budget 5M-params --timeout 10m")
+                       "  143  stopped by SIGTERM; finished trials are kept, rerun to resume")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",

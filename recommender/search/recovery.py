@@ -22,8 +22,8 @@ with every candidate evaluated once.
   loaded SQLite study that takes long enough for Ctrl-C to land there (seen in a test, with
   two workers). :func:`guard_trial_creation` creates each trial and records its worker with
   Ctrl-C and SIGTERM deferred (they arrive right after, and fail the trial as interrupted),
-  and :func:`release_own_trials` fails what the worker still runs when the interrupt ends its
-  loop. A trial left without a worker anyway (an ask outside the main thread, a process
+  and :func:`release_own_trials` finishes what the worker still runs when the interrupt ends
+  its loop. A trial left without a worker anyway (an ask outside the main thread, a process
   killed in that moment) is failed by :func:`reap_dead_trials` once it is
   :data:`ORPHAN_AFTER_S` old.
 
@@ -178,20 +178,50 @@ INTERRUPTED_BEFORE_START = "interrupted (Ctrl-C or SIGTERM) before its evaluatio
 _HELD = {signal.SIGINT, signal.SIGTERM}
 
 
-def _fail_interrupted(study: optuna.Study, t: FrozenTrial, reason: str) -> None:
-    """Fail the RUNNING trial ``t`` as interrupted and queue what it was to evaluate: its
-    parameters, or what it was queued with when the objective had not suggested them yet."""
+def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, requeue_it: bool = True,
+                      died: bool = False) -> bool:
+    """Fail the RUNNING trial ``t`` with ``reason``, marked interrupted when it is queued again
+    (``requeue_it``): its parameters, or what it was queued with when the objective had not
+    suggested them yet. ``died`` counts the attempt towards :data:`MAX_RETRIES`. False when
+    another process finished it first."""
     storage, tid = study._storage, t._trial_id
     try:
         storage.set_trial_user_attr(tid, "fail_reason", reason)
-        storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, True)
+        storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, requeue_it)
         if not storage.set_trial_state_values(tid, TrialState.FAIL):
-            return
-    except UpdateFinishedTrialError:  # finished meanwhile (its own objective, or a reaper)
-        return
+            return False
+    except UpdateFinishedTrialError:  # finished meanwhile (its own objective, another worker, a reaper)
+        return False
     params = t.params or t.system_attrs.get("fixed_params", {})
-    if params:
-        requeue(study, params, t.number, t.user_attrs, died=False)
+    if requeue_it and params:
+        requeue(study, params, t.number, t.user_attrs, died=died)
+    return True
+
+
+def _who(user_attrs: Mapping[str, Any]) -> str:
+    info = user_attrs.get(WORKER_ATTR)
+    return f"worker {info.get('host')} pid {info.get('pid')}" if info else "its worker"
+
+
+def _finish_from_result(study: optuna.Study, t: FrozenTrial, values: ValuesFn | None) -> bool | None:
+    """Finish the RUNNING trial ``t`` from what its evaluation stored (COMPLETE with
+    ``values(evaluation)``, else FAIL with its own reason, or PRUNED); None when it stored
+    nothing to finish from, False when another process finished it first."""
+    storage, tid, ua = study._storage, t._trial_id, t.user_attrs
+    ev = ua.get("evaluation")
+    try:
+        if ev is not None and ev.get("ok") and "constraints" in ua and values is not None:
+            return storage.set_trial_state_values(tid, TrialState.COMPLETE, list(values(ev)))
+        if ev is not None:  # evaluated, failed: its own reason stands
+            if "fail_reason" not in ua:
+                storage.set_trial_user_attr(tid, "fail_reason", ev.get("reason") or f"{_who(ua)} died after its "
+                                            "evaluation")
+            return storage.set_trial_state_values(tid, TrialState.FAIL)
+        if "pruned_reason" in ua:
+            return storage.set_trial_state_values(tid, TrialState.PRUNED)
+    except UpdateFinishedTrialError:
+        return False
+    return None
 
 
 @contextmanager
@@ -234,7 +264,7 @@ def guard_trial_creation(study: optuna.Study) -> optuna.Study:
                 trial.set_user_attr(WORKER_ATTR, worker_identity())
         except KeyboardInterrupt:
             if trial is not None:
-                _fail_interrupted(study, study._storage.get_trial(trial._trial_id), INTERRUPTED_BEFORE_START)
+                _fail_and_requeue(study, study._storage.get_trial(trial._trial_id), INTERRUPTED_BEFORE_START)
             raise
         return trial
 
@@ -255,10 +285,8 @@ def release_own_trials(study: optuna.Study, values: ValuesFn | None = None,
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get(WORKER_ATTR) != me:
             continue
-        if "evaluation" in t.user_attrs or "pruned_reason" in t.user_attrs:
-            _finish_dead(study, t, values)
-        else:
-            _fail_interrupted(study, t, reason)
+        if _finish_from_result(study, t, values) is None:
+            _fail_and_requeue(study, t, reason)
         out.append(t.number)
     return out
 
@@ -269,7 +297,8 @@ def interruptible(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.
     interrupt goes on (Optuna then fails the trial and re-raises)."""
 
     def run(trial: optuna.Trial) -> Any:
-        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        if WORKER_ATTR not in trial.user_attrs:  # a guarded ask (guard_trial_creation) has recorded it
+            trial.set_user_attr(WORKER_ATTR, worker_identity())
         try:
             return objective(trial)
         except KeyboardInterrupt:
@@ -300,37 +329,18 @@ def reap_dead_trials(study: optuna.Study, values: ValuesFn | None = None, *,
 
 
 def _finish_dead(study: optuna.Study, t: FrozenTrial, values: ValuesFn | None) -> bool:
-    storage, tid, ua = study._storage, t._trial_id, t.user_attrs
-    info = ua.get(WORKER_ATTR)
-    who = f"worker {info.get('host')} pid {info.get('pid')}" if info else "its worker"
-    requeue_it = False
-    try:
-        ev = ua.get("evaluation")
-        if ev is not None and ev.get("ok") and "constraints" in ua and values is not None:
-            return storage.set_trial_state_values(tid, TrialState.COMPLETE, list(values(ev)))
-        if ev is not None:  # evaluated, failed: its own reason stands
-            if "fail_reason" not in ua:
-                storage.set_trial_user_attr(tid, "fail_reason", ev.get("reason") or f"{who} died after its evaluation")
-            return storage.set_trial_state_values(tid, TrialState.FAIL)
-        if "pruned_reason" in ua:
-            return storage.set_trial_state_values(tid, TrialState.PRUNED)
-        deaths = int(ua.get("retries", 0))
-        requeue_it = deaths < MAX_RETRIES
-        reason = (f"interrupted: {who} died before its evaluation finished; queued again" if requeue_it else
-                  f"{who} died while evaluating it, {deaths + 1} times; not queued again")
-        if not info:
-            reason = "interrupted: its worker stopped before the trial began (no worker, no heartbeat)"
-            requeue_it = True
-        storage.set_trial_user_attr(tid, "fail_reason", reason)
-        storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, requeue_it)
-        if not storage.set_trial_state_values(tid, TrialState.FAIL):
-            return False
-    except UpdateFinishedTrialError:  # another worker finished it first (and re-queued it)
-        return False
-    params = t.params or t.system_attrs.get("fixed_params", {})  # an orphan: what it was queued with
-    if requeue_it and params:
-        requeue(study, params, t.number, ua, died=True)
-    return True
+    done = _finish_from_result(study, t, values)
+    if done is not None:
+        return done
+    info, who = t.user_attrs.get(WORKER_ATTR), _who(t.user_attrs)
+    deaths = int(t.user_attrs.get("retries", 0))
+    requeue_it = deaths < MAX_RETRIES
+    reason = (f"interrupted: {who} died before its evaluation finished; queued again" if requeue_it else
+              f"{who} died while evaluating it, {deaths + 1} times; not queued again")
+    if not info:  # an orphan: queued again with what it was queued with
+        reason = "interrupted: its worker stopped before the trial began (no worker, no heartbeat)"
+        requeue_it = True
+    return _fail_and_requeue(study, t, reason, requeue_it=requeue_it, died=True)
 
 
 class RequeueStale:

@@ -28,13 +28,13 @@ from ..errors import StorageError
 __all__ = ["engine_url", "redact", "scrub", "sqlite_url", "sqlite_path", "is_postgres", "open_storage",
            "open_existing_storage", "error_text"]
 
-#: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
 #: Seconds a SQLite write waits for another process's lock (sqlite3's default is 5). Workers of
 #: ``--jobs`` and readers (``show``, the dashboard, progress polling) share one database file;
 #: on a loaded machine a 5 s wait ran out while a trial was being told its result, and Optuna
 #: then failed with "Should not reach".
 SQLITE_BUSY_TIMEOUT_S = 60.0
 
+#: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
 _SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
 #: Fallback for a URL SQLAlchemy cannot parse: everything between ``scheme://user:`` and the last
 #: ``@`` is treated as the password (over-redacting a host is better than printing a password).
