@@ -17,10 +17,19 @@ change of machine load hits both alike; the median step is reported):
   read every 25 steps; evaluation from the prepared tensor with the protocol's
   ``eval_batch_size`` (512; 1024 shown too).
 
-Table 2, probes of the CPU-only choices (each against the "after" loop, interleaved):
-``channels_last`` memory format, bf16 autocast, and ``torch.compile`` (compile time = the first
-compiled step minus an eager step; break-even = compile time / time saved per step, compared
-with the steps of one proxy training: 6 epochs of the protocol's training subset).
+Under each row, probes of the execution choices (train img/s of the "after" loop in float32,
+contiguous, against the variant, interleaved): ``channels_last`` memory format, bf16 autocast, ``auto`` (what the protocol's
+``auto`` execution picks on this device: bf16 + channels_last on a CUDA GPU, float32 on a CPU)
+and ``torch.compile`` (compile time = the first compiled step minus an eager step; break-even =
+compile time / time saved per step, compared with the steps of one proxy training: 6 epochs of
+the protocol's training subset).
+
+``--device cuda`` runs the same tables on a GPU (batches prepared on the host and copied, as
+``train.train_model`` does); steps are timed in blocks of ``--block`` with the device
+synchronised at the end of each block, so the "before" loop's per-step host sync costs what it
+costs in training:
+
+    python benchmarks/proxy_cost.py --device cuda --probes channels_last,bf16,auto
 
 Timings share the CPU with whatever else runs: the load average is printed at the top and end.
 """
@@ -52,10 +61,11 @@ class Loop:
     """One training loop variant: ``step()`` fetches a batch and runs one SGD step."""
 
     def __init__(self, model, data, res, batch_size, *, host_sync: bool, channels_last=False,
-                 amp=None, compiled=False):
-        self.model = model
+                 amp=None, compiled=False, device="cpu"):
+        self.model = model.to(device)
         self.data, self.res, self.bs = data, res, batch_size
         self.host_sync, self.channels_last, self.amp = host_sync, channels_last, amp
+        self.device = device
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(model) if compiled else model
@@ -77,9 +87,10 @@ class Loop:
 
     def step(self) -> None:
         x, y = self.batch()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast("cpu", dtype=self.amp) if self.amp else _null()
+        ctx = torch.autocast(self.device, dtype=self.amp) if self.amp else _null()
         with ctx:
             logits = self.forward(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -105,28 +116,41 @@ class _null:
         return False
 
 
-def interleaved(loops: list[Loop], steps: int, warmup: int = 1) -> list[float]:
-    """Median seconds per step of each loop, steps interleaved (warm-up steps untimed)."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(loops: list[Loop], steps: int, warmup: int = 1, block: int = 1) -> list[float]:
+    """Median seconds per step of each loop, blocks of ``block`` steps interleaved (warm-up blocks
+    untimed). On a GPU the device is synchronised at the end of each block only, so that a loop
+    that does not wait for the device every step is timed as it runs."""
     times: list[list[float]] = [[] for _ in loops]
     for i in range(warmup + steps):
         for k, loop in enumerate(loops):
+            _sync(loop.device)
             t0 = time.perf_counter()
-            loop.step()
+            for _ in range(block):
+                loop.step()
+            _sync(loop.device)
             if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append((time.perf_counter() - t0) / block)
     return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()
 def eval_seconds(model, data, res, batch_size, images) -> tuple[float, int]:
     model.eval()
+    device = next(model.parameters()).device
     seen = 0
+    _sync(device.type)
     t0 = time.perf_counter()
     for x, _ in data.val_batches(batch_size, res):
-        model(x)
+        model(x.to(device, non_blocking=True))
         seen += x.shape[0]
         if seen >= images:
             break
+    _sync(device.type)
     return time.perf_counter() - t0, seen
 
 
@@ -160,15 +184,29 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-images", type=int, default=1024)
     ap.add_argument("--eval-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--block", type=int, default=None,
+                    help="steps per timed block (default 1 on a CPU, 10 on a GPU, where the "
+                         "device is synchronised once per block)")
     ap.add_argument("--probes", default="channels_last,bf16",
-                    help="comma list of channels_last, bf16, compile (minutes of compilation per "
+                    help="comma list of channels_last, bf16, auto (what the protocol's 'auto' "
+                         "execution picks on this device), compile (minutes of compilation per "
                          "model on a 2-core CPU), or none")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, load average "
+    block = args.block or (10 if args.device == "cuda" else 1)
+    where = (f"{torch.cuda.get_device_name()}, {args.threads} host threads" if args.device == "cuda"
+             else f"{args.threads} threads")
+    print(f"torch {torch.__version__}, {where}, load average "
           f"{os.getloadavg()[0]:.2f} (other processes share the cores), batch {args.batch_size}, "
-          f"{args.steps} timed steps per variant (interleaved), median step")
-    proto = get_protocol("proxy", threads=args.threads, device="cpu")
+          f"{args.steps} timed blocks of {block} step(s) per variant (interleaved), median block")
+    proto = get_protocol("proxy", threads=args.threads, device=args.device)
+    auto = proto.execution()
+    variants = {"channels_last": ("channels_last", {"channels_last": True}),
+                "bf16": ("bf16 autocast", {"amp": torch.bfloat16}),
+                "auto": (f"auto ({'bf16' if auto.amp_dtype == torch.bfloat16 else 'fp16' if auto.amp_dtype else 'fp32'}"
+                         f"{', ch_last' if auto.channels_last else ''})",
+                         {"amp": auto.amp_dtype, "channels_last": auto.channels_last})}
     cells = []
     for cell in args.cells.split(","):
         name, px = cell.split("@")
@@ -189,13 +227,19 @@ def main(argv=None) -> int:
     print("\nTable 1: before -> after (train: median step; eval: images/s)")
     print(head)
     print("-" * len(head))
-    probe_rows = []
+
+    def probe_row(what: str, t0: float, t1: float, note: str = "") -> None:
+        # printed as measured, so a run stopped at its time limit keeps what it finished
+        i0, i1 = args.batch_size / t0, args.batch_size / t1
+        print(f"    probe {what:<20} {i0:>9.1f} -> {i1:>9.1f} {i1 / i0:>5.2f} {note}", flush=True)
     for spec in args.models.split(","):
         for name, px, d_before, d_after in cells:
             m0 = fresh(spec, d_after.num_classes)
-            before = Loop(copy.deepcopy(m0), d_before, px, args.batch_size, host_sync=True)
-            after = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False)
-            tb, ta = interleaved([before, after], args.steps)
+            before = Loop(copy.deepcopy(m0), d_before, px, args.batch_size, host_sync=True,
+                          device=args.device)
+            after = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False,
+                         device=args.device)
+            tb, ta = interleaved([before, after], args.steps, block=block)
             ev_b, ev_a, ev_a2 = eval_ips([(before.model, d_before, px, 256),
                                           (after.model, d_after, px, 512),
                                           (after.model, d_after, px, 1024)], args.eval_images,
@@ -205,40 +249,30 @@ def main(argv=None) -> int:
                   f"{ev_b:>17.1f} {ev_a:>9.1f} {ev_a2:>6.1f} {ev_a / ev_b:>5.2f}", flush=True)
             steps_per_proxy = math.ceil(d_after.n_train / args.batch_size) * proto.epochs
             for probe in probes:
-                base = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False)
-                if probe == "channels_last":
+                base = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False,
+                            device=args.device)
+                if probe in variants:
+                    label, kw = variants[probe]
                     other = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False,
-                                 channels_last=True)
-                    t0, t1 = interleaved([base, other], args.steps)
-                    probe_rows.append((spec, name, px, "channels_last", t0, t1, ""))
-                elif probe == "bf16":
-                    other = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False,
-                                 amp=torch.bfloat16)
-                    t0, t1 = interleaved([base, other], args.steps)
-                    probe_rows.append((spec, name, px, "bf16 autocast", t0, t1, ""))
+                                 device=args.device, **kw)
+                    t0, t1 = interleaved([base, other], args.steps, block=block)
+                    probe_row(label, t0, t1)
                 elif probe == "compile":
                     other = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False,
-                                 compiled=True)
+                                 compiled=True, device=args.device)
                     base.step()
+                    _sync(args.device)
                     c0 = time.perf_counter()
                     other.step()  # compiles (forward and backward graphs)
+                    _sync(args.device)
                     first = time.perf_counter() - c0
-                    t0, t1 = interleaved([base, other], args.steps, warmup=1)
+                    t0, t1 = interleaved([base, other], args.steps, warmup=1, block=block)
                     compile_s = first - t0
                     saved = t0 - t1
                     even = f"after {compile_s / saved:.0f} steps" if saved > 0 else "never"
-                    probe_rows.append((spec, name, px, "torch.compile", t0, t1,
-                                       f"compile {compile_s:.0f} s, break-even {even} "
-                                       f"(one proxy training: {steps_per_proxy} steps)"))
-    if probe_rows:
-        print("\nTable 2: probes of the CPU choices (img/s of the 'after' loop vs the variant)")
-        head2 = f"{'model':<20} {'dataset':<13} {'px':>3} {'variant':<14} {'img/s':>21} {'x':>5}"
-        print(head2)
-        print("-" * len(head2))
-        for spec, name, px, what, t0, t1, note in probe_rows:
-            i0, i1 = args.batch_size / t0, args.batch_size / t1
-            print(f"{spec:<20} {name:<13} {px:>3} {what:<14} {i0:>9.1f} -> {i1:>9.1f} "
-                  f"{i1 / i0:>5.2f} {note}")
+                    probe_row("torch.compile", t0, t1,
+                              f"compile {compile_s:.0f} s, break-even {even} "
+                              f"(one proxy training: {steps_per_proxy} steps)")
     print(f"\nload average now {os.getloadavg()[0]:.2f}; proxy subsets: "
           + ", ".join(f"{n}: {a.n_train} train / {a.n_val} val" for n, _, _, a in cells))
     return 0

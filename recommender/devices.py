@@ -14,6 +14,12 @@ mixed precision and channels_last are used on CUDA only (``auto``): on this CPU 
 at 0.02-0.32x the float32 speed, and channels_last at 0.8-1.5x depending on the model; it also
 changes the float rounding, so a per-model timing probe would make a run's numbers depend on the
 machine's load. ``torch.compile`` took 291 s for paper-resnet101-11 and gave no faster step.
+
+On an H100 at the rungs' input sizes (8-32 px, batch 64) a training step is bound by kernel
+launches, not arithmetic: bf16 autocast ran at 0.64-0.97x the float32 speed, channels_last at
+0.74-1.08x and both together at 0.69-1.00x (ResNet-101, presets 11 and 13, ``proxy_cost.py
+--device cuda``). So ``auto`` keeps float32, contiguous, for inputs of at most
+:data:`SMALL_INPUT_PX` and uses mixed precision and channels_last (tensor cores) above it.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from torch import nn
 
 from .errors import RecommenderError
 
-__all__ = ["available_cpus", "resolve_device", "Execution", "DEVICES", "PRECISIONS"]
+__all__ = ["available_cpus", "resolve_device", "Execution", "DEVICES", "PRECISIONS", "SMALL_INPUT_PX"]
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOGGLES = ("auto", "on", "off")
+#: Inputs of at most this many px run float32, contiguous on CUDA under ``auto`` (see above).
+SMALL_INPUT_PX = 32
 
 
 def available_cpus() -> int:
@@ -80,22 +88,25 @@ class Execution:
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: str = "auto",
-                compile: bool = False) -> Execution:
-        """Resolve protocol settings: ``auto`` precision is bf16 on a CUDA GPU that supports it
-        (else fp16 with loss scaling) and float32 on a CPU; ``auto`` channels_last is on for CUDA
-        only (see the module docstring for the CPU measurements)."""
+                compile: bool = False, max_input_px: int | None = None) -> Execution:
+        """Resolve protocol settings. On a CUDA GPU, for inputs larger than
+        :data:`SMALL_INPUT_PX` (or of unknown size: ``max_input_px`` None), ``auto`` precision is
+        bf16 where supported (else fp16 with loss scaling) and ``auto`` channels_last is on; for
+        inputs of at most that size, and on a CPU, both stay float32, contiguous (see the module
+        docstring for the measurements)."""
         dev = resolve_device(device)
+        fast = dev == "cuda" and (max_input_px is None or max_input_px > SMALL_INPUT_PX)
         if precision not in PRECISIONS:
             raise RecommenderError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         if channels_last not in TOGGLES:
             raise RecommenderError(f"channels_last must be one of {', '.join(TOGGLES)}")
         if precision == "auto":
-            if dev == "cuda":
+            if fast:
                 precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             else:
                 precision = "fp32"
         amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        cl = dev == "cuda" if channels_last == "auto" else channels_last == "on"
+        cl = fast if channels_last == "auto" else channels_last == "on"
         return cls(device=dev, amp_dtype=amp, channels_last=cl, compile=bool(compile))
 
     @property

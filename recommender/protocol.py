@@ -117,10 +117,13 @@ class ProxyProtocol:
         device: ``auto`` (the default: a CUDA GPU when one is present, else the CPU), ``cpu``
             or ``cuda``. Not in the key.
         eval_batch_size: evaluation batch size. Not in the key.
-        precision: ``auto`` (bf16 autocast on a CUDA GPU that supports it, else fp16 with loss
-            scaling; float32 on a CPU), ``fp32``, ``bf16`` or ``fp16``. Not in the key.
-        channels_last: ``auto`` (on for CUDA; off on a CPU, where it was 0.8-1.5x by model and
-            changes the float rounding), ``on``, ``off``. Not in the key.
+        precision: ``auto`` (on a CUDA GPU, for inputs over 32 px: bf16 autocast where supported,
+            else fp16 with loss scaling; float32 on a CPU and for inputs of at most 32 px, where
+            the GPU is launch-bound and autocast was slower), ``fp32``, ``bf16`` or ``fp16``.
+            Not in the key.
+        channels_last: ``auto`` (on for CUDA inputs over 32 px; off on a CPU, where it was
+            0.8-1.5x by model and changes the float rounding, and for small inputs), ``on``,
+            ``off``. Not in the key.
         compile: train through ``torch.compile`` (off: on the 2-core CPU compiling
             paper-resnet101-11 took 291 s and made no step faster). Not in the key.
     """
@@ -223,8 +226,11 @@ class ProxyProtocol:
         return resolve_device(self.device)
 
     def execution(self) -> Execution:
-        """Device, autocast dtype, memory format and compilation of this protocol's runs."""
-        return Execution.resolve(self.device, self.precision, self.channels_last, self.compile)
+        """Device, autocast dtype, memory format and compilation of this protocol's runs (``auto``
+        choices depend on the largest input this protocol can feed: ``resolution``, else
+        ``max_resolution``, else unknown)."""
+        return Execution.resolve(self.device, self.precision, self.channels_last, self.compile,
+                                 max_input_px=(self.resolution or self.max_resolution or None))
 
     # --- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

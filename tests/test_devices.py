@@ -45,6 +45,27 @@ def test_device_resolution_and_protocol_fields():
     assert ex.amp_dtype is None and not ex.channels_last and not ex.needs_scaler
 
 
+def test_auto_execution_on_cuda_depends_on_the_input_size(monkeypatch):
+    """On a GPU, ``auto`` is float32/contiguous for inputs of at most 32 px (launch-bound: autocast
+    and channels_last were slower there) and bf16 (fp16 without bf16) + channels_last above."""
+    import recommender.devices as D
+
+    monkeypatch.setattr(D, "cuda_available", lambda: True)
+    for bf16, amp in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, _v=bf16, **k: _v)
+        for px in (8, 16, D.SMALL_INPUT_PX):
+            ex = Execution.resolve("cuda", "auto", "auto", max_input_px=px)
+            assert ex.device == "cuda" and ex.amp_dtype is None and not ex.channels_last
+        for px in (D.SMALL_INPUT_PX + 1, 224, None):
+            ex = Execution.resolve("auto", "auto", "auto", max_input_px=px)
+            assert ex.amp_dtype == amp and ex.channels_last and ex.needs_scaler == (amp == torch.float16)
+    # explicit choices win at any size
+    ex = Execution.resolve("cuda", "bf16", "on", max_input_px=8)
+    assert ex.amp_dtype == torch.bfloat16 and ex.channels_last
+    assert get_protocol("paper").execution().amp_dtype is None  # 32 px
+    assert get_protocol("proxy", max_resolution=0).execution().amp_dtype is not None  # native size
+
+
 @pytest.mark.skipif(not NO_GPU, reason="checks the error on a machine without a CUDA GPU")
 def test_cuda_without_gpu_is_one_line(capsys, tmp_path):
     with pytest.raises(RecommenderError) as err:

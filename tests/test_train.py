@@ -299,10 +299,14 @@ def test_cpu_bf16_and_channels_last_paths_run(digits):
 
 def test_default_execution_on_this_machine():
     ex = get_protocol("proxy").execution()
+    # the search's inputs (at most 16 px) run float32, contiguous everywhere (launch-bound on a GPU)
+    assert ex.amp_dtype is None and not ex.channels_last
+    assert ex.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    big = get_protocol("proxy", resolution=64).execution()
     if torch.cuda.is_available():
-        assert ex.device == "cuda" and ex.amp_dtype is not None and ex.channels_last
+        assert big.amp_dtype is not None and big.channels_last
     else:
-        assert ex.device == "cpu" and ex.amp_dtype is None and not ex.channels_last
+        assert big.amp_dtype is None and not big.channels_last
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -322,10 +326,12 @@ def test_cuda_training_evaluation_and_step_timing(digits):
     logits = teacher_logits(m, digits, proto)
     assert logits.device.type == "cpu" and torch.isfinite(logits).all()
     assert 0 < step_seconds(TinyCNN(), digits, proto) < 5
-    # fp16 with loss scaling
+    # fp16 with loss scaling, and bf16 + channels_last (``auto`` above 32 px)
     seed_everything(0)
     r16 = train_model(TinyCNN(), digits, proto.replace(precision="fp16"))
     assert r16.ok, r16.reason
+    rbf = train_model(TinyCNN(), digits, proto.replace(precision="bf16", channels_last="on"))
+    assert rbf.ok, rbf.reason
 
 
 def test_recovery_distills_from_the_teacher_by_its_own_weight(digits, trained_tiny):
