@@ -1,9 +1,12 @@
-"""Small shared test fixtures: a tiny CNN that trains in a second, a slow one and a diverging one."""
+"""Small shared test fixtures: a tiny CNN that trains in a second, a slow one and a diverging one;
+an ImageFolder of random images."""
 
 import os
 import signal
 import time
+from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 
@@ -62,3 +65,20 @@ def interruptible_child() -> None:
     (POSIX), and a Python started that way installs no KeyboardInterrupt handler."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
+def random_image(rng, size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 12, size=(20, 20), fmt="png",
+                seed: int = 0) -> Path:
+    """An ImageFolder of random images: ``classes`` folders of ``per_class`` images of ``size``."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            random_image(rng, size).save(d / f"img{i:03d}.{fmt}")
+    return root

@@ -67,6 +67,30 @@ def test_ladder_and_selection():
     assert PromotionPolicy().count(9) == 3 and PromotionPolicy().count(2) == 2 and PromotionPolicy().count(0) == 0
 
 
+def test_a_checkpoint_pins_every_rung_to_the_native_size(tmp_path):
+    """A trained checkpoint is evaluated, and its weights inherited, at the size it was trained
+    at: with ``--checkpoint`` every rung runs at the data's native size, not the fidelity's."""
+    from recommender.compress.checkpoint import save_state
+    from recommender.protocol import get_protocol
+    from recommender.search.study import Search, StudySpec
+    from tests.helpers import TinyCNN, make_folder
+
+    make_folder(tmp_path / "imgs", classes=2, per_class=8, size=(32, 32))
+    torch.manual_seed(0)
+    save_state(tmp_path / "ckpt.pt", TinyCNN(2))
+    spec = dict(model="tests.helpers:TinyCNN", dataset=f"imagefolder:{tmp_path / 'imgs'}", max_drop="5%",
+                budgets=["20M-params"], fidelity="smoke", studies_dir=str(tmp_path / "studies"), latency=False)
+    lines: list[str] = []
+    pinned = Search(StudySpec(**spec, checkpoint=str(tmp_path / "ckpt.pt")), log=lines.append)
+    assert len(pinned.rungs) == 2
+    assert [r.protocol.input_resolution(32) for r in pinned.rungs] == [32, 32]
+    assert all("(32 px" in r.label for r in pinned.rungs)
+    assert any("--checkpoint: every rung runs at the data's 32 px" in ln for ln in lines)
+    free = Search(StudySpec(**spec, study_name="no-ckpt"), log=lines.append)
+    assert free.rungs[0].protocol.input_resolution(32) == 8  # smoke's own size
+    assert ladder(get_protocol("proxy"), 32, "auto", pin_resolution=24)[1].protocol.input_resolution(32) == 24
+
+
 def test_power_line_when_validation_set_is_too_small(tmp_path):
     rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
     p = rec.to_dict()["power"]

@@ -17,25 +17,9 @@ import torch
 from recommender.data import (ImageData, TensorData, from_datasets, load_dataset, register_dataset)
 from recommender.errors import DatasetError
 from recommender.streaming import StreamingData
+from tests.helpers import make_folder
 
 torch.set_num_threads(1)
-
-
-def _image(rng: np.random.Generator, size: tuple[int, int]):
-    from PIL import Image
-
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def make_folder(root: Path, classes: int = 3, per_class: int = 12, size=(20, 20), fmt="png",
-                seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            _image(rng, size).save(d / f"img{i:03d}.{fmt}")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -94,15 +94,26 @@ def derived(p: ProxyProtocol, native: int, k: int, policy: PromotionPolicy) -> P
 
 
 def ladder(search: ProxyProtocol, native: int, rungs: str | int | list[str] | None = "auto",
-           confirm_fidelity: str | None = None, policy: PromotionPolicy | None = None) -> list[Rung]:
+           confirm_fidelity: str | None = None, policy: PromotionPolicy | None = None,
+           pin_resolution: int = 0) -> list[Rung]:
     """The rungs of a study, lowest first.
 
     ``rungs``: ``auto`` (the search rung and one derived rung), an integer count of derived rungs
     in all, or a list of fidelity names (``proxy,confirm``). ``confirm_fidelity`` (the older
     single re-check) overrides it: ``none`` = one rung; the search fidelity's own name = the same
     protocol with the next seed (a second-seed re-check); another fidelity = that protocol.
+    ``pin_resolution`` (px, 0 = off): every rung runs at that input size (a given trained
+    baseline is evaluated, and its weights inherited, at the size it was trained at).
     """
-    policy = policy or PromotionPolicy()
+    out = _ladder(search, native, rungs, confirm_fidelity, policy or PromotionPolicy())
+    if pin_resolution:
+        out = [Rung(r.index, q, _label(q, native))
+               for r in out for q in [r.protocol.replace(resolution=pin_resolution)]]
+    return out
+
+
+def _ladder(search: ProxyProtocol, native: int, rungs: str | int | list[str] | None,
+            confirm_fidelity: str | None, policy: PromotionPolicy) -> list[Rung]:
     out = [Rung(0, search, _label(search, native))]
     if confirm_fidelity is not None:
         if confirm_fidelity in ("none", ""):

@@ -140,7 +140,6 @@ class StudySpec:
     studies_dir: str = str(DEFAULT_STUDIES_DIR)
     cache_dir: str | None = None
     device: str = "auto"
-    threads: int = 0
     image_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -409,9 +408,17 @@ class Search:
             note = space_note(spec.model)
             if note and self.study.user_attrs.get("space_note") != note:
                 self.study.set_user_attr("space_note", note)  # the explanation says it
+        pinned = self._checkpoint_resolution()
+        if pinned and self.protocol.input_resolution(pinned) != pinned:
+            self.protocol = self.protocol.replace(resolution=pinned)
+            if not worker:
+                self.log(f"--checkpoint: every rung runs at the data's {pinned} px, the size the "
+                         f"checkpoint is evaluated at (set by --image-size), not the "
+                         f"{spec.fidelity} fidelity's smaller size")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
         self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
-                                        spec.confirm_fidelity, spec.policy())
+                                        spec.confirm_fidelity, spec.policy(),
+                                        pin_resolution=self._checkpoint_resolution())
         self.trials_run = 0
         self.deadline: float | None = None
         self._rung_evaluators: dict[int, Evaluator] = {}
@@ -423,6 +430,12 @@ class Search:
                          checkpoint=spec.checkpoint, weights=spec.weights,
                          distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log,
                          progress=self.progress)
+
+    def _checkpoint_resolution(self) -> int:
+        """The input size (px) every rung is pinned to: the data's native size when the baseline
+        is the user's trained checkpoint (a network evaluated at another size than it was trained
+        at loses accuracy that no candidate lost), else 0 (the fidelities' own sizes)."""
+        return int(self.data.native_resolution) if self.spec.checkpoint else 0
 
     def _time_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
