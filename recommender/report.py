@@ -579,6 +579,12 @@ def render(rec: Recommendation) -> Group:
             notes.insert(0, "WARNING: " + warn)
         if c.recipe.quant.active and "flops" not in _lowers(c.recipe.quant):
             notes.append(f"{c.recipe.quant.method} changes size and latency, not the multiply-accumulate count (MFLOPs).")
+        if c.recipe.prune.active and c.top_rung == 0 and rec.baseline and rec.baseline.source == "trained":
+            notes.append("the pruning drop is measured from the baseline as this rung trains it, briefly: "
+                         "against long-trained references such drops were several pp off, both ways "
+                         "(overstated on digits, understated on cifar10-mini; docs/measurements.md). "
+                         "A higher rung, or --checkpoint with your trained model, measures it from "
+                         "converged weights.")
         if c.recipe.prune.active and "params" not in _lowers(c.recipe.prune):
             notes.append(f"{c.recipe.prune.method} zeroes weights: params and dense size stay, non-zero "
                          "params and the sparse encoding fall.")

@@ -262,3 +262,31 @@ def test_sqlite_study_lock_excludes_without_fcntl(tmp_path):
     spans.sort()
     assert len(spans) == 3
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_a_pruned_answer_from_the_search_rung_says_its_drop_is_the_least_settled():
+    """A pruning drop measured only at the search rung, from the baseline that rung trained
+    briefly, carries a note (benchmarks: several pp off the long-trained references, both ways);
+    not when the baseline is the user's checkpoint or a higher rung re-measured it."""
+    from recommender.evaluation import Baseline, Evaluation
+    from recommender.recipe import PruneConfig, Recipe
+    from recommender.report import Choice
+    from recommender.search.rungs import RungResult
+
+    recipe = Recipe(prune=PruneConfig("unstructured-l1", 0.5))
+    ev = Evaluation(recipe=recipe.to_dict(), accuracy=0.9, acc_low=0.87, acc_high=0.93, drop_pp=1.0,
+                    drop_low_pp=0.2, drop_high_pp=1.8, costs={"params": 1000})
+
+    def explained(source: str, rungs: list) -> str:
+        base = Baseline(accuracy=0.91, acc_low=0.88, acc_high=0.94, costs={"params": 1000}, source=source,
+                        fidelity="proxy")
+        choice = Choice(0, recipe, ev, rungs=rungs)
+        rec = Recommendation(study_name="s", storage="", baseline=base, chosen=choice, feasible=True,
+                             spec={"model": "resnet18", "max_drop": {"value": 2.0}, "budgets": []},
+                             front=[choice], counts={"finished": 1})
+        return " ".join(rec.explain(width=400).split())
+
+    note = "the pruning drop is measured from the baseline as this rung trains it"
+    assert note in explained("trained", [])
+    assert note not in explained("checkpoint", [])
+    assert note not in explained("trained", [RungResult(1, "proxy+r1", ev)])
