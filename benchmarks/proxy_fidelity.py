@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     tol = MaxDrop(args.max_drop)
     ref_base = unpack_bools(ref["baseline"]["correct"])
     ref_acc = {n: 100 * ref[n]["accuracy"] for n in names}
-    ref_drop = {n: paired_drop(ref_base, unpack_bools(ref[n]["correct"])).drop_pp for n in names}
+    # a pruned reference run started from a retrained baseline (``baseline_rerun``) is compared
+    # with that baseline, the weights it was pruned from
+    ref_drop = {n: paired_drop(unpack_bools(ref[n]["baseline_rerun"]["correct"]) if "baseline_rerun" in ref[n]
+                               else ref_base, unpack_bools(ref[n]["correct"])).drop_pp for n in names}
     overrides = {}
     for item in args.override:
         k, _, v = item.partition("=")
@@ -167,17 +170,26 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": round(time.perf_counter() - t1, 1), "inherited": e.inherited}
             print(f"[{variant}] {n}: {rows[n]['accuracy']:.2f}% drop {e.drop_pp:+.2f} pp "
                   f"(reference {ref_acc[n]:.2f}%, drop {ref_drop[n]:+.2f}) in {rows[n]['seconds']:.0f} s", flush=True)
-        search_acc = [rows[n]["accuracy"] for n in names]
-        reference = [ref_acc[n] for n in names]
-        tau, p = _tau(search_acc, reference)
-        tau_f, p_f = _tau([costs[n][1] for n in names], reference)
-        tau_p, p_p = _tau([costs[n][0] for n in names], reference)
-        calib = float(np.mean([abs(rows[n]["drop"] - ref_drop[n]) for n in names[1:]]))
-        agree = sum((rows[n]["drop"] <= tol.value) == (ref_drop[n] <= tol.value) for n in names)
-        results["variants"][variant] = {
-            "protocol": protocol.describe(), "rows": rows, "tau": tau, "p": p, "tau_mflops": tau_f, "p_mflops": p_f,
-            "tau_params": tau_p, "p_params": p_p, "drop_calibration_pp": calib, "feasibility_agreement": agree,
-            "n": len(names), "seconds": round(time.perf_counter() - t0, 1)}
+        for n in names:
+            rows[n].update(ref_accuracy=ref_acc[n], ref_drop=ref_drop[n], params=costs[n][0], mflops=costs[n][1])
+
+        def summary(sub: list[str]) -> dict:
+            """Ranking and calibration scores over the models ``sub`` (the baseline among them)."""
+            reference = [ref_acc[n] for n in sub]
+            tau, p = _tau([rows[n]["accuracy"] for n in sub], reference)
+            tau_f, p_f = _tau([costs[n][1] for n in sub], reference)
+            tau_p, p_p = _tau([costs[n][0] for n in sub], reference)
+            return {"tau": tau, "p": p, "tau_mflops": tau_f, "p_mflops": p_f, "tau_params": tau_p, "p_params": p_p,
+                    "drop_calibration_pp": float(np.mean([abs(rows[n]["drop"] - ref_drop[n]) for n in sub
+                                                          if n != "baseline"])),
+                    "feasibility_agreement": sum((rows[n]["drop"] <= tol.value) == (ref_drop[n] <= tol.value)
+                                                 for n in sub), "n": len(sub)}
+
+        results["variants"][variant] = {"protocol": protocol.describe(), "rows": rows, **summary(names),
+                                        "seconds": round(time.perf_counter() - t0, 1)}
+        arch = [n for n in names if n not in PRUNED]
+        if len(arch) < len(names):  # the architecture models alone (the ones the cost columns can rank)
+            results["variants"][variant]["architectures"] = summary(arch)
 
     print(f"\n{results['dataset']}; reference: {ref['baseline']['protocol']['fidelity']} "
           f"{ref['baseline']['protocol']['epochs']} epochs, {ref['baseline']['protocol'].get('max_resolution')} px, "
@@ -191,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print()
     for v, r in results["variants"].items():
-        print(f"{v:6} tau {r['tau']:+.3f} (p {r['p']:.3f}) | by MFLOPs {r['tau_mflops']:+.3f} (p {r['p_mflops']:.3f}) | "
-              f"by params {r['tau_params']:+.3f} (p {r['p_params']:.3f}) | drop calibration {r['drop_calibration_pp']:.2f} pp | "
-              f"feasibility agreement at {tol.value:g} pp {r['feasibility_agreement']}/{r['n']} | {r['seconds']:.0f} s")
+        for label, sr in (("", r), (" architectures only", r.get("architectures"))):
+            if sr is None:
+                continue
+            print(f"{v}{label}: tau {sr['tau']:+.3f} (p {sr['p']:.3f}) | by MFLOPs {sr['tau_mflops']:+.3f} "
+                  f"(p {sr['p_mflops']:.3f}) | by params {sr['tau_params']:+.3f} (p {sr['p_params']:.3f}) | "
+                  f"drop calibration {sr['drop_calibration_pp']:.2f} pp | feasibility agreement at {tol.value:g} pp "
+                  f"{sr['feasibility_agreement']}/{sr['n']}" + (f" | {r['seconds']:.0f} s" if not label else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -409,12 +409,13 @@ class Search:
             if note and self.study.user_attrs.get("space_note") != note:
                 self.study.set_user_attr("space_note", note)  # the explanation says it
         pinned = self._checkpoint_resolution()
-        if pinned and self.protocol.input_resolution(pinned) != pinned:
+        own = self.protocol.input_resolution(pinned) if pinned else 0
+        if pinned and own != pinned:
             self.protocol = self.protocol.replace(resolution=pinned)
             if not worker:
                 self.log(f"--checkpoint: every rung runs at the data's {pinned} px, the size the "
-                         f"checkpoint is evaluated at (set by --image-size), not the "
-                         f"{spec.fidelity} fidelity's smaller size")
+                         f"checkpoint is evaluated at (set by --image-size), instead of the "
+                         f"{spec.fidelity} fidelity's {own} px")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
         self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
                                         spec.confirm_fidelity, spec.policy(),
