@@ -38,7 +38,7 @@ import traceback
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
+from . import __version__, interrupts
 from .constraints import BUDGET_FORMS, DROP_FORMS
 from .errors import RecommenderError, Terminated
 
@@ -355,8 +355,9 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+# raise Terminated / KeyboardInterrupt, recorded so that one CPython drops is raised again later
+_raise_terminated = interrupts.handler(Terminated)
+_raise_interrupted = interrupts.handler(KeyboardInterrupt)
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -651,7 +652,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .search.storage import scrub  # messages may quote a storage URL: never its password
 
     main_thread = threading.current_thread() is threading.main_thread()
+    interrupts.clear()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # stop as on Ctrl-C
+    # Ctrl-C: Python's own handler raises KeyboardInterrupt too, but one raised inside a garbage
+    # collector's callback is dropped; this one is also recorded and raised again (interrupts.py).
+    # A SIGINT that was ignored when the process started (a background job) stays ignored.
+    old_int = signal.getsignal(signal.SIGINT) if main_thread else None
+    if old_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -681,6 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_int)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import interrupts
 from .data import ImageData
 from .devices import Execution
 from .feature_distill import StageMatcher, has_stages, stage_features
@@ -303,6 +304,7 @@ def train_model(model: nn.Module, data: ImageData, protocol: ProxyProtocol, *,
             epoch_loss, epoch_n = 0.0, 0
             for x, y, idx in d.train_batches(protocol.batch_size, res, augment=protocol.augment,
                                              generator=gen, with_index=True):
+                interrupts.check()  # a Ctrl-C that CPython dropped is raised here
                 if deadline is not None and time.monotonic() >= deadline:
                     if read(epoch):
                         ok = False
@@ -557,6 +559,7 @@ def finetune_fn(data: ImageData, protocol: ProxyProtocol,
             scaler = torch.amp.GradScaler(ex.device) if ex.needs_scaler else None
             model.train()
             for i in range(steps):
+                interrupts.check()
                 if limit is not None and time.monotonic() >= limit:
                     timed_out = i
                     break

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from optuna.trial import TrialState
 
-from .. import validate
+from .. import interrupts, validate
 from ..cache import WeightsCache
 from ..constraints import Budget, MaxDrop, parse_budgets
 from ..data import ImageData, load_dataset
@@ -576,6 +576,7 @@ class Search:
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1
+            interrupts.check()  # a Ctrl-C that CPython dropped while the trial ran
 
         for cb in self.callbacks:  # progress bars start with the trials, not before
             start = getattr(cb, "start", None)
