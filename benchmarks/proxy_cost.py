@@ -37,6 +37,7 @@ Timings share the CPU with whatever else runs: the load average is printed at th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recommender.data import find_cifar10_mini, load_dataset  # noqa: E402
+from recommender.devices import synchronize  # noqa: E402
 from recommender.models import build_model  # noqa: E402
 from recommender.protocol import get_protocol  # noqa: E402
 from recommender.train import protocol_data, seed_everything, zero_init_residual  # noqa: E402
@@ -90,7 +92,7 @@ class Loop:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device, dtype=self.amp) if self.amp else _null()
+        ctx = torch.autocast(self.device, dtype=self.amp) if self.amp else contextlib.nullcontext()
         with ctx:
             logits = self.forward(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -108,19 +110,6 @@ class Loop:
         self.opt.step()
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved(loops: list[Loop], steps: int, warmup: int = 1, block: int = 1) -> list[float]:
     """Median seconds per step of each loop, blocks of ``block`` steps interleaved (warm-up blocks
     untimed). On a GPU the device is synchronised at the end of each block only, so that a loop
@@ -128,11 +117,11 @@ def interleaved(loops: list[Loop], steps: int, warmup: int = 1, block: int = 1) 
     times: list[list[float]] = [[] for _ in loops]
     for i in range(warmup + steps):
         for k, loop in enumerate(loops):
-            _sync(loop.device)
+            synchronize(loop.device)
             t0 = time.perf_counter()
             for _ in range(block):
                 loop.step()
-            _sync(loop.device)
+            synchronize(loop.device)
             if i >= warmup:
                 times[k].append((time.perf_counter() - t0) / block)
     return [statistics.median(t) for t in times]
@@ -143,14 +132,14 @@ def eval_seconds(model, data, res, batch_size, images) -> tuple[float, int]:
     model.eval()
     device = next(model.parameters()).device
     seen = 0
-    _sync(device.type)
+    synchronize(device.type)
     t0 = time.perf_counter()
     for x, _ in data.val_batches(batch_size, res):
         model(x.to(device, non_blocking=True))
         seen += x.shape[0]
         if seen >= images:
             break
-    _sync(device.type)
+    synchronize(device.type)
     return time.perf_counter() - t0, seen
 
 
@@ -261,10 +250,10 @@ def main(argv=None) -> int:
                     other = Loop(copy.deepcopy(m0), d_after, px, args.batch_size, host_sync=False,
                                  compiled=True, device=args.device)
                     base.step()
-                    _sync(args.device)
+                    synchronize(args.device)
                     c0 = time.perf_counter()
                     other.step()  # compiles (forward and backward graphs)
-                    _sync(args.device)
+                    synchronize(args.device)
                     first = time.perf_counter() - c0
                     t0, t1 = interleaved([base, other], args.steps, warmup=1, block=block)
                     compile_s = first - t0

@@ -268,7 +268,9 @@ def build_parser() -> _Parser:
                        "  2    bad input (one line on stderr)\n"
                        "  3    internal error\n"
                        "  130  stopped by Ctrl-C; finished trials are kept, rerun to resume\n"
-                       "  143  stopped by SIGTERM; finished trials are kept, rerun to resume")
+                       "  143  stopped by SIGTERM; finished trials are kept, rerun to resume\n\n"
+                       "Set-up, examples and the Python API: README.md. What each number is worth\n"
+                       "(proxy fidelity against long trainings): docs/measurements.md.")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",
@@ -355,9 +357,8 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-# raise Terminated / KeyboardInterrupt, recorded so that one CPython drops is raised again later
+# raise Terminated, recorded so that one CPython drops is raised again later (interrupts.py)
 _raise_terminated = interrupts.handler(Terminated)
-_raise_interrupted = interrupts.handler(KeyboardInterrupt)
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -655,11 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupts.clear()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # stop as on Ctrl-C
     # Ctrl-C: Python's own handler raises KeyboardInterrupt too, but one raised inside a garbage
-    # collector's callback is dropped; this one is also recorded and raised again (interrupts.py).
-    # A SIGINT that was ignored when the process started (a background job) stays ignored.
-    old_int = signal.getsignal(signal.SIGINT) if main_thread else None
-    if old_int is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _raise_interrupted)
+    # collector's callback is dropped; this one is also recorded and raised again (interrupts.py)
+    old_int = interrupts.take_over_sigint()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -689,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        if old_int is signal.default_int_handler:
+        if old_int is not None:
             signal.signal(signal.SIGINT, old_int)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import RecommenderError
 
-__all__ = ["available_cpus", "resolve_device", "Execution", "DEVICES", "PRECISIONS", "SMALL_INPUT_PX"]
+__all__ = ["available_cpus", "resolve_device", "Execution", "DEVICES", "PRECISIONS", "SMALL_INPUT_PX", "synchronize"]
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -52,6 +52,12 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on a CPU): timings read around it are real."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def cuda_available() -> bool:

@@ -6,38 +6,41 @@ printed as "Exception ignored in ..." and dropped: the KeyboardInterrupt of a Ct
 and the run goes on (measured: 2 of 8 Ctrl-Cs during a loaded test run, inside SQLAlchemy's class
 registry clean-up). The CLI's handlers therefore record the interrupt here before they raise it,
 and the training loops and the search's trial callback call :func:`check`, which raises it again
-if it is still pending. Nothing here installs a handler: only the CLI (and its worker processes)
-do, and :func:`clear` resets the record when they start.
+if it is still pending. Only the CLI and its ``--jobs`` worker processes install these handlers
+(:func:`take_over_sigint`, ``signal.signal(SIGTERM, handler(Terminated))``); library code only
+calls :func:`check`, and :func:`clear` resets the record when a command starts.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any, Callable
 
-__all__ = ["request", "requested", "check", "clear", "handler"]
+__all__ = ["request", "requested", "check", "clear", "handler", "take_over_sigint"]
 
-_pending: list[type[KeyboardInterrupt]] = []
+_pending: type[KeyboardInterrupt] | None = None  # the first interrupt not raised again yet
 _lock = threading.Lock()
 
 
 def request(kind: type[KeyboardInterrupt] = KeyboardInterrupt) -> None:
     """Record an interrupt (called by a signal handler just before it raises ``kind``)."""
+    global _pending
     with _lock:
-        if not _pending:
-            _pending.append(kind)
+        _pending = _pending or kind
 
 
 def requested() -> bool:
     """Whether an interrupt was recorded since the last :func:`clear`."""
-    return bool(_pending)
+    return _pending is not None
 
 
 def check() -> None:
     """Raise the recorded interrupt again (a safe point: between training steps, after a trial).
     Once raised it is cleared, so that clean-up code that handles it is not interrupted again."""
+    global _pending
     with _lock:
-        kind = _pending.pop() if _pending else None
+        kind, _pending = _pending, None
     if kind is not None:
         raise kind()
 
@@ -53,7 +56,21 @@ def handler(kind: type[KeyboardInterrupt] = KeyboardInterrupt) -> Callable[[int,
     return raise_it
 
 
+def take_over_sigint() -> Any:
+    """Put :func:`handler` in place of Python's own Ctrl-C handler (main thread of a process of
+    this package's own); returns the handler to restore, or None when SIGINT was not Python's
+    default and is left as it is (ignored at start, as in a background job, it stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+    signal.signal(signal.SIGINT, handler(KeyboardInterrupt))
+    return previous
+
+
 def clear() -> None:
     """Forget any recorded interrupt (a new command starts)."""
+    global _pending
     with _lock:
-        _pending.clear()
+        _pending = None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import interrupts
 from .data import ImageData
-from .devices import Execution
+from .devices import Execution, synchronize
 from .feature_distill import StageMatcher, has_stages, stage_features
 from .protocol import ProxyProtocol
 from .stats import DropEstimate, paired_drop, wilson_interval
@@ -370,22 +370,17 @@ def step_seconds(model: nn.Module, data: ImageData, protocol: ProxyProtocol,
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         x, y = ex.input(x), y.to(ex.torch_device)
         for _ in range(max(1, steps) + 1):
-            _sync(ex.device)
+            synchronize(ex.device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with ex.autocast():
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
-            _sync(ex.device)
+            synchronize(ex.device)
             times.append(time.perf_counter() - t0)
         ex.release_model(model)
     return min(times[1:])
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()

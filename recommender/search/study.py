@@ -408,7 +408,10 @@ class Search:
             note = space_note(spec.model)
             if note and self.study.user_attrs.get("space_note") != note:
                 self.study.set_user_attr("space_note", note)  # the explanation says it
-        pinned = self._checkpoint_resolution()
+        # A user's trained checkpoint is evaluated, and its weights inherited, at the size it was
+        # trained at: the data's native size pins every rung (off the size it loses accuracy
+        # that no candidate lost)
+        pinned = int(self.data.native_resolution) if spec.checkpoint else 0
         own = self.protocol.input_resolution(pinned) if pinned else 0
         if pinned and own != pinned:
             self.protocol = self.protocol.replace(resolution=pinned)
@@ -418,8 +421,7 @@ class Search:
                          f"{spec.fidelity} fidelity's {own} px")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
         self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
-                                        spec.confirm_fidelity, spec.policy(),
-                                        pin_resolution=self._checkpoint_resolution())
+                                        spec.confirm_fidelity, spec.policy(), pin_resolution=pinned)
         self.trials_run = 0
         self.deadline: float | None = None
         self._rung_evaluators: dict[int, Evaluator] = {}
@@ -431,12 +433,6 @@ class Search:
                          checkpoint=spec.checkpoint, weights=spec.weights,
                          distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log,
                          progress=self.progress)
-
-    def _checkpoint_resolution(self) -> int:
-        """The input size (px) every rung is pinned to: the data's native size when the baseline
-        is the user's trained checkpoint (a network evaluated at another size than it was trained
-        at loses accuracy that no candidate lost), else 0 (the fidelities' own sizes)."""
-        return int(self.data.native_resolution) if self.spec.checkpoint else 0
 
     def _time_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()

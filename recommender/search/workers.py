@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_mod
-import signal
 import time
 import warnings
 from typing import Any, Callable
@@ -36,10 +35,7 @@ def _worker_main(spec: Any, index: int, phase: str, rung: int, deadline: float |
     from .study import Search
 
     torch.set_num_threads(spec.worker_threads())  # this process is ours alone
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        # Ctrl-C raised inside a garbage collector's callback is dropped by CPython: record it
-        # so that the next safe point raises it again (interrupts.py)
-        signal.signal(signal.SIGINT, interrupts.handler(KeyboardInterrupt))
+    interrupts.take_over_sigint()  # a Ctrl-C that CPython drops is raised again (interrupts.py)
     if quiet is not None:  # the caller's Optuna verbosity and warning filters, as in its process
         optuna.logging.set_verbosity(quiet[0])
         warnings.filters[:] = quiet[1]
