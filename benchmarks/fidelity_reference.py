@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery-epochs", type=float, default=2.0, help="fine-tune epochs of pruned candidates")
     ap.add_argument("--recovery-lr", type=float, default=0.01, help="their fine-tune learning rate (constant)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="px the images are decoded to (as recommend --image-size); default: native")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<dataset>-reference.json)")
     ap.add_argument("--weights-dir", default="studies/reference", help="where trained weights are kept")
     args = ap.parse_args(argv)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dataset = f"imagefolder:{root}"
     ds_tag = "cifar10-mini" if "cifar10-mini" in args.dataset else args.dataset.split(":")[0]
     out = Path(args.out or f"benchmarks/results/{ds_tag}-reference.json")
-    data = load_dataset(args.dataset, seed=args.seed)
+    data = load_dataset(args.dataset, seed=args.seed, image_size=args.image_size)
     overrides = {"epochs": args.epochs, "seed": args.seed, "threads": args.threads}
     if args.lr:
         overrides["lr"] = args.lr

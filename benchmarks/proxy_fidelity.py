@@ -19,6 +19,12 @@ side by side in one run, for each search-rung variant:
     python benchmarks/proxy_fidelity.py --dataset digits --reference benchmarks/results/digits-reference.json
     python benchmarks/proxy_fidelity.py --variants kd --override epochs=8 --json out.json
     python benchmarks/proxy_fidelity.py --rung 1                # the promotion rung (3x epochs, native px)
+    python benchmarks/proxy_fidelity.py --checkpoint REFERENCE_BASELINE.pt --pruned   # as --checkpoint
+
+``--checkpoint`` scores the search as ``recommend --checkpoint`` runs it: the baseline is the given
+trained weights (evaluated, never retrained), every rung runs at the data's native size, pruned
+candidates inherit those weights. Given the reference's own baseline weights, the pruned
+candidates' search-rung and reference drops start from the same converged network.
 """
 
 from __future__ import annotations
@@ -114,10 +120,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="which rung of the default ladder to score (0: the search rung, 1: the promotion rung)")
     ap.add_argument("--override", action="append", default=[], help="protocol field=value (repeatable)")
     ap.add_argument("--pruned", action="store_true", help="also pruned candidates of the baseline")
+    ap.add_argument("--models", default=None,
+                    help="comma list: only these (preset numbers 6-14, pruned names); the baseline always")
     ap.add_argument("--reference-epochs", type=int, default=None,
                     help="which reference protocol (default: the longest with a baseline run)")
     ap.add_argument("--max-drop", type=float, default=2.0, help="tolerance in pp (default 2)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="px the images are decoded to (as recommend --image-size); default: native")
+    ap.add_argument("--checkpoint", default=None,
+                    help="a trained baseline's weights (as recommend --checkpoint): the reference's own baseline")
+    ap.add_argument("--reuse", default=None,
+                    help="a JSON this script wrote: its search-rung rows of the same variant and protocol are "
+                         "taken instead of trained again (when a reference run finishes after the search rung)")
     ap.add_argument("--cache-dir", default="studies/cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -134,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no reference results at {ref_path}: run benchmarks/fidelity_reference.py first", file=sys.stderr)
         return 2
     ref = _reference(ref_path, args.model, args.reference_epochs)
-    data = load_dataset(args.dataset, seed=0)
+    data = load_dataset(args.dataset, seed=0, image_size=args.image_size)
     names = ["baseline"] + [p for p in PRESETS if p in ref] + ([n for n in PRUNED if n in ref] if args.pruned else [])
     names = [n for n in names if n in ref]
+    if args.models:  # e.g. only the pruned candidates, when an override would retrain the presets
+        keep = {f"paper-resnet101-{m}" if m.isdigit() else m for m in (x.strip() for x in args.models.split(","))}
+        names = [n for n in names if n == "baseline" or n in keep]
     if "baseline" not in ref:
         print("the reference has no baseline run yet", file=sys.stderr)
         return 2
@@ -153,17 +171,28 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = item.partition("=")
         overrides[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
 
+    reused = json.loads(Path(args.reuse).read_text())["variants"] if args.reuse else {}
     results = {"dataset": data.describe(), "reference": str(ref_path), "models": names, "rung": args.rung,
+               "checkpoint": args.checkpoint,
                "reference_protocol": ref["baseline"]["protocol"], "variants": {}}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         search = get_protocol(args.fidelity, seed=0, threads=args.threads)
-        rung = ladder(search, data.native_resolution, "auto")[args.rung].protocol
+        pinned = int(data.native_resolution) if args.checkpoint else 0  # as the search pins it
+        rung = ladder(search, data.native_resolution, "auto", pin_resolution=pinned)[args.rung].protocol
         protocol = rung.replace(**{**VARIANTS[variant], **overrides})
-        ev = Evaluator(args.model, data, protocol, cache=WeightsCache(args.cache_dir), latency=False)
+        ev = Evaluator(args.model, data, protocol, cache=WeightsCache(args.cache_dir), latency=False,
+                       checkpoint=args.checkpoint)
         t0 = time.perf_counter()
         base = ev.evaluate_baseline()
         rows = {"baseline": {"accuracy": 100 * base.accuracy, "drop": 0.0, "seconds": base.train_seconds}}
         for n in names[1:]:
+            same = reused.get(variant, {})  # the protocol key when the file has it (describe() omits recovery)
+            if n in same.get("rows", {}) and same.get("protocol_key", protocol.key()) == protocol.key() \
+                    and same["protocol"] == protocol.describe():
+                rows[n] = {k: v for k, v in same["rows"][n].items() if not k.startswith("ref_")}
+                print(f"[{variant}] {n}: {rows[n]['accuracy']:.2f}% drop {rows[n]['drop']:+.2f} pp (from "
+                      f"{args.reuse}; reference {ref_acc[n]:.2f}%, drop {ref_drop[n]:+.2f})", flush=True)
+                continue
             t1 = time.perf_counter()
             e = ev.evaluate(_recipe(n), base, tol)
             rows[n] = {"accuracy": 100 * (e.accuracy or 0.0), "drop": e.drop_pp, "ok": e.ok, "reason": e.reason,
@@ -185,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                     "feasibility_agreement": sum((rows[n]["drop"] <= tol.value) == (ref_drop[n] <= tol.value)
                                                  for n in sub), "n": len(sub)}
 
-        results["variants"][variant] = {"protocol": protocol.describe(), "rows": rows, **summary(names),
+        results["variants"][variant] = {"protocol": protocol.describe(), "protocol_key": protocol.key(),
+                                        "rows": rows, **summary(names),
                                         "seconds": round(time.perf_counter() - t0, 1)}
         arch = [n for n in names if n not in PRUNED]
-        if len(arch) < len(names):  # the architecture models alone (the ones the cost columns can rank)
+        if 3 <= len(arch) < len(names):  # the architecture models alone (the ones the cost columns can rank)
             results["variants"][variant]["architectures"] = summary(arch)
 
     print(f"\n{results['dataset']}; reference: {ref['baseline']['protocol']['fidelity']} "

@@ -585,6 +585,11 @@ def render(rec: Recommendation) -> Group:
                          "(overstated on digits, understated on cifar10-mini; docs/measurements.md). "
                          "A higher rung, or --checkpoint with your trained model, measures it from "
                          "converged weights.")
+        if c.recipe.prune.active and rec.baseline and rec.baseline.source == "checkpoint":
+            notes.append("the pruning drop is measured from your checkpoint after the rung's short recovery "
+                         "fine-tune: from the same trained weights, such drops were within 2.4 pp of a "
+                         "2-epoch fine-tune's on cifar10-mini and overstated by 2.4-52 pp on digits "
+                         "(docs/measurements.md); fine-tune the pruned network before you ship it.")
         if c.recipe.prune.active and "params" not in _lowers(c.recipe.prune):
             notes.append(f"{c.recipe.prune.method} zeroes weights: params and dense size stay, non-zero "
                          "params and the sparse encoding fall.")

@@ -264,10 +264,11 @@ def test_sqlite_study_lock_excludes_without_fcntl(tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
 
 
-def test_a_pruned_answer_from_the_search_rung_says_its_drop_is_the_least_settled():
+def test_a_pruned_answer_says_how_settled_its_pruning_drop_is():
     """A pruning drop measured only at the search rung, from the baseline that rung trained
     briefly, carries a note (benchmarks: several pp off the long-trained references, both ways);
-    not when the baseline is the user's checkpoint or a higher rung re-measured it."""
+    not when the baseline is the user's checkpoint or a higher rung re-measured it. From a
+    checkpoint, the note says the drop follows a short recovery fine-tune, at every rung."""
     from recommender.evaluation import Baseline, Evaluation
     from recommender.recipe import PruneConfig, Recipe
     from recommender.report import Choice
@@ -290,3 +291,8 @@ def test_a_pruned_answer_from_the_search_rung_says_its_drop_is_the_least_settled
     assert note in explained("trained", [])
     assert note not in explained("checkpoint", [])
     assert note not in explained("trained", [RungResult(1, "proxy+r1", ev)])
+    # from the user's checkpoint the drop follows a short recovery fine-tune: said, with what it was worth
+    ckpt_note = "the pruning drop is measured from your checkpoint after the rung's short recovery"
+    assert ckpt_note in explained("checkpoint", [])
+    assert ckpt_note in explained("checkpoint", [RungResult(1, "proxy+r1", ev)])
+    assert ckpt_note not in explained("trained", [])
