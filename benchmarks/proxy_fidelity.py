@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         if 3 <= len(arch) < len(names):  # the architecture models alone (the ones the cost columns can rank)
             results["variants"][variant]["architectures"] = summary(arch)
 
+    rp = ref["baseline"]["protocol"]  # the size the reference trained at, on this data
+    ref_px = rp.get("resolution") or min(data.native_resolution, rp.get("max_resolution") or data.native_resolution)
     print(f"\n{results['dataset']}; reference: {ref['baseline']['protocol']['fidelity']} "
-          f"{ref['baseline']['protocol']['epochs']} epochs, {ref['baseline']['protocol'].get('max_resolution')} px, "
+          f"{ref['baseline']['protocol']['epochs']} epochs, {ref_px} px, "
           f"aug {ref['baseline']['protocol']['augment']}")
     print(f"{'model':22} {'MFLOPs':>8} {'ref acc':>8} {'ref drop':>9}" +
           "".join(f" {v + ' acc':>10} {v + ' drop':>10}" for v in results["variants"]))
