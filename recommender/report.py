@@ -583,8 +583,8 @@ def render(rec: Recommendation) -> Group:
             notes.append("the pruning drop is measured from the baseline as this rung trains it, briefly: "
                          "against long-trained references such drops were several pp off, both ways "
                          "(overstated on digits, understated on cifar10-mini; docs/measurements.md). "
-                         "A higher rung, or --checkpoint with your trained model, measures it from "
-                         "converged weights.")
+                         "A higher rung measures it from a longer-trained baseline, --checkpoint "
+                         "from your trained model.")
         if c.recipe.prune.active and rec.baseline and rec.baseline.source == "checkpoint":
             notes.append("the pruning drop is measured from your checkpoint after the rung's short recovery "
                          "fine-tune: from the same trained weights, such drops were within 2.4 pp of a "
