@@ -658,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C: Python's own handler raises KeyboardInterrupt too, but one raised inside a garbage
     # collector's callback is dropped; this one is also recorded and raised again (interrupts.py)
     old_int = interrupts.take_over_sigint()
+    old_hook = interrupts.quiet_dropped()  # a dropped interrupt is not a traceback on stderr
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -685,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(run with -v or RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
+        sys.unraisablehook = old_hook
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if old_int is not None:

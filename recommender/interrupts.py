@@ -7,17 +7,19 @@ and the run goes on (measured: 2 of 8 Ctrl-Cs during a loaded test run, inside S
 registry clean-up). The CLI's handlers therefore record the interrupt here before they raise it,
 and the training loops and the search's trial callback call :func:`check`, which raises it again
 if it is still pending. Only the CLI and its ``--jobs`` worker processes install these handlers
-(:func:`take_over_sigint`, ``signal.signal(SIGTERM, handler(Terminated))``); library code only
+(:func:`take_over_sigint`, ``signal.signal(SIGTERM, handler(Terminated))``) and keep CPython
+from printing such a dropped interrupt as a traceback (:func:`quiet_dropped`); library code only
 calls :func:`check`, and :func:`clear` resets the record when a command starts.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any, Callable
 
-__all__ = ["request", "requested", "check", "clear", "handler", "take_over_sigint"]
+__all__ = ["request", "requested", "check", "clear", "handler", "take_over_sigint", "quiet_dropped"]
 
 _pending: type[KeyboardInterrupt] | None = None  # the first interrupt not raised again yet
 _lock = threading.Lock()
@@ -66,6 +68,22 @@ def take_over_sigint() -> Any:
     if previous is not signal.default_int_handler:
         return None
     signal.signal(signal.SIGINT, handler(KeyboardInterrupt))
+    return previous
+
+
+def quiet_dropped() -> Any:
+    """Install a ``sys.unraisablehook`` that says nothing of an interrupt CPython dropped while
+    it is recorded here (it is raised again at the next :func:`check`, and the command then
+    reports it in one line); anything else goes to the previous hook, which is returned so that
+    the caller can restore it. For the processes that install :func:`handler`."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and requested():
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
     return previous
 
 
