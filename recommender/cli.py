@@ -30,9 +30,7 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -269,8 +267,11 @@ def build_parser() -> _Parser:
                        "  3    internal error\n"
                        "  130  stopped by Ctrl-C; finished trials are kept, rerun to resume\n"
                        "  143  stopped by SIGTERM; finished trials are kept, rerun to resume\n\n"
-                       "Set-up, examples and the Python API: README.md. What each number is worth\n"
-                       "(proxy fidelity against long trainings): docs/measurements.md.")
+                       "more:\n"
+                       "  README.md             set-up, examples and the Python API\n"
+                       "  docs/measurements.md  what each number is worth against long trainings\n\n"
+                       "example (the main job on the bundled digits data):\n"
+                       "  recommend --model resnet101 --max-drop 2% --budget 5M-params")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",
@@ -355,10 +356,6 @@ def _redact(url: str) -> str:
     from .search.storage import redact
 
     return redact(url)
-
-
-# raise Terminated, recorded so that one CPython drops is raised again later (interrupts.py)
-_raise_terminated = interrupts.handler(Terminated)
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -652,13 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = False
     from .search.storage import scrub  # messages may quote a storage URL: never its password
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    interrupts.clear()
-    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # stop as on Ctrl-C
-    # Ctrl-C: Python's own handler raises KeyboardInterrupt too, but one raised inside a garbage
-    # collector's callback is dropped; this one is also recorded and raised again (interrupts.py)
-    old_int = interrupts.take_over_sigint()
-    old_hook = interrupts.quiet_dropped()  # a dropped interrupt is not a traceback on stderr
+    # SIGTERM stops as Ctrl-C does; both are recorded, so that one CPython drops inside a garbage
+    # collector's callback is raised again, and not printed as a traceback (interrupts.py)
+    restore_interrupts = interrupts.take_over(Terminated)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -686,11 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(run with -v or RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        sys.unraisablehook = old_hook
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if old_int is not None:
-            signal.signal(signal.SIGINT, old_int)
+        restore_interrupts()
 
 
 if __name__ == "__main__":

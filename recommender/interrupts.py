@@ -7,9 +7,8 @@ and the run goes on (measured: 2 of 8 Ctrl-Cs during a loaded test run, inside S
 registry clean-up). The CLI's handlers therefore record the interrupt here before they raise it,
 and the training loops and the search's trial callback call :func:`check`, which raises it again
 if it is still pending. Only the CLI and its ``--jobs`` worker processes install these handlers
-(:func:`take_over_sigint`, ``signal.signal(SIGTERM, handler(Terminated))``) and keep CPython
-from printing such a dropped interrupt as a traceback (:func:`quiet_dropped`); library code only
-calls :func:`check`, and :func:`clear` resets the record when a command starts.
+and keep CPython from printing such a dropped interrupt as a traceback, all through
+:func:`take_over`; library code only calls :func:`check`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-__all__ = ["request", "requested", "check", "clear", "handler", "take_over_sigint", "quiet_dropped"]
+__all__ = ["request", "requested", "check", "clear", "handler", "take_over", "take_over_sigint", "quiet_dropped"]
 
 _pending: type[KeyboardInterrupt] | None = None  # the first interrupt not raised again yet
 _lock = threading.Lock()
@@ -85,6 +84,27 @@ def quiet_dropped() -> Any:
 
     sys.unraisablehook = hook
     return previous
+
+
+def take_over(terminated: type[KeyboardInterrupt] | None = None) -> Callable[[], None]:
+    """Interrupt handling of a process of this package's own (the CLI, a ``--jobs`` worker): a
+    fresh record (:func:`clear`), Ctrl-C through :func:`handler` (:func:`take_over_sigint`),
+    SIGTERM raising ``terminated`` when given (main thread only), and :func:`quiet_dropped`.
+    Returns the function that puts back what was there before."""
+    clear()
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, handler(terminated)) if terminated and main else None
+    old_int = take_over_sigint()
+    old_hook = quiet_dropped()
+
+    def restore() -> None:
+        sys.unraisablehook = old_hook
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
+
+    return restore
 
 
 def clear() -> None:

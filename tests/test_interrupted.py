@@ -365,7 +365,7 @@ def test_a_dropped_ctrl_c_is_not_printed_as_a_traceback():
     seen: list[type] = []
     before = sys.unraisablehook
     sys.unraisablehook = lambda u: seen.append(u.exc_type)
-    previous = interrupts.quiet_dropped()
+    interrupts.quiet_dropped()
     interrupts.clear()
     try:
         for callback, kind in ((lambda r: interrupts.handler(KeyboardInterrupt)(signal.SIGINT, None), None),
@@ -379,6 +379,5 @@ def test_a_dropped_ctrl_c_is_not_printed_as_a_traceback():
         with pytest.raises(KeyboardInterrupt):
             interrupts.check()
     finally:
-        sys.unraisablehook = previous
         sys.unraisablehook = before
         interrupts.clear()

@@ -35,8 +35,7 @@ def _worker_main(spec: Any, index: int, phase: str, rung: int, deadline: float |
     from .study import Search
 
     torch.set_num_threads(spec.worker_threads())  # this process is ours alone
-    interrupts.take_over_sigint()  # a Ctrl-C that CPython drops is raised again (interrupts.py)
-    interrupts.quiet_dropped()  # ... and not printed as a traceback
+    interrupts.take_over()  # a Ctrl-C that CPython drops is raised again, not printed (interrupts.py)
     if quiet is not None:  # the caller's Optuna verbosity and warning filters, as in its process
         optuna.logging.set_verbosity(quiet[0])
         warnings.filters[:] = quiet[1]
