@@ -21,6 +21,7 @@ from typing import Any, Callable
 __all__ = ["request", "requested", "check", "clear", "handler", "take_over", "take_over_sigint", "quiet_dropped"]
 
 _pending: type[KeyboardInterrupt] | None = None  # the first interrupt not raised again yet
+_fired = False  # an interrupt reached a ``once`` handler (see handler)
 _lock = threading.Lock()
 
 
@@ -46,18 +47,27 @@ def check() -> None:
         raise kind()
 
 
-def handler(kind: type[KeyboardInterrupt] = KeyboardInterrupt) -> Callable[[int, Any], None]:
+def handler(kind: type[KeyboardInterrupt] = KeyboardInterrupt, *, once: bool = False) -> Callable[[int, Any], None]:
     """A signal handler that records ``kind`` (see :func:`request`) and raises it; for
-    ``signal.signal`` in a process of this package's own (the CLI, a ``--jobs`` worker)."""
+    ``signal.signal`` in a process of this package's own (the CLI, a ``--jobs`` worker).
+    ``once``: after the first interrupt of this process (any handler made with ``once``), later
+    signals are ignored, so that the same stop arriving twice (Ctrl-C to the process group and
+    then from the coordinator) does not break the recording of the trial it interrupted."""
 
     def raise_it(signum: int, frame: Any) -> None:
+        global _fired
+        if once:
+            with _lock:
+                seen, _fired = _fired, True
+            if seen:
+                return
         request(kind)
         raise kind()
 
     return raise_it
 
 
-def take_over_sigint() -> Any:
+def take_over_sigint(*, once: bool = False) -> Any:
     """Put :func:`handler` in place of Python's own Ctrl-C handler (main thread of a process of
     this package's own); returns the handler to restore, or None when SIGINT was not Python's
     default and is left as it is (ignored at start, as in a background job, it stays ignored)."""
@@ -66,7 +76,7 @@ def take_over_sigint() -> Any:
     previous = signal.getsignal(signal.SIGINT)
     if previous is not signal.default_int_handler:
         return None
-    signal.signal(signal.SIGINT, handler(KeyboardInterrupt))
+    signal.signal(signal.SIGINT, handler(KeyboardInterrupt, once=once))
     return previous
 
 
@@ -86,15 +96,16 @@ def quiet_dropped() -> Any:
     return previous
 
 
-def take_over(terminated: type[KeyboardInterrupt] | None = None) -> Callable[[], None]:
+def take_over(terminated: type[KeyboardInterrupt] | None = None, *, once: bool = False) -> Callable[[], None]:
     """Interrupt handling of a process of this package's own (the CLI, a ``--jobs`` worker): a
     fresh record (:func:`clear`), Ctrl-C through :func:`handler` (:func:`take_over_sigint`),
     SIGTERM raising ``terminated`` when given (main thread only), and :func:`quiet_dropped`.
+    ``once``: only the first of these signals interrupts (see :func:`handler`; a worker).
     Returns the function that puts back what was there before."""
     clear()
     main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, handler(terminated)) if terminated and main else None
-    old_int = take_over_sigint()
+    old_term = signal.signal(signal.SIGTERM, handler(terminated, once=once)) if terminated and main else None
+    old_int = take_over_sigint(once=once)
     old_hook = quiet_dropped()
 
     def restore() -> None:
@@ -109,6 +120,6 @@ def take_over(terminated: type[KeyboardInterrupt] | None = None) -> Callable[[],
 
 def clear() -> None:
     """Forget any recorded interrupt (a new command starts)."""
-    global _pending
+    global _pending, _fired
     with _lock:
-        _pending = None
+        _pending, _fired = None, False

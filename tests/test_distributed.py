@@ -245,16 +245,17 @@ def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Any]) -> Non
     victim = _worker(fleet, name, target, 1, **hb)
     survivor = _worker(fleet, name, target, 2, **hb)
     try:
-        # Kill the victim while both workers hold a RUNNING trial (each runs one at a time, so
-        # one of the two is the victim's).
+        # Kill the victim while both workers hold a RUNNING trial that has sampled its candidate
+        # (each runs one at a time, so one of the two is the victim's). A trial killed before it
+        # sampled has nothing to retry (test_interrupted covers it); seen under CI load.
         running: list[int] = []
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and victim.poll() is None:
             try:
-                states = _states(url, name)
+                live = [t for t in _study(url, name).get_trials(deepcopy=False) if t.state.name == "RUNNING"]
             except KeyError:  # the study is not created yet
-                states = {}
-            running = [n for n, s in states.items() if s == "RUNNING"]
+                live = []
+            running = [t.number for t in live if "recipe" in t.user_attrs]
             if len(running) == 2:
                 break
             time.sleep(0.2)

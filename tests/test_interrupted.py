@@ -213,6 +213,32 @@ def test_orphan_trial_is_failed_and_its_queued_params_kept(tmp_path):
     assert counted_trials(s) == []
 
 
+def test_a_dead_workers_trial_that_sampled_nothing_is_failed_and_not_queued(tmp_path):
+    """A worker killed after its trial began but before it sampled a parameter (a sampled, not an
+    enqueued, trial): nothing to repeat, so the trial is failed as interrupted, does not count,
+    and nothing is queued; its reason says so. An enqueued one keeps what it was queued with."""
+    from recommender.search.recovery import WORKER_ATTR, reap_dead_trials
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = {**worker_identity(), "pid": child.pid, "start": None}
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'n.db'}", directions=["maximize", "minimize"])
+    blank = s.ask()
+    blank.set_user_attr(WORKER_ATTR, dead)
+    s.enqueue_trial({"x": 0.5})
+    queued = s.ask()
+    queued.set_user_attr(WORKER_ATTR, dead)
+    assert sorted(reap_dead_trials(s)) == [blank.number, queued.number]
+    trials = s.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials[:2]] == ["FAIL", "FAIL"]
+    assert trials[0].user_attrs["interrupted"] is True
+    assert "nothing is queued again" in trials[0].user_attrs["fail_reason"], trials[0].user_attrs
+    assert "queued again" in trials[1].user_attrs["fail_reason"]
+    assert len(trials) == 3 and trials[2].state.name == "WAITING" and trials[2].user_attrs["retry_of"] == 1
+    assert trials[2].system_attrs["fixed_params"] == {"x": 0.5}
+    assert counted_trials(s) == []
+
+
 def test_interrupt_while_another_process_holds_the_sqlite_write_lock(tmp_path):
     """Another process (a worker, a reader's transaction) holds SQLite's write lock longer than
     sqlite3's default 5 s wait while an interrupted trial is told its result: the interrupt still
@@ -380,4 +406,29 @@ def test_a_dropped_ctrl_c_is_not_printed_as_a_traceback():
             interrupts.check()
     finally:
         sys.unraisablehook = before
+        interrupts.clear()
+
+
+def test_a_workers_handlers_take_the_first_of_two_stops_only():
+    """A --jobs worker gets Ctrl-C from the terminal's process group and then SIGTERM from its
+    coordinator: the first interrupts, the second is ignored (it would break the recording of the
+    interrupted trial); a fresh take-over (clear) arms the handlers again."""
+    from recommender import interrupts
+
+    interrupts.clear()
+    try:
+        ctrl_c, term = interrupts.handler(KeyboardInterrupt, once=True), interrupts.handler(Terminated, once=True)
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c(signal.SIGINT, None)
+        term(signal.SIGTERM, None)  # ignored: no exception
+        ctrl_c(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt) as first:
+            interrupts.check()  # the first one stays recorded, of its own kind
+        assert type(first.value) is KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):  # without once, every signal interrupts
+            interrupts.handler(KeyboardInterrupt)(signal.SIGINT, None)
+        interrupts.clear()
+        with pytest.raises(Terminated):
+            term(signal.SIGTERM, None)
+    finally:
         interrupts.clear()

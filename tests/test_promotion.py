@@ -18,6 +18,7 @@ import torch
 from tests.helpers import interruptible_child
 
 from recommender import recommend
+from recommender.search import workers
 from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results
 from recommender.search.study import counted_trials
 
@@ -174,11 +175,23 @@ def test_workers_that_cannot_start_are_an_error_not_a_short_study(tmp_path):
     assert "__main__" in p.stderr
 
 
-def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
+#: RUNNER with the CLI's signal handling (SIGTERM raises Terminated), as `recommend --jobs 2` runs
+RUNNER_AS_CLI = RUNNER.replace(
+    'if __name__ == "__main__":  # the workers are spawned: they re-import this file\n',
+    'if __name__ == "__main__":  # the workers are spawned: they re-import this file\n'
+    '    from recommender import interrupts\n    from recommender.errors import Terminated\n'
+    '    interrupts.take_over(Terminated)\n')
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C to the process group", "SIGTERM to the coordinator alone"])
+def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path, how):
+    """Ctrl-C in a terminal reaches every process of the group; a supervisor's SIGTERM (or a
+    `kill`) reaches the coordinator alone, which passes it on to its workers. Either way every
+    running trial is recorded as interrupted and queued again: none is left RUNNING."""
     # a target the run cannot reach before the signal, however fast the machine
     kw = common(tmp_path, "sigint", trials=500, rungs="1", jobs=2)
     script = tmp_path / "run.py"
-    script.write_text(RUNNER)
+    script.write_text(RUNNER if how.startswith("Ctrl-C") else RUNNER_AS_CLI)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     log = open(tmp_path / "run.log", "wb")  # a file, not a pipe: nobody reads until the end
     p = subprocess.Popen([sys.executable, str(script), json.dumps(kw)], cwd=tmp_path, env=env,
@@ -194,15 +207,26 @@ def test_sigint_with_two_workers_leaves_a_resumable_study(tmp_path):
             continue
         if len(counted_trials(study)) >= 2:
             break
-    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    t0 = time.monotonic()
+    if how.startswith("Ctrl-C"):
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    else:
+        os.kill(p.pid, signal.SIGTERM)
     p.wait(timeout=120)
+    stopped_s = time.monotonic() - t0
     log.close()
     out = (tmp_path / "run.log").read_text(errors="replace")
     assert p.returncode != 0, out[-3000:]
     study = optuna.load_study(study_name="sigint", storage=storage)
     kept = len(counted_trials(study))
     assert 2 <= kept < 500
-    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)), "no trial left RUNNING"
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state.name == "RUNNING"], ("no trial left RUNNING", out[-3000:])
+    # every trial stopped mid-evaluation is failed as interrupted by its own worker and queued again
+    stopped = [t for t in trials if t.state.name == "FAIL" and t.user_attrs.get("interrupted")]
+    queued = {t.user_attrs.get("retry_of") for t in trials if t.state.name == "WAITING"}
+    assert all(t.number in queued or not t.params for t in stopped), (stopped, queued)
+    assert stopped_s < workers.INTERRUPT_GRACE, stopped_s  # the workers stopped, not killed after the grace
     recommend(**{**kw, "trials": kept + 3})  # the study resumes and reaches its (new) target
     study = optuna.load_study(study_name="sigint", storage=storage)
     assert len(counted_trials(study)) == kept + 3 and study.user_attrs["baseline_evaluations"] == 1

@@ -169,13 +169,20 @@ def requeue(study: optuna.Study, params: Mapping[str, Any], number: int, user_at
 def mark_interrupted(trial: optuna.Trial, reason: str) -> None:
     """Record why ``trial`` stopped before its result, mark it interrupted (it does not count)
     and queue its parameters again (a user's interrupt or the time budget, not a death)."""
+    params = trial.params or trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
+    if not params:
+        reason = reason.replace("; queued again", "") + NOTHING_SAMPLED
     trial.set_user_attr("fail_reason", reason)
     trial.set_user_attr(INTERRUPTED_ATTR, True)
-    requeue(trial.study, trial.params, trial.number, trial.user_attrs, died=False)
+    if params:
+        requeue(trial.study, params, trial.number, trial.user_attrs, died=False)
 
 
 INTERRUPTED_BEFORE_START = "interrupted (Ctrl-C or SIGTERM) before its evaluation began; queued again"
 _HELD = {signal.SIGINT, signal.SIGTERM}
+#: Appended to the reason of a trial stopped before it sampled a parameter: there is nothing to
+#: repeat, and it does not count, so the study samples another candidate in its place.
+NOTHING_SAMPLED = "; it had sampled no parameters yet, so nothing is queued again (the study samples anew)"
 
 
 def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, requeue_it: bool = True,
@@ -185,6 +192,9 @@ def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, reque
     suggested them yet. ``died`` counts the attempt towards :data:`MAX_RETRIES`. False when
     another process finished it first."""
     storage, tid = study._storage, t._trial_id
+    params = t.params or t.system_attrs.get("fixed_params", {})
+    if requeue_it and not params:  # stopped before it sampled anything: the sampler draws afresh
+        reason = reason.replace("; queued again", "") + NOTHING_SAMPLED
     try:
         storage.set_trial_user_attr(tid, "fail_reason", reason)
         storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, requeue_it)
@@ -192,7 +202,6 @@ def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, reque
             return False
     except UpdateFinishedTrialError:  # finished meanwhile (its own objective, another worker, a reaper)
         return False
-    params = t.params or t.system_attrs.get("fixed_params", {})
     if requeue_it and params:
         requeue(study, params, t.number, t.user_attrs, died=died)
     return True

@@ -5,14 +5,17 @@ many small trainings) that open the same study, exactly as the workers of a Post
 the same locking, baseline-once, warm-start-once and promotion-once guarantees hold, each worker
 draws from its own sampler seed, and each trains with ``threads / jobs`` CPU threads. The
 coordinator (the calling process) trains the baselines with every thread first, then waits for
-the workers, relaying their progress lines. Ctrl-C reaches every worker (one process group): each
-records its running trial as interrupted and stops; nothing finished is lost.
+the workers, relaying their progress lines. Ctrl-C reaches every worker (one process group); a
+SIGTERM or Ctrl-C sent to the coordinator alone is passed on to them: each records its running
+trial as interrupted and stops; nothing finished is lost.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
+import signal
 import time
 import warnings
 from typing import Any, Callable
@@ -20,7 +23,7 @@ from typing import Any, Callable
 import optuna
 
 from .. import interrupts
-from ..errors import RecommenderError
+from ..errors import RecommenderError, Terminated
 
 __all__ = ["run_workers"]
 
@@ -35,7 +38,10 @@ def _worker_main(spec: Any, index: int, phase: str, rung: int, deadline: float |
     from .study import Search
 
     torch.set_num_threads(spec.worker_threads())  # this process is ours alone
-    interrupts.take_over()  # a Ctrl-C that CPython drops is raised again, not printed (interrupts.py)
+    # Ctrl-C and SIGTERM (from a terminal's process group, or forwarded by the coordinator) stop
+    # the worker after it records its trial; the second of the two is ignored. A Ctrl-C that
+    # CPython drops is raised again, not printed (interrupts.py).
+    interrupts.take_over(Terminated, once=True)
     if quiet is not None:  # the caller's Optuna verbosity and warning filters, as in its process
         optuna.logging.set_verbosity(quiet[0])
         warnings.filters[:] = quiet[1]
@@ -100,12 +106,21 @@ def run_workers(spec: Any, jobs: int, phase: str, *, rung: int = 0, deadline: fl
             time.sleep(interval)
         drain()
     except KeyboardInterrupt:
+        # The interrupt may have reached this process alone (SIGTERM from a supervisor, `kill`):
+        # pass it on, so that every worker records its trial as interrupted. A worker that got
+        # it already (Ctrl-C reaches the whole process group) ignores the second.
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         end = time.monotonic() + INTERRUPT_GRACE
         for p in procs:
             p.join(max(0.0, end - time.monotonic()))
         for p in procs:
             if p.is_alive():
-                p.terminate()
+                p.kill()  # past the grace period (SIGTERM is the worker's stop signal, handled)
         raise
     finally:
         for p in procs:
