@@ -14,7 +14,7 @@ export failed its check against PyTorch):
     2    bad input: one line on stderr (unknown model, malformed budget, missing dataset, ...)
     3    internal error (a bug): one line, the traceback with -v or RECOMMENDER_DEBUG=1
     130  interrupted (Ctrl-C, SIGINT); finished trials are kept and the same command resumes
-    143  terminated (SIGTERM), as Ctrl-C; the running trial is queued again, not counted
+    143  terminated (SIGTERM), as Ctrl-C; a running trial is queued again, not counted
 
 Only this module changes process-wide state (optuna's log level, warning filters, a log handler),
 and only for the duration of one command (:func:`command_environment`).
@@ -500,7 +500,7 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
                  else f"the study's storage under {spec.studies_dir}" if not args.storage else _redact(args.storage))
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"recommend: {what}; finished trials are saved in {where}; run the same command to resume "
-              "(the running trial is queued again)", file=sys.stderr)
+              "(the trials it was running are not counted and run again)", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     wall = time.perf_counter() - t0
     code = EXIT_FEASIBLE if rec.feasible else EXIT_INFEASIBLE
