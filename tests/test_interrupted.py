@@ -239,6 +239,24 @@ def test_a_dead_workers_trial_that_sampled_nothing_is_failed_and_not_queued(tmp_
     assert counted_trials(s) == []
 
 
+def test_a_trial_its_worker_queued_again_before_it_was_killed_is_queued_once(tmp_path):
+    """A worker records its interrupted trial (queued again) and is killed before the trial is
+    failed (its coordinator's grace period ran out): the reaper fails it without a second copy."""
+    from recommender.search.recovery import WORKER_ATTR, reap_dead_trials, requeue
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'q.db'}", directions=["maximize", "minimize"])
+    t = s.ask()
+    t.suggest_float("x", 0, 1)
+    t.set_user_attr(WORKER_ATTR, {**worker_identity(), "pid": child.pid, "start": None})
+    requeue(s, t.params, t.number, t.user_attrs, died=False)  # what mark_interrupted does first
+    assert reap_dead_trials(s) == [t.number]
+    trials = s.get_trials(deepcopy=False)
+    assert [x.state.name for x in trials] == ["FAIL", "WAITING"], trials
+    assert trials[1].user_attrs["retry_of"] == t.number
+
+
 def test_interrupt_while_another_process_holds_the_sqlite_write_lock(tmp_path):
     """Another process (a worker, a reader's transaction) holds SQLite's write lock longer than
     sqlite3's default 5 s wait while an interrupted trial is told its result: the interrupt still

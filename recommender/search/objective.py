@@ -74,6 +74,12 @@ class Verdict:
     check: StructureCheck | None = None
 
 
+def objective_values(ev: Evaluation, primary: Budget) -> tuple[float, float]:
+    """A study's objective values of a successful evaluation: (accuracy as a fraction, the
+    primary budget's cost in its own unit: params, MFLOPs, MB or ms)."""
+    return float(ev.accuracy), primary.value(ev.costs)
+
+
 @dataclass
 class Objective:
     """Callable objective for :meth:`optuna.Study.optimize`.
@@ -180,7 +186,7 @@ class Objective:
 
     def values(self, ev: Evaluation) -> tuple[float, float]:
         """The objective values of a successful evaluation: (accuracy, primary cost)."""
-        return float(ev.accuracy), self.primary.value(ev.costs)
+        return objective_values(ev, self.primary)
 
     def values_from_dict(self, ev: dict) -> tuple[float, float]:
         """:meth:`values` of an evaluation stored on a trial (``evaluation`` user attribute)."""

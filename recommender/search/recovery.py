@@ -202,9 +202,15 @@ def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, reque
             return False
     except UpdateFinishedTrialError:  # finished meanwhile (its own objective, another worker, a reaper)
         return False
-    if requeue_it and params:
+    if requeue_it and params and not _retried(study, t.number):
         requeue(study, params, t.number, t.user_attrs, died=died)
     return True
+
+
+def _retried(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number`` was queued again already (its worker did, then was killed
+    before the trial was failed): one retry per stopped trial."""
+    return any(t.user_attrs.get(RETRY_ATTR) == number for t in study.get_trials(deepcopy=False))
 
 
 def _who(user_attrs: Mapping[str, Any]) -> str:

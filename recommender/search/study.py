@@ -43,7 +43,7 @@ from ..protocol import ProxyProtocol, get_protocol
 from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
-from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed
+from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed, objective_values
 from .recovery import (RequeueStale, counted_trials, counts_toward_target, guard_trial_creation, interruptible,
                        reap_dead_trials, release_own_trials)
 from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
@@ -806,7 +806,15 @@ class Search:
                     if start is not None:
                         start(self.study)
                 self._teacher_ready()
-                run_workers(self.spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
+                try:
+                    run_workers(self.spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
+                except KeyboardInterrupt:
+                    # The workers have stopped or were killed past their grace period; a killed
+                    # one's trial is still RUNNING: fail it and queue it again now, not at the
+                    # next run (a trial it had finished evaluating is completed from its result).
+                    reap_dead_trials(self.study, lambda ev: objective_values(Evaluation.from_dict(ev),
+                                                                             self.spec.budgets[0]))
+                    raise
         else:
             self.optimize(baseline, reserve=self.promotion_reserve)
         self.promote(jobs)
