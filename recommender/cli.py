@@ -80,7 +80,8 @@ def _add_verbosity(g: Any, *, in_subcommand: bool = False) -> None:
     default: Any = argparse.SUPPRESS if in_subcommand else False
     m = g.add_mutually_exclusive_group()
     m.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="debug lines: every finished trial, optuna's and the library's log, tracebacks")
+                   help="debug lines: every finished trial, optuna's and the library's log, and where a bug happened "
+                        "(the call stack)")
     m.add_argument("--quiet", action="store_true", default=default, help="no progress output (results only)")
 
 
@@ -264,7 +265,7 @@ def build_parser() -> _Parser:
                        "  0    a feasible recommendation (recipe.json written)\n"
                        "  1    finished, nothing feasible (the closest candidates are shown)\n"
                        "  2    bad input (one line on stderr)\n"
-                       "  3    internal error\n"
+                       "  3    a bug in recommender: one line (-v shows where it happened)\n"
                        "  130  stopped by Ctrl-C; finished trials are kept, rerun to resume\n"
                        "  143  stopped by SIGTERM; finished trials are kept, rerun to resume\n\n"
                        "more:\n"

@@ -74,9 +74,12 @@ class Verdict:
     check: StructureCheck | None = None
 
 
-def objective_values(ev: Evaluation, primary: Budget) -> tuple[float, float]:
-    """A study's objective values of a successful evaluation: (accuracy as a fraction, the
-    primary budget's cost in its own unit: params, MFLOPs, MB or ms)."""
+def objective_values(ev: Evaluation | dict, primary: Budget) -> tuple[float, float]:
+    """A study's objective values of a successful evaluation (or of one stored on a trial, its
+    ``evaluation`` user attribute): (accuracy as a fraction, the primary budget's cost in its own
+    unit: params, MFLOPs, MB or ms)."""
+    if isinstance(ev, dict):
+        ev = Evaluation.from_dict(ev)
     return float(ev.accuracy), primary.value(ev.costs)
 
 
@@ -190,7 +193,7 @@ class Objective:
 
     def values_from_dict(self, ev: dict) -> tuple[float, float]:
         """:meth:`values` of an evaluation stored on a trial (``evaluation`` user attribute)."""
-        return self.values(Evaluation.from_dict(ev))
+        return objective_values(ev, self.primary)
 
     def skip(self, trial: optuna.Trial, verdict: Verdict) -> tuple[float, float]:
         """``constraint`` policy: complete the trial untrained with its structural excess as

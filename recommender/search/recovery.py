@@ -169,9 +169,7 @@ def requeue(study: optuna.Study, params: Mapping[str, Any], number: int, user_at
 def mark_interrupted(trial: optuna.Trial, reason: str) -> None:
     """Record why ``trial`` stopped before its result, mark it interrupted (it does not count)
     and queue its parameters again (a user's interrupt or the time budget, not a death)."""
-    params = trial.params or trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
-    if not params:
-        reason = reason.replace("; queued again", "") + NOTHING_SAMPLED
+    params, reason = _to_requeue(trial.params, trial.study._storage.get_trial_system_attrs(trial._trial_id), reason)
     trial.set_user_attr("fail_reason", reason)
     trial.set_user_attr(INTERRUPTED_ATTR, True)
     if params:
@@ -185,6 +183,14 @@ _HELD = {signal.SIGINT, signal.SIGTERM}
 NOTHING_SAMPLED = "; it had sampled no parameters yet, so nothing is queued again (the study samples anew)"
 
 
+def _to_requeue(params: Mapping[str, Any], system_attrs: Mapping[str, Any], reason: str) -> tuple[dict, str]:
+    """What a stopped trial is queued again with (what it sampled, else what it was queued with)
+    and its reason; a trial stopped before it sampled anything has nothing to repeat, and its
+    reason says so (:data:`NOTHING_SAMPLED`)."""
+    params = dict(params or system_attrs.get("fixed_params", {}))
+    return params, reason if params else reason.replace("; queued again", "") + NOTHING_SAMPLED
+
+
 def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, requeue_it: bool = True,
                       died: bool = False) -> bool:
     """Fail the RUNNING trial ``t`` with ``reason``, marked interrupted when it is queued again
@@ -192,9 +198,8 @@ def _fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, *, reque
     suggested them yet. ``died`` counts the attempt towards :data:`MAX_RETRIES`. False when
     another process finished it first."""
     storage, tid = study._storage, t._trial_id
-    params = t.params or t.system_attrs.get("fixed_params", {})
-    if requeue_it and not params:  # stopped before it sampled anything: the sampler draws afresh
-        reason = reason.replace("; queued again", "") + NOTHING_SAMPLED
+    params, unqueued = _to_requeue(t.params, t.system_attrs, reason)
+    reason = unqueued if requeue_it else reason
     try:
         storage.set_trial_user_attr(tid, "fail_reason", reason)
         storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, requeue_it)

@@ -17,6 +17,7 @@ budget; :mod:`recommender.search.rungs`) -> the answer is read back from storage
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -812,8 +813,7 @@ class Search:
                     # The workers have stopped or were killed past their grace period; a killed
                     # one's trial is still RUNNING: fail it and queue it again now, not at the
                     # next run (a trial it had finished evaluating is completed from its result).
-                    reap_dead_trials(self.study, lambda ev: objective_values(Evaluation.from_dict(ev),
-                                                                             self.spec.budgets[0]))
+                    reap_dead_trials(self.study, functools.partial(objective_values, primary=self.spec.budgets[0]))
                     raise
         else:
             self.optimize(baseline, reserve=self.promotion_reserve)
