@@ -32,7 +32,7 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
               log: Callable[[str], None] | None = None,
               callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
               progress: TrainProgress | None = None,
-              write_files: bool = True, **options: Any) -> Recommendation:
+              write_files: bool = True, spec: StudySpec | None = None, **options: Any) -> Recommendation:
     """Search compression recipes for ``model`` and return the recommendation.
 
     Args:
@@ -48,6 +48,8 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
             ``progress(label, step, total, loss)``.
         write_files: write ``<studies_dir>/<study>/report.md``, ``report.json``, ``pareto.png``
             (and ``pareto.html`` with plotly), and ``recipe.json`` when the answer is feasible.
+        spec: the question and its options already parsed (what the CLI passes); then
+            ``model``, ``max_drop``, ``budgets``, ``dataset`` and ``options`` are not read.
         **options: any other :class:`~recommender.search.study.StudySpec` field (``fidelity``,
             ``trials``, ``timeout``, ``sampler``, ``seed``, ``storage``, ``study_name``, ``space``,
             ``checkpoint``, ``baseline_accuracy``, ``confirm_fidelity``, ``n_confirm``, ...).
@@ -56,16 +58,15 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
         A :class:`~recommender.report.Recommendation` (``.recipe``, ``.evaluation``, ``.pareto``,
         ``.study``, ``.explain()``, ``.build_model()``).
     """
-    md = max_drop if isinstance(max_drop, MaxDrop) else MaxDrop.parse(max_drop)
-    if not isinstance(dataset, str):  # an ImageData or a (train, val) Dataset pair: by its spec
-        from .data import register_dataset
+    if spec is None:
+        if not isinstance(dataset, str):  # an ImageData or a (train, val) Dataset pair: by its spec
+            from .data import register_dataset
 
-        dataset = register_dataset(dataset)
-    spec = StudySpec(model=model, max_drop=md, budgets=list(budgets), dataset=dataset, **options)
+            dataset = register_dataset(dataset)
+        spec = StudySpec(model=model, max_drop=max_drop, budgets=tuple(budgets), dataset=dataset, **options)
     search = Search(spec, log=log, callbacks=callbacks, progress=progress)
     search.run()
     rec = recommendation_from_study(search.study, storage=redact(spec.storage_url))
-    rec.spec["num_classes"] = search.data.num_classes
     if write_files:
         write_outputs(rec, Path(spec.studies_dir) / spec.name, log=log)
     _save_dashboard_note(search.study, rec)
@@ -102,8 +103,10 @@ def write_outputs(rec: Recommendation, folder: Path, *, plots: bool = True,
     recipe_path = folder / "recipe.json"
     if rec.feasible and rec.recipe is not None:
         out["recipe"] = atomic_write(recipe_path, json.dumps(
-            {"model": rec.spec.get("model"), "num_classes": rec.spec.get("num_classes"),
-             "dataset": rec.spec.get("dataset"), "feasible": rec.feasible, "recipe": rec.recipe.to_dict()},
+            {"model": rec.question.model, "num_classes": rec.question.num_classes,
+             "dataset": rec.question.dataset, "image_size": rec.question.image_size,
+             "feasible": rec.feasible, "uncertain": rec.uncertain(), "rung": rec.rung,
+             "recipe": rec.recipe.to_dict()},
             indent=2))
     elif remove_file(recipe_path) and log:
         log(f"removed {recipe_path}: the study's answer is no longer feasible")
@@ -134,11 +137,10 @@ def _save_dashboard_note(study: optuna.Study, rec: Recommendation) -> None:
         from optuna_dashboard import save_note
 
         from .plot import pareto_figure_plotly, plotly_available
-        from .report import completed
 
         note = rec.to_markdown()
         attached = False
-        if plotly_available() and rec.study is not None and completed(rec.study):
+        if plotly_available() and rec.ledger.entries:
             try:
                 from optuna_dashboard import save_plotly_graph_object
 

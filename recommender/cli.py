@@ -392,6 +392,8 @@ class RunProgress:
         self._train_key: tuple[str, int] | None = None
         self._train_t0 = 0.0
         self._last_step = 0
+        self._seen = -1
+        self._best = ""
 
     def _ensure(self) -> None:
         if not self.started:
@@ -455,19 +457,27 @@ class RunProgress:
     def _update(self, study: Any) -> None:
         if self.trials_task is None:
             return
-        from .report import feasible_pareto
         from .search.recovery import counted_trials
 
-        front = feasible_pareto(study)
-        best = ""
-        if front:
-            t = front[0]
-            best = f"best feasible: trial {t.number}, acc {100 * t.values[0]:.1f}%, cost {t.values[1]:.4g}"
         done = len(counted_trials(study))
-        self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done, info=best)
+        if done != self._seen:  # the ledger is read again only when a trial finished
+            self._seen = done
+            from .ledger import Ledger
+
+            c = Ledger.from_study(study).answer().chosen
+            p = c.deciding if c is not None else None
+            self._best = (f"best: trial {c.trial}, {100 * p.accuracy:.1f}% at rung {p.rung}" if p is not None else "")
+        self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done,
+                             info=self._best)
 
 
 # -- the main job --------------------------------------------------------------------------------
+
+def exit_code(rec: Any) -> int:
+    """The main job's exit code for an answer: 0 when it recommends a feasible recipe (an
+    uncertain one too: ``uncertain`` in ``--json`` says so), 1 when nothing is feasible."""
+    return EXIT_FEASIBLE if rec.feasible and rec.recipe is not None else EXIT_INFEASIBLE
+
 
 def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
     missing = [flag for flag, value in (("--model", args.model), ("--budget", args.budget)) if not value]
@@ -486,9 +496,8 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
     t0 = time.perf_counter()
     try:
         try:
-            rec = recommend(args.model, max_drop=spec.max_drop, budgets=spec.budgets, dataset=args.dataset,
-                            log=log, callbacks=[bar] if bar else [], progress=bar.training if bar else None,
-                            **options)
+            rec = recommend(spec=spec, log=log, callbacks=[bar] if bar else [],
+                            progress=bar.training if bar else None)
         finally:
             if bar:
                 bar.stop()
@@ -504,7 +513,7 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
               "(the trials it was running are not counted and run again)", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     wall = time.perf_counter() - t0
-    code = EXIT_FEASIBLE if rec.feasible else EXIT_INFEASIBLE
+    code = exit_code(rec)
     if args.json:
         d = rec.to_dict()
         d["study"]["wall_seconds"] = round(wall, 1)

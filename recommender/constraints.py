@@ -6,8 +6,9 @@ Budget grammar (case of the unit suffix matters only for ``M`` vs ``m`` in ``ms`
     12ms-cuda
 
 ``params`` counts trainable parameters, ``nonzero-params`` the ones that are not zero after
-unstructured pruning, ``flops`` multiply-accumulates as fvcore counts them at 1x3x32x32 (the
-paper's count), ``MB`` the serialised state dict in MiB (bytes / 1024**2), ``ms`` the median CPU
+unstructured pruning, ``flops`` multiply-accumulates as fvcore counts them at batch 1 and the model family's deploy
+size (1x3x32x32 for the paper's CIFAR networks, the paper's count;
+:meth:`recommender.models.registry.ModelFamily.deploy_size`), ``MB`` the serialised state dict in MiB (bytes / 1024**2), ``ms`` the median CPU
 latency at batch 1 (``12ms-cpu`` is the same), ``ms-cuda`` the median latency at batch 1 on a
 CUDA GPU (metric ``latency-cuda``; it needs a GPU where the study runs). A latency budget whose
 limit lies within the measured median +- IQR is inside the timing noise

@@ -25,7 +25,7 @@ from . import measure as measure_mod
 from .cache import WeightsCache
 from .compress import checkpoint as ckpt
 from .compress.pipeline import compress
-from .constraints import Budget, MaxDrop
+from .constraints import MaxDrop
 from .data import TensorData
 from .errors import ArchError, RecommenderError, TrainingError
 from .models import build_model, get_family
@@ -122,15 +122,6 @@ class Evaluation:
     def from_dict(cls, d: dict[str, Any]) -> "Evaluation":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
-
-    def constraint_values(self, max_drop: MaxDrop, budgets: list[Budget], baseline_acc: float) -> list[float]:
-        """Optuna constraint values: <= 0 is satisfied. Drop first, then each budget."""
-        allowed = max_drop.allowed_pp(baseline_acc)
-        drop = self.drop_pp if self.drop_pp is not None else math.inf
-        # Normalise the drop excess by the tolerance so all constraints share a scale.
-        out = [(drop - allowed) / max(allowed, 0.1)]
-        out += [b.violation(self.costs) for b in budgets]
-        return out
 
 
 class Evaluator:

@@ -19,7 +19,8 @@ from tests.helpers import interruptible_child
 
 from recommender import recommend
 from recommender.search import workers
-from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results
+from recommender.pareto import ranks
+from recommender.search.rungs import PromotionPolicy, ladder, read_rungs
 from recommender.search.study import counted_trials
 
 torch.set_num_threads(2)
@@ -64,7 +65,7 @@ def test_ladder_and_selection():
     # the older confirm stage: a second seed at the search fidelity
     two = ladder(get_protocol("proxy"), 8, "auto", confirm_fidelity="proxy")
     assert two[1].protocol == get_protocol("proxy", seed=1)
-    assert pareto_ranks([(0.9, 10), (0.7, 20), (0.85, 5)]) == [0, 1, 0]
+    assert ranks([(0.9, 10), (0.7, 20), (0.85, 5)]) == [0, 1, 0]
     assert PromotionPolicy().count(9) == 3 and PromotionPolicy().count(2) == 2 and PromotionPolicy().count(0) == 0
 
 
@@ -96,7 +97,7 @@ def test_power_line_when_validation_set_is_too_small(tmp_path):
     rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
     p = rec.to_dict()["power"]
     assert p["n_val"] == 256 and p["min_resolvable_drop_pp"] > 0.5
-    assert "Power: 256 validation images" in rec.explain(width=200)
+    assert "Power: at rung 0, 256 validation images" in rec.explain(width=200)
 
 
 class Interrupt(Exception):
@@ -125,14 +126,17 @@ def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch
     study = optuna.load_study(study_name="promo", storage=storage)
     promoted = study.user_attrs["promoted_1"]
     assert 2 <= len(promoted) <= 3
-    _, before = rung_results(study._storage, "promo")
+    before = {n: per for n, (_, _, per) in read_rungs(study)[1].items() if 1 in per}
     assert len(before) == 1  # one finished, one interrupted, the rest waiting
 
     rec = recommend(**kw)  # the same command resumes: the rest of rung 1, nothing twice
     study = optuna.load_study(study_name="promo", storage=storage)
     assert study.user_attrs["promoted_1"] == promoted  # decided once
-    _, after = rung_results(study._storage, "promo")
-    assert sorted(after) == sorted(promoted) and all(len(v) == 1 for v in after.values())
+    after = {n: per for n, (_, _, per) in read_rungs(study)[1].items() if 1 in per}
+    assert sorted(after) == sorted(promoted)
+    rung1_trials = optuna.load_study(study_name="promo.rung1", storage=storage).trials
+    done = [t.user_attrs["source_trial"] for t in rung1_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(done) == sorted(promoted), "each promoted candidate evaluated once"
     rung1 = optuna.load_study(study_name="promo.rung1", storage=storage)
     assert rung1.user_attrs["baseline_evaluations"] == 1
     assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1

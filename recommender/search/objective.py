@@ -38,6 +38,7 @@ import optuna
 from ..constraints import Budget, MaxDrop
 from ..errors import ArchError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
+from ..feasibility import Feasibility
 from ..models.arch import ArchConfig
 from ..recipe import Recipe
 from .sampling import FeasibleSampler
@@ -179,13 +180,19 @@ class Objective:
         raise TrialFailed(why)
 
     def record(self, trial: optuna.Trial, ev: Evaluation) -> tuple[float, float]:
+        if ev.ok:  # constraints before the evaluation: a stored evaluation is a finished trial
+            self._set_constraints(trial, self.feasibility.constraint_values(ev.drop_pp, ev.costs,
+                                                                           self.baseline.accuracy))
         trial.set_user_attr("evaluation", ev.to_dict())
         if not ev.ok:
             trial.set_user_attr("fail_reason", ev.reason)
             raise TrialFailed(ev.reason)
-        cons = ev.constraint_values(self.max_drop, self.budgets, self.baseline.accuracy)
-        self._set_constraints(trial, cons)
         return self.values(ev)
+
+    @cached_property
+    def feasibility(self) -> Feasibility:
+        """The question's one feasibility predicate (its constraint values go to Optuna)."""
+        return Feasibility(self.max_drop, tuple(self.budgets))
 
     def values(self, ev: Evaluation) -> tuple[float, float]:
         """The objective values of a successful evaluation: (accuracy, primary cost)."""

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,13 +41,17 @@ from ..errors import ArchError, RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_family, get_preset
 from ..protocol import ProxyProtocol, get_protocol
+from ..feasibility import Power, chance_level
+from ..ledger import Ledger
+from ..question import Question
 from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
+from .plan import Plan
 from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed, objective_values
 from .recovery import (RequeueStale, counted_trials, counts_toward_target, guard_trial_creation, interruptible,
                        reap_dead_trials, release_own_trials)
-from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
+from .rungs import LadderSpec, PromotionPolicy, Rung, ladder, parse_ladder, rung_study_name
 from .sampling import SAMPLERS, make_sampler
 from .space import SearchSpace
 from .storage import redact
@@ -58,7 +62,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudySpec:
     """Everything that defines a recommendation study (CLI flags map one to one).
 
@@ -125,7 +129,6 @@ class StudySpec:
     timeout: float | None = None
     jobs: int = 1
     threads: int = 0
-    model_source: str | None = None
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
@@ -143,21 +146,29 @@ class StudySpec:
     device: str = "auto"
     image_size: int | None = None
 
+    ladder: LadderSpec = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
+        # A frozen question: every field is normalised here, once, and never changed after
+        # (the search reads it; worker processes receive it as it is).
         from ..models import register_module, resolve_model
         from ..models.registry import is_registered
 
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
         if isinstance(self.model, nn.Module):
-            self.model = register_module(self.model)
+            put("model", register_module(self.model))
         elif not is_registered(self.model):
             resolve_model(self.model, check_only=True)  # an unknown name fails before any work
         if self.checkpoint and self.weights:
             raise RecommenderError("give --checkpoint (a trained baseline) or --weights (initial weights), not both")
         # an unknown fidelity, device (or cuda without a GPU) fails before any storage is touched
         get_protocol(self.fidelity, device=self.device, threads=self.threads).resolved_device()
-        if isinstance(self.max_drop, str):
-            self.max_drop = MaxDrop.parse(self.max_drop)
-        self.budgets = parse_budgets(self.budgets)
+        if isinstance(self.max_drop, (str, int, float)):
+            put("max_drop", MaxDrop.parse(self.max_drop))
+        put("budgets", tuple(parse_budgets(list(self.budgets) if isinstance(self.budgets, (list, tuple))
+                                           else self.budgets)))
         if not self.budgets:
             raise RecommenderError("give at least one budget, e.g. --budget 5M-params")
         for b in self.budgets:
@@ -178,18 +189,17 @@ class StudySpec:
             raise RecommenderError("--timeout must be positive")
         validate.seed(self.seed)
         if self.baseline_accuracy is not None:
-            self.baseline_accuracy = validate.percent(self.baseline_accuracy, "--baseline-accuracy")
-        if self.study_name is not None:
-            validate.study_name(self.study_name)
+            put("baseline_accuracy", validate.percent(self.baseline_accuracy, "--baseline-accuracy"))
         if self.confirm_fidelity == "search":
-            self.confirm_fidelity = self.fidelity
-        elif self.confirm_fidelity not in (None, "none", ""):
-            get_protocol(self.confirm_fidelity)
+            put("confirm_fidelity", self.fidelity)
+        put("ladder", parse_ladder(self.rungs, self.confirm_fidelity, self.fidelity))  # parsed once
         self.policy()  # validates the promotion settings
-        if isinstance(self.rungs, str) and self.rungs not in ("auto", "") and not self.rungs.isdigit():
-            for name in self.rungs.split(","):
-                if name.strip():
-                    get_protocol(name.strip())
+        try:  # the study's name, also when derived from the flags: it becomes a file and a folder
+            validate.study_name(self.name)
+        except RecommenderError as exc:
+            if self.study_name:
+                raise
+            raise RecommenderError(f"{exc} (derived from the flags: pass --study-name)") from None
 
     def policy(self) -> PromotionPolicy:
         """The promotion policy (the older confirm stage re-checks exactly ``n_confirm``)."""
@@ -197,12 +207,6 @@ class StudySpec:
             n = max(1, self.n_confirm)
             return PromotionPolicy(fraction=1.0, min_promoted=n, max_promoted=n)
         return PromotionPolicy(fraction=self.promote_fraction, max_promoted=max(2, self.max_promoted))
-        try:  # a derived name too: it becomes a file and a folder
-            validate.study_name(self.name)
-        except RecommenderError as exc:
-            if self.study_name:
-                raise
-            raise RecommenderError(f"{exc} (derived from the flags: pass --study-name)") from None
 
     @property
     def name(self) -> str:
@@ -210,7 +214,11 @@ class StudySpec:
             return self.study_name
         ds = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.dataset.split(":", 1)[-1]).name if ":" in self.dataset
                     else self.dataset).strip("-")
-        parts = [self.model, ds, *(b.text or b.metric for b in self.budgets if b.text),
+        from ..models.registry import is_registered
+
+        # a factory (package.module:factory) names its study after itself
+        model = self.model if is_registered(self.model) else self.model.replace(":", "-")
+        parts = [model, ds, *(b.text or b.metric for b in self.budgets if b.text),
                  f"drop{self.max_drop.text or self.max_drop.value}", self.fidelity]
         return re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(parts).replace("%", "pct"))
 
@@ -224,13 +232,15 @@ class StudySpec:
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.studies_dir) / "cache"
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, model: str | None = None) -> dict[str, Any]:
         """What must match when a study is resumed: the question (model, dataset, fidelity,
         tolerance, budgets, seed) and the baseline it is measured against (a checkpoint or
-        initial weights by the sha256 of their bytes, a stated accuracy)."""
+        initial weights by the sha256 of their bytes, a stated accuracy). ``model``: the model
+        as resolved (a factory's registered name carries a hash of its architecture and initial
+        weights), default the spec's own."""
         from ..compress.checkpoint import file_digest
 
-        return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
+        return {"model": model or self.model, "dataset": self.dataset, "fidelity": self.fidelity,
                 "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
                 "seed": self.seed, "checkpoint": file_digest(self.checkpoint) if self.checkpoint else None,
                 "weights": file_digest(self.weights) if self.weights else None,
@@ -300,14 +310,16 @@ def space_note(model: str) -> str:
             "the search space is pruning x quantization only.")
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0) -> optuna.Study:
-    """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`)
-    with its sampler seeded by :func:`sampler_seed` for ``worker``."""
-    return _open_study(spec, storage, worker)[0]
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0,
+               model: str | None = None) -> optuna.Study:
+    """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`,
+    ``model`` being the model as resolved) with its sampler seeded by :func:`sampler_seed` for
+    ``worker``."""
+    return _open_study(spec, storage, worker, model)[0]
 
 
 def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
-                worker: int) -> tuple[optuna.Study, int]:
+                worker: int, model: str | None = None) -> tuple[optuna.Study, int]:
     """:func:`open_study`, and the sampler seed it chose."""
     storage = storage or open_storage(spec.storage_url)
     primary = spec.budgets[0]
@@ -318,7 +330,7 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
         raise StorageError(f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: "
                            f"{storage_mod.scrub(storage_mod.error_text(exc), spec.storage_url)}") from None
     ident = study.user_attrs.get("spec")
-    mine = spec.identity()
+    mine = spec.identity(model)
     if ident is None:
         study.set_user_attr("spec", mine)
         names = ["accuracy", f"{primary.metric} ({primary.unit})"]
@@ -390,25 +402,20 @@ class Search:
         self.data: ImageData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed,
                                             image_size=spec.image_size)
         from ..models import resolve_model
-        from ..models.registry import is_registered
 
-        source = spec.model_source or spec.model
-        spec.model = resolve_model(source, num_classes=self.data.num_classes, seed=spec.seed)
-        if isinstance(source, str) and not is_registered(source.split("#")[0]) and spec.model != source:
-            spec.model_source = source  # a factory: worker processes import and call it again
-        self.space = SearchSpace.for_model(spec.model, spec.space)
+        # the model as measured: a factory (package.module:factory) is imported and called here,
+        # and again in each worker process, under the same seed (the spec keeps its text)
+        self.model: str = resolve_model(spec.model, num_classes=self.data.num_classes, seed=spec.seed)
+        self.question = Question.of(self.model, spec.dataset, spec.max_drop, spec.budgets, self.data.num_classes,
+                                    spec.image_size)
+        self.space = SearchSpace.for_model(self.model, spec.space)
         self.cache = WeightsCache(spec.cache_root)
         for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
             if path:
                 from ..compress.checkpoint import check_file
 
                 check_file(path)
-        self.study, self.sampler_seed = _open_study(spec, None, worker)
-        if not worker:
-            self.log(f"study {spec.name} in {redact(spec.storage_url)}")
-            note = space_note(spec.model)
-            if note and self.study.user_attrs.get("space_note") != note:
-                self.study.set_user_attr("space_note", note)  # the explanation says it
+        self.study, self.sampler_seed = _open_study(spec, None, worker, self.model)
         # A user's trained checkpoint is evaluated, and its weights inherited, at the size it was
         # trained at: the data's native size pins every rung (off the size it loses accuracy
         # that no candidate lost)
@@ -421,16 +428,52 @@ class Search:
                          f"checkpoint is evaluated at (set by --image-size), instead of the "
                          f"{spec.fidelity} fidelity's {own} px")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
-        self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
-                                        spec.confirm_fidelity, spec.policy(), pin_resolution=pinned)
+        self.plan = Plan(rungs=tuple(ladder(self.evaluator.protocol, self.data.native_resolution, spec.ladder,
+                                            policy=spec.policy(), pin_resolution=pinned)),
+                         policy=spec.policy(), jobs=self._jobs(), sampler=spec.sampler,
+                         structure_policy=spec.structure_policy, trials=spec.trials, timeout=spec.timeout,
+                         pinned_resolution=pinned)
+        self.rungs: tuple[Rung, ...] = self.plan.rungs
+        if not worker:
+            self.log(f"study {spec.name} in {redact(spec.storage_url)}")
+            self._store_question()
         self.trials_run = 0
         self.deadline: float | None = None
         self._rung_evaluators: dict[int, Evaluator] = {}
 
+    @property
+    def worker_spec(self) -> StudySpec:
+        """The spec worker processes get: this one with the resolved number of jobs (each worker
+        takes ``threads / jobs`` CPU threads)."""
+        return replace(self.spec, jobs=self.plan.jobs)
+
+    def _store_question(self) -> None:
+        """The question, the plan's rungs and the space note, on the study for the report."""
+        attrs = self.study.user_attrs
+        for key, value in (("question", self.question.to_dict()), ("rungs", [r.to_dict() for r in self.rungs]),
+                           ("space_note", space_note(self.model) or None)):
+            if value is not None and attrs.get(key) != value:
+                self.study.set_user_attr(key, value)
+
+    def _jobs(self) -> int:
+        """Worker processes to use (1: this process). ``jobs=0`` (auto): one per CPU up to
+        ``MAX_AUTO_JOBS`` (:func:`default_jobs`), except at the ``smoke`` fidelity, whose trainings
+        take seconds, less than starting a worker process. A user module passed as an object
+        cannot be rebuilt in another process: it runs in this one."""
+        from ..models.registry import is_registered
+
+        spec = self.spec
+        jobs = spec.jobs or (1 if spec.fidelity == "smoke" else default_jobs(self.protocol.device))
+        if jobs > 1 and is_registered(spec.model) and get_family(spec.model).style == "custom":
+            if not self.worker:
+                self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
+            return 1
+        return jobs
+
     def _evaluator(self, protocol: ProxyProtocol, *, latency: bool, teacher: ProxyProtocol | None = None
                    ) -> Evaluator:
         spec = self.spec
-        return Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=latency,
+        return Evaluator(self.model, self.data, protocol, cache=self.cache, latency=latency,
                          checkpoint=spec.checkpoint, weights=spec.weights,
                          distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log,
                          progress=self.progress)
@@ -454,26 +497,25 @@ class Search:
                     base = ev.evaluate_baseline(stated)
                     st.set_user_attr("baseline", base.to_dict())
                     st.set_user_attr("baseline_evaluations", int(st.user_attrs.get("baseline_evaluations", 0)) + 1)
-                    if rung == 0:
-                        self._record_power(base)
+                    self._warn_if_unresolvable(base, rung)
                     return base
         return Baseline.from_dict(attr)
 
-    def _record_power(self, base: Baseline) -> None:
-        from ..stats import min_resolvable_drop
-
-        n = len(base.correct) if base.correct is not None else 0
-        if not n:
+    def _warn_if_unresolvable(self, base: Baseline, rung: int) -> None:
+        """Say at once when a rung's baseline is at chance level or its validation set cannot
+        resolve the tolerance (the answer will be marked uncertain; the same predicates decide
+        it in the ledger)."""
+        if base.correct is None or not len(base.correct):
             return
-        mrd = min_resolvable_drop(n, base.accuracy)
-        tol = self.spec.max_drop.allowed_pp(base.accuracy)
-        self.study.set_user_attr("power", {"n_val": n, "baseline_accuracy": base.accuracy,
-                                           "min_resolvable_drop_pp": round(mrd, 3), "tolerance_pp": tol,
-                                           "assumption": "errors independent of the baseline's"})
-        if mrd > tol:
-            self.log(f"power: {n} validation images at {100 * base.accuracy:.1f}% resolve drops of about "
-                     f"±{mrd:.1f} pp, wider than the {tol:g} pp tolerance: 'within tolerance' cannot be "
-                     "established from this data alone (answers are marked uncertain)")
+        chance = chance_level(base.accuracy, base.acc_low, self.data.num_classes)
+        if chance:
+            self.log(f"rung {rung}: {chance}; answers at this rung are marked uncertain")
+        power = Power.at(len(base.correct), base.accuracy, self.question.feasibility.allowed_pp(base.accuracy),
+                         rung=rung)
+        if not power.resolves:
+            self.log(f"power: at rung {rung}, {power.n_val} validation images at {100 * base.accuracy:.1f}% resolve "
+                     f"drops of about ±{power.min_resolvable_drop_pp:.1f} pp, wider than the "
+                     f"{power.tolerance_pp:g} pp tolerance: answers at this rung are marked uncertain")
 
     def warm_start(self) -> int:
         """Enqueue the paper's presets once per study, except those whose structure already breaks
@@ -608,23 +650,14 @@ class Search:
                                                        teacher=self.evaluator.protocol if same else None)
         return self._rung_evaluators[k]
 
-    def _rung_candidates(self, k: int) -> list:
-        """Candidates evaluated at rung k (their source trial numbers, recipes, evaluations)."""
-        if k == 0:
-            return candidates_from(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        from .rungs import Candidate
+    def ledger(self) -> Ledger:
+        """Everything the study has measured so far (read fresh from storage)."""
+        return Ledger.from_study(_reload(self.study))
 
-        out = []
-        for t in self._rung_study(k).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            d = t.user_attrs.get("evaluation")
-            if d is not None:
-                out.append(Candidate(int(t.user_attrs["source_trial"]), t.user_attrs["recipe"],
-                                     Evaluation.from_dict(d), {}))
-        return out
-
-    def _estimate_rung_seconds(self, k: int, cands: list) -> tuple[float, float]:
+    def _estimate_rung_seconds(self, k: int, measured: list[Evaluation]) -> tuple[float, float]:
         """(baseline seconds, seconds per promoted candidate) of rung k, scaled from rung k-1 by
-        epochs x pixels x training images (0 for what is cached or given)."""
+        epochs x pixels x training images (0 for what is cached or given); ``measured``: the
+        evaluations at rung k-1."""
         lo, hi = self.rungs[k - 1].protocol, self.rungs[k].protocol
         native = self.data.native_resolution
         n = self.data.n_train
@@ -640,7 +673,7 @@ class Search:
             ev = self._rung_evaluator(k)
             if not (self.cache and self.cache.contains(ev.baseline_key())):
                 base_s = float(base_attr.get("train_seconds") or 0.0) * factor
-        secs = [max(c.evaluation.train_seconds, c.evaluation.wall_seconds) for c in cands]
+        secs = [max(e.train_seconds, e.wall_seconds) for e in measured]
         per = (sorted(secs)[len(secs) // 2] if secs else 0.0) * factor
         return base_s, per
 
@@ -648,15 +681,16 @@ class Search:
         """Seconds the next promotion rung is estimated to need (0 when it will not run)."""
         if len(self.rungs) < 2 or self.study.user_attrs.get("promoted_1") is not None:
             return 0.0
-        cands = self._rung_candidates(0)
-        base_s, per = self._estimate_rung_seconds(1, cands)
-        return base_s + per * self.spec.policy().min_promoted / max(1, self.spec.jobs)
+        measured = [m.evaluation for _, m in Ledger.from_study(self.study).measured_at(0)]
+        base_s, per = self._estimate_rung_seconds(1, measured)
+        return base_s + per * self.plan.policy.min_promoted / max(1, self.plan.jobs)
 
     def decide(self, k: int, baseline: Baseline) -> list[int]:
         """Choose (once per study, under the lock) the candidates promoted to rung k and enqueue
         them in rung k's study; returns their source trial numbers ([] when the rung is skipped).
-        A rung skipped because its estimated time does not fit the time left is not decided: a
-        later run of the study (with time left) decides it."""
+        Who goes up is the ledger's rule (:meth:`recommender.ledger.Ledger.promotion`: those that
+        held before those that only might). A rung skipped because its estimated time does not
+        fit the time left is not decided: a later run of the study (with time left) decides it."""
         key = f"promoted_{k}"
         if self.study.user_attrs.get(key) is not None:
             return list(self.study.user_attrs[key])
@@ -664,8 +698,8 @@ class Search:
             study = _reload(self.study)
             if study.user_attrs.get(key) is not None:
                 return list(study.user_attrs[key])
-            cands = self._rung_candidates(k - 1)
-            base_s, per = self._estimate_rung_seconds(k, cands)
+            ledger = Ledger.from_study(study)
+            base_s, per = self._estimate_rung_seconds(k, [m.evaluation for _, m in ledger.measured_at(k - 1)])
             left = self._time_left()
             limit = None
             reason = ""
@@ -674,9 +708,8 @@ class Search:
                           f"> {max(0.0, left):.0f} s left of the time budget")
                 limit = 0
             elif per > 0 and math.isfinite(left):
-                limit = int((left - base_s) * max(1, self.spec.jobs) // per)
-            chosen = [] if limit == 0 else select_for_promotion(
-                cands, self.spec.max_drop, self.spec.budgets, baseline.accuracy, self.spec.policy(), limit)
+                limit = int((left - base_s) * max(1, self.plan.jobs) // per)
+            chosen = [] if limit == 0 else ledger.promotion(k, self.plan.policy.count, limit)
             if not chosen and not reason:
                 reason = "no candidate of the rung below is eligible (budgets met, drop interval reaching the tolerance)"
             rst = self._rung_study(k)
@@ -688,14 +721,13 @@ class Search:
                     return []
             elif rst.user_attrs.get("skipped"):
                 rst.set_user_attr("skipped", None)  # an earlier run's time skip: it runs now
-            main_trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-            for c in chosen:
-                src = main_trials.get(c.trial)
-                prev = c.evaluation
-                rst.enqueue_trial({}, user_attrs={"source_trial": c.trial, "recipe": c.recipe,
-                                                  "preset": src.user_attrs.get("preset") if src else None,
-                                                  "latency": {f: prev.costs.get(f) for f in LATENCY_FIELDS}})
-            numbers = [c.trial for c in chosen]
+            for e in chosen:
+                below = e.at(k - 1)
+                costs = below.evaluation.costs if below is not None else {}
+                rst.enqueue_trial({}, user_attrs={"source_trial": e.trial, "recipe": e.recipe.to_dict(),
+                                                  "preset": e.preset,
+                                                  "latency": {f: e.costs.get(f, costs.get(f)) for f in LATENCY_FIELDS}})
+            numbers = [e.trial for e in chosen]
             rst.set_user_attr("promoted", numbers)
             self.study.set_user_attr(key, numbers)
             if numbers:
@@ -711,6 +743,7 @@ class Search:
         rst = self._rung_study(k)
         baseline = self.baseline(k)
         ev = self._rung_evaluator(k)
+        reap_dead_trials(rst, rung_values)  # a killed earlier run's evaluations count
         self._requeue(k)
         done = 0
 
@@ -752,7 +785,7 @@ class Search:
             self.baseline(k)  # trained here with every thread, before the workers start
             if jobs > 1:
                 self._teacher_ready(self._rung_evaluator(k))
-                run_workers(self.spec, jobs, "rung", rung=k, deadline=self.deadline, log=self.log)
+                run_workers(self.worker_spec, jobs, "rung", rung=k, deadline=self.deadline, log=self.log)
             else:
                 self.run_rung(k)
             _wait_for(self._rung_study(k))
@@ -777,18 +810,6 @@ class Search:
                     rst.enqueue_trial({}, user_attrs=attrs)
                     self.log(f"rung {k}: trial {n} was interrupted; enqueued again")
 
-    def _parallel(self) -> int:
-        """Worker processes to use (1: this process). ``jobs=0`` (auto): one per CPU up to
-        ``MAX_AUTO_JOBS`` (:func:`default_jobs`), except at the ``smoke`` fidelity, whose trainings
-        take seconds, less than starting a worker process. A user module passed as an object
-        cannot be rebuilt in another process: it runs in this one."""
-        jobs = self.spec.jobs or (1 if self.spec.fidelity == "smoke" else default_jobs(self.protocol.device))
-        self.spec.jobs = jobs
-        if jobs > 1 and get_family(self.spec.model).style == "custom" and not self.spec.model_source:
-            self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
-            return 1
-        return jobs
-
     def _poll(self) -> None:
         for cb in self.callbacks:
             cb(self.study, None)
@@ -799,7 +820,7 @@ class Search:
             self.deadline = time.monotonic() + self.spec.timeout
         baseline = self.baseline()
         self.warm_start()
-        jobs = self._parallel()
+        jobs = self.plan.jobs
         if jobs > 1:
             if self.remaining() > 0:
                 for cb in self.callbacks:
@@ -808,7 +829,7 @@ class Search:
                         start(self.study)
                 self._teacher_ready()
                 try:
-                    run_workers(self.spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
+                    run_workers(self.worker_spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
                 except KeyboardInterrupt:
                     # The workers have stopped or were killed past their grace period; a killed
                     # one's trial is still RUNNING: fail it and queue it again now, not at the
@@ -819,14 +840,20 @@ class Search:
             self.optimize(baseline, reserve=self.promotion_reserve)
         self.promote(jobs)
         self.study.set_user_attr("last_run_seconds", round(time.perf_counter() - t0, 1))
-        self.study.set_user_attr("rungs", [r.to_dict() for r in self.rungs])
         return self.study
 
 
+def rung_values(ev: Any) -> list[float]:
+    """A promotion rung's objective value from a stored evaluation: its accuracy."""
+    return [float(ev["accuracy"])]
+
+
 def _wait_for(study: optuna.Study, poll: float = 2.0) -> None:
-    """Wait until no trial of ``study`` is running (other workers finishing their share); a dead
-    worker's trial is failed once its heartbeat is stale."""
+    """Wait until no trial of rung ``study`` is running (other workers finishing their share); a
+    dead worker's trial is finished from its stored evaluation (or failed and queued again) at
+    once on this machine, once its heartbeat is stale elsewhere."""
     while True:
+        reap_dead_trials(study, rung_values)
         optuna.storages.fail_stale_trials(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             return
