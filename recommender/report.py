@@ -39,7 +39,7 @@ COST_ROWS = (  # (Costs field, label, unit)
     ("nonzero_params", "non-zero params", "params"),
     ("mflops", "MFLOPs", "MFLOPs"),
     ("size_mb", "size (dense)", "MB"),
-    ("sparse_size_mb", "size (sparse encoding)", "MB"),
+    ("sparse_size_mb", "size (sparse)", "MB"),
     ("latency_ms", "latency (batch 1)", "ms"),
 )
 
@@ -472,26 +472,28 @@ def status_line(rec: Recommendation) -> str:
 
 
 def _evidence_table(rec: Recommendation, e: Entry) -> Table:
-    t = Table(box=box.SIMPLE, title="Evidence on every rung it ran (lowest fidelity first)", title_justify="left")
-    for col in ("rung", "baseline", "candidate", "drop pp [95% CI]", "verdict"):
-        t.add_column(col, justify="right")
+    t = Table(box=box.SIMPLE, title="Evidence on every rung it ran", title_justify="left")
+    for col in ("rung", "baseline", "candidate", "drop pp", "95% CI", "verdict"):
+        t.add_column(col, justify="right", no_wrap=True)
     for m in e.measurements:
         ev = m.evaluation
         base = m.baseline
         verdict = "failed" if not m.ok else "held" if m.verdict.holds else "missed"
-        t.add_row(f"{m.rung}", _fmt_acc(base.accuracy, base.acc_low, base.acc_high) if base else "n/a",
-                  _fmt_acc(ev.accuracy, ev.acc_low, ev.acc_high) if m.ok else (ev.reason or "failed")[:40],
-                  _fmt_drop(ev.drop_pp, ev.drop_low_pp, ev.drop_high_pp), verdict)
+        ci = f"[{ev.drop_low_pp:+.1f}, {ev.drop_high_pp:+.1f}]" if ev.drop_low_pp is not None else ""
+        t.add_row(f"{m.rung}", _fmt_acc(base.accuracy) if base else "n/a",
+                  _fmt_acc(ev.accuracy) if m.ok else (ev.reason or "failed")[:24],
+                  f"{ev.drop_pp:+.2f}" if ev.drop_pp is not None else "n/a", ci, verdict)
     return t
 
 
 def _candidate_table(rec: Recommendation, rows: tuple[Entry, ...], title: str) -> Table:
-    t = Table(title=title, box=box.SIMPLE, title_justify="left")
+    t = Table(title=title, box=box.SIMPLE, title_justify="left",
+              caption="evidence: per rung, ✓ held, ✗ missed, ! failed; * the recommendation", caption_justify="left")
     p = rec.budgets[0] if rec.budgets else None
     cols = ("trial", "rung", "accuracy", "drop pp", p.metric if p else "cost", "evidence")
     for col in cols:
         t.add_column(col, justify="right", no_wrap=True)
-    t.add_column("recipe", justify="left", overflow="fold", ratio=1, min_width=24)
+    t.add_column("recipe", justify="left", overflow="fold", ratio=1, min_width=20)
     for e in rows:
         d = e.deciding or e.measurements[-1]
         ev = d.evaluation
@@ -530,12 +532,14 @@ def render(rec: Recommendation) -> Group:
                 body.append(Text("uncertain: " + why, style="yellow"))
         t = Table(box=box.SIMPLE_HEAVY, show_edge=False)
         t.add_column("")
-        t.add_column(f"baseline (rung {d.rung})", justify="right")
-        t.add_column("recommended", justify="right")
-        t.add_column("change", justify="right")
-        t.add_row("accuracy (95% CI)", _fmt_acc(base.accuracy, base.acc_low, base.acc_high) if base else "n/a",
-                  _fmt_acc(ev.accuracy, ev.acc_low, ev.acc_high), "drop " + _fmt_drop(ev.drop_pp, ev.drop_low_pp,
-                                                                                       ev.drop_high_pp))
+        t.add_column(f"baseline r{d.rung}", justify="right", no_wrap=True)
+        t.add_column("recommended", justify="right", no_wrap=True)
+        t.add_column("change", justify="right", no_wrap=True)
+        t.add_row("accuracy", _fmt_acc(base.accuracy) if base else "n/a", _fmt_acc(ev.accuracy),
+                  "drop " + _fmt_drop(ev.drop_pp))
+        t.add_row("  95% interval", f"[{100 * base.acc_low:.1f}, {100 * base.acc_high:.1f}]" if base else "",
+                  f"[{100 * ev.acc_low:.1f}, {100 * ev.acc_high:.1f}]" if ev.acc_low is not None else "",
+                  f"[{ev.drop_low_pp:+.1f}, {ev.drop_high_pp:+.1f}] pp" if ev.drop_low_pp is not None else "")
         b0 = led.baseline(0)
         bc = (b0 or base).costs if (b0 or base) else {}
         for key, label, unit in COST_ROWS:
@@ -559,8 +563,7 @@ def render(rec: Recommendation) -> Group:
                               f"{_fmt_drop(ev.drop_pp, ev.drop_low_pp, ev.drop_high_pp)}; misses: "
                               f"{'; '.join(dd.verdict.misses) or 'nothing'}"))
     if ans.front:
-        parts.append(_candidate_table(rec, ans.front, "Candidates that held (the front; each at the rung that "
-                                                      "decided it; ✓ held, ✗ missed)"))
+        parts.append(_candidate_table(rec, ans.front, "Candidates that held (each at its deciding rung)"))
     elif ans.closest:
         parts.append(_candidate_table(rec, ans.closest, "Closest candidates"))
     if ans.alternatives:
@@ -721,8 +724,8 @@ def markdown(rec: Recommendation) -> str:
                   "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
         for p in rows:
             lines.append(_md_row(p["trial"], p["rung"], p["describe"], _md_acc(p["accuracy"]), _md_drop(p["drop"]),
-                                 p["evidence_text"], p["params"], _round(p["mflops"], 1), _round(p["size_mb"], 2),
-                                 _round(p["latency_ms"], 1)))
+                                 p["evidence_text"], format_quantity(p["params"], "params").replace(" params", ""),
+                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1)))
     if d["alternatives"]:
         lines += ["", "## Alternatives", ""]
         for name, a in d["alternatives"].items():
