@@ -32,7 +32,7 @@ from .evaluation import Baseline, Evaluation
 from .ledger import Answer, Entry, Ledger, Measurement
 from .question import Question
 from .recipe import Recipe
-from .search.recovery import SKIPPED_ATTR, is_interrupted
+from .search.recovery import SKIPPED_ATTR, counted_trials, is_interrupted
 
 COST_ROWS = (  # (Costs field, label, unit)
     ("params", "params", "params"),
@@ -73,6 +73,7 @@ def trial_counts(study: optuna.Study, ledger: Ledger) -> dict[str, int]:
         "running": sum(t.state == TrialState.RUNNING for t in all_trials),
         "sampled": sum(1 for e, _ in search if not e.preset),
         "confirmed": sum(1 for e in ledger.entries if e.top_measured > 0),
+        "counted": len(counted_trials(study)),
         "baseline_evaluations": int(study.user_attrs.get("baseline_evaluations", 0)),
     }
 
@@ -95,6 +96,9 @@ class Recommendation:
     counts: dict[str, int] = field(default_factory=dict)
     warm_start_skipped: dict[str, str] = field(default_factory=dict)
     space_note: str = ""
+    #: the study's plan as stored (rungs, trials asked, ``note``) and why the search stopped short
+    plan: dict[str, Any] = field(default_factory=dict)
+    search_stopped: str | None = None
     failures: dict[str, int] = field(default_factory=dict)
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     study: optuna.Study | None = None
@@ -226,6 +230,22 @@ class Recommendation:
         nc = num_classes or self.question.num_classes or self.spec.get("num_classes") or 10
         return build_model(self.question.model, self.recipe.arch, num_classes=nc)
 
+    def run_lines(self) -> list[str]:
+        """What the run did not do that was asked, and why: the trial target not reached, no
+        promotion rung (``--rungs auto``), rungs skipped."""
+        out = []
+        target, counted = self.plan.get("trials"), self.counts.get("counted")
+        if target and counted is not None and counted < target and not self.counts.get("running"):
+            why = self.search_stopped or "the search stopped early"
+            out.append(f"Searched {counted} of the {target} trials asked (--trials): {why}; the same command "
+                       "resumes the study and runs the rest.")
+        if self.plan.get("note"):
+            out.append(self.plan["note"][0].upper() + self.plan["note"][1:] + ".")
+        for info in self.ledger.rungs[1:]:
+            if info.skipped:
+                out.append(f"Rung {info.index} ({info.label}) not run: {info.skipped}.")
+        return out
+
     def warning(self, e: Entry) -> str | None:
         """A warning when the drop grew with fidelity (the cheap rung flattered the candidate)."""
         g = e.drop_growth()
@@ -272,6 +292,8 @@ class Recommendation:
             "failures": self.failures,
             "importances": self.importances,
             "binding_constraints": self.binding,
+            "plan": self.plan,
+            "run": self.run_lines(),
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -408,7 +430,8 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
     return Recommendation(
         study_name=study.study_name, storage=storage, ledger=ledger, spec=dict(attrs.get("spec", {})),
         counts=trial_counts(study, ledger), warm_start_skipped=dict(attrs.get("warm_start_skipped", {})),
-        space_note=str(attrs.get("space_note", "")), failures=dict(failures),
+        space_note=str(attrs.get("space_note") or ""), plan=dict(attrs.get("plan") or {}),
+        search_stopped=attrs.get("search_stopped"), failures=dict(failures),
         importances=_importances(study), study=study)
 
 
@@ -575,9 +598,8 @@ def render(rec: Recommendation) -> Group:
                          f" (drop {_fmt_drop(dd.drop)}), " + (format_quantity(p.value(e.costs), p.unit) if p else ""))
         parts.append(Panel(escape("\n".join(lines)), title="Alternatives", title_align="left"))
     parts.append(Text(summary_line(rec.counts, len(led.rungs))))
-    for info in led.rungs[1:]:
-        if info.skipped:
-            parts.append(Text(f"Rung {info.index} ({info.label}) not run: {info.skipped}.", style="yellow"))
+    for line in rec.run_lines():
+        parts.append(Text(line, style="yellow"))
     if rec.warm_start_skipped:
         parts.append(Text(skipped_presets_line(rec.warm_start_skipped), style="dim"))
     reasons = rec.infeasible_reasons
@@ -732,9 +754,8 @@ def markdown(rec: Recommendation) -> str:
             lines.append(f"- {name}: trial {a['trial']} — `{a['describe']}` — {_md_acc(a['accuracy'])} at rung "
                          f"{a['rung']} (drop {_md_drop(a['drop'])})")
     lines += ["", summary_line(rec.counts, len(rec.ledger.rungs))]
-    for info in d["rungs"][1:]:
-        if info.get("skipped"):
-            lines += ["", f"Rung {info['index']} ({info.get('label')}) not run: {info['skipped']}."]
+    for line in d["run"]:
+        lines += ["", line]
     if rec.warm_start_skipped:
         lines += ["", skipped_presets_line(rec.warm_start_skipped)]
     if d["infeasible_reasons"]:

@@ -367,7 +367,7 @@ def test_one_small_study_tells_one_story(tmp_path, capsys):
 
     (tmp_path / "space.yaml").write_text(TINY_SPACE)
     argv = ["--model", "resnet18", "--max-drop", "50%", "--budget", "1M-params", "--fidelity", "smoke",
-            "--trials", "4", "--rungs", "auto", "--max-promoted", "2", "--space", str(tmp_path / "space.yaml"),
+            "--trials", "4", "--rungs", "2", "--max-promoted", "2", "--space", str(tmp_path / "space.yaml"),
             "--no-warm-start", "--no-latency", "--studies-dir", str(tmp_path / "studies"), "--study-name", "story",
             "--quiet"]
     code = main(argv)

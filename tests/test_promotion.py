@@ -105,7 +105,7 @@ class Interrupt(Exception):
 
 
 def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch):
-    kw = common(tmp_path, "promo", trials=6, rungs="auto", max_promoted=3)
+    kw = common(tmp_path, "promo", trials=6, rungs="2", max_promoted=3)
     from recommender.evaluation import Evaluator
 
     real = Evaluator.evaluate
@@ -256,7 +256,7 @@ def test_a_rung_skipped_for_time_is_decided_by_a_later_run(tmp_path):
 
     from recommender.search.study import Search, StudySpec
 
-    kw = {k: v for k, v in common(tmp_path, "later", trials=3, rungs="auto").items() if k != "write_files"}
+    kw = {k: v for k, v in common(tmp_path, "later", trials=3, rungs="2").items() if k != "write_files"}
     search = Search(StudySpec(**kw))
     base = search.baseline()
     search.optimize(base)
@@ -268,3 +268,46 @@ def test_a_rung_skipped_for_time_is_decided_by_a_later_run(tmp_path):
     chosen = search.decide(1, base)
     assert chosen and search.study.user_attrs["promoted_1"] == chosen
     assert search._rung_study(1).user_attrs.get("skipped") is None
+
+
+def test_auto_rungs_are_sized_to_the_fidelity_and_the_data():
+    """--rungs auto: no promotion rung for a smoke dry run, nor where the derived rung would see
+    no more of the data (digits at proxy: every image at its native 8 px); one at 32 px when the
+    search trains at 16 px."""
+    from recommender.protocol import get_protocol
+    from recommender.search.rungs import auto_note, parse_ladder
+
+    smoke = ladder(get_protocol("smoke"), 32, "auto", n_train=2854, n_val=951)
+    assert len(smoke) == 1 and "dry run" in auto_note(get_protocol("smoke"), smoke, parse_ladder("auto", None, "smoke"))
+    digits = ladder(get_protocol("proxy"), 8, "auto", n_train=1347, n_val=450)
+    assert len(digits) == 1 and "more epochs alone" in auto_note(get_protocol("proxy"), digits,
+                                                                  parse_ladder("auto", None, "proxy"))
+    cifar = ladder(get_protocol("proxy"), 32, "auto", n_train=2854, n_val=951)
+    assert [r.protocol.input_resolution(32) for r in cifar] == [16, 32]
+    assert len(ladder(get_protocol("smoke"), 8, "2", n_train=1347, n_val=450)) == 2  # asked for: given
+
+
+def test_time_kept_for_promotions_that_no_longer_fit_goes_to_the_search(tmp_path, monkeypatch):
+    """The promotions' estimate grows as trials are measured; once it no longer fits the time
+    left, the search keeps going (and says so) instead of stopping to keep time for a rung that
+    cannot run; a search that ends short of --trials says why."""
+    import time as _time
+
+    from recommender.search.study import Search, StudySpec
+
+    kw = {k: v for k, v in common(tmp_path, "reserve", trials=50, rungs="2").items() if k != "write_files"}
+    lines: list[str] = []
+    search = Search(StudySpec(**kw), log=lines.append)
+    base = search.baseline()
+    estimates = iter([1.0, 1.0])
+    monkeypatch.setattr(search, "promotion_reserve", lambda: next(estimates, 1e6))
+    search.deadline = _time.monotonic() + 8.0
+    search.optimize(base, reserve=search.promotion_reserve)
+    assert any("so the search uses all of it" in ln for ln in lines), lines
+    assert not any("to leave the promotions their time" in ln for ln in lines), lines
+    assert search.study.user_attrs["search_stopped"] == "the time budget (--timeout) ended the search"
+    from recommender.report import recommendation_from_study
+
+    rec = recommendation_from_study(search.study)
+    assert any(ln.startswith("Searched ") and "of the 50 trials asked" in ln and "same command resumes" in ln
+               for ln in rec.run_lines())

@@ -29,6 +29,7 @@ class Plan:
         trials: candidates the study should have evaluated.
         timeout: seconds for this invocation (None: no limit).
         pinned_resolution: px every rung runs at (a given checkpoint's size; 0: each rung's own).
+        note: why ``--rungs auto`` added no promotion rung (empty: it did, or was not asked).
     """
 
     rungs: tuple[Rung, ...]
@@ -39,10 +40,11 @@ class Plan:
     trials: int
     timeout: float | None = None
     pinned_resolution: int = 0
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"rungs": [r.to_dict() for r in self.rungs], "jobs": self.jobs, "sampler": self.sampler,
                 "structure_policy": self.structure_policy, "trials": self.trials, "timeout": self.timeout,
-                "pinned_resolution": self.pinned_resolution,
+                "pinned_resolution": self.pinned_resolution, "note": self.note,
                 "promotion": {"fraction": self.policy.fraction, "min": self.policy.min_promoted,
                               "max": self.policy.max_promoted, "epoch_factor": self.policy.epoch_factor}}

@@ -94,6 +94,12 @@ def derived(p: ProxyProtocol, native: int, k: int, policy: PromotionPolicy) -> P
                      augment=True, train_size=0 if not p.train_size else 2 * p.train_size, val_size=0)
 
 
+#: The rungs ``--rungs auto`` may give each fidelity (the search rung included). ``smoke`` is a
+#: dry run (a derived rung cost it 20x its search) and ``paper`` is the reference protocol itself;
+#: ``proxy`` and ``confirm`` get one derived rung when it sees more of the data (see
+#: :func:`sees_more`).
+AUTO_RUNGS = {"smoke": 1, "proxy": 2, "confirm": 2, "paper": 1}
+
 #: The most rungs a ladder may have (the search rung included): each derived rung multiplies
 #: the epochs by ``epoch_factor``, so a sixth rung would train 243x the search's epochs.
 MAX_RUNGS = 5
@@ -103,15 +109,18 @@ MAX_RUNGS = 5
 class LadderSpec:
     """The ladder the user asked for, parsed once (:func:`parse_ladder`).
 
-    derived: rungs in all when they are derived from the search rung (``auto`` = 2).
+    derived: rungs in all when they are derived from the search rung.
     names: fidelity names of the rungs above the search rung, when named.
     confirm: the older single re-check: a fidelity name (a second seed of the search's own
         fidelity when it is the search's), or ``none`` for no re-check.
+    auto: ``--rungs auto``: up to :data:`AUTO_RUNGS` of the search fidelity, a derived rung only
+        where it sees more of the data than the rung below.
     """
 
     derived: int = 2
     names: tuple[str, ...] = ()
     confirm: str | None = None
+    auto: bool = False
 
 
 def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity: str | None = None,
@@ -130,7 +139,7 @@ def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity
         return LadderSpec(confirm=name)
     text = "auto" if rungs is None else str(rungs).strip()
     if text in ("auto", ""):
-        return LadderSpec()
+        return LadderSpec(derived=AUTO_RUNGS.get(search_fidelity or "", 2), auto=True)
     if text.lstrip("-").isdigit():
         n = int(text)
         if not 1 <= n <= MAX_RUNGS:
@@ -146,9 +155,28 @@ def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity
     return LadderSpec(derived=0, names=tuple(names))
 
 
+def sees_more(lo: ProxyProtocol, hi: ProxyProtocol, native: int, n_train: int | None = None,
+              n_val: int | None = None) -> bool:
+    """Whether protocol ``hi`` sees more of the data than ``lo``: a larger input, or more
+    training or validation images (``n_train``/``n_val``: what the data has; None: unknown,
+    counted as more). Measured on digits, where ``proxy`` already uses every image at the native
+    8 px: 3x the epochs with augmentation alone was not more faithful to long reference trainings
+    (docs/measurements.md), so such a rung is not added by ``auto``."""
+    if hi.input_resolution(native) > lo.input_resolution(native):
+        return True
+
+    def used(size: int, total: int | None) -> float:
+        if total is None:
+            return math.inf if not size else float(size)
+        return float(min(size, total) if size else total)
+
+    return used(hi.train_size, n_train) > used(lo.train_size, n_train) or used(hi.val_size, n_val) > used(
+        lo.val_size, n_val)
+
+
 def ladder(search: ProxyProtocol, native: int, rungs: str | int | LadderSpec | None = "auto",
            confirm_fidelity: str | None = None, policy: PromotionPolicy | None = None,
-           pin_resolution: int = 0) -> list[Rung]:
+           pin_resolution: int = 0, n_train: int | None = None, n_val: int | None = None) -> list[Rung]:
     """The rungs of a study, lowest first.
 
     ``rungs``: a :class:`LadderSpec`, or what :func:`parse_ladder` reads: ``auto`` (the search
@@ -157,14 +185,34 @@ def ladder(search: ProxyProtocol, native: int, rungs: str | int | LadderSpec | N
     ``none`` = one rung; the search fidelity's own name = the same protocol with the next seed
     (a second-seed re-check); another fidelity = that protocol. ``pin_resolution`` (px, 0 =
     off): every rung runs at that input size (a given trained baseline is evaluated, and its
-    weights inherited, at the size it was trained at).
+    weights inherited, at the size it was trained at). ``n_train``/``n_val``: the data's image
+    counts, for ``auto`` (:func:`sees_more`).
     """
     spec = parse_ladder(rungs, confirm_fidelity, search.fidelity)
     out = _ladder(search, native, spec, policy or PromotionPolicy())
     if pin_resolution:
         out = [Rung(r.index, q, _label(q, native))
                for r in out for q in [r.protocol.replace(resolution=pin_resolution)]]
+    if spec.auto:
+        keep = [out[0]]
+        for r in out[1:]:
+            if not sees_more(keep[-1].protocol, r.protocol, native, n_train, n_val):
+                break
+            keep.append(r)
+        out = keep
     return out
+
+
+def auto_note(search: ProxyProtocol, rungs: list[Rung], spec: LadderSpec) -> str:
+    """Why ``--rungs auto`` added no promotion rung (empty when it added one or was not auto)."""
+    if not spec.auto or len(rungs) > 1:
+        return ""
+    if spec.derived <= 1:
+        return (f"no promotion rung: --rungs auto does not promote at the {search.fidelity} fidelity "
+                f"({'a dry run' if search.fidelity == 'smoke' else 'the reference protocol'}); "
+                "--rungs 2 adds one")
+    return (f"no promotion rung: {search.fidelity} already trains on all of this data at its full size, and "
+            "more epochs alone were measured not to be more faithful (docs/measurements.md); --rungs 2 adds one")
 
 
 def _ladder(search: ProxyProtocol, native: int, spec: LadderSpec, policy: PromotionPolicy) -> list[Rung]:

@@ -51,7 +51,7 @@ from .plan import Plan
 from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed, objective_values
 from .recovery import (RequeueStale, counted_trials, counts_toward_target, guard_trial_creation, interruptible,
                        reap_dead_trials, release_own_trials)
-from .rungs import LadderSpec, PromotionPolicy, Rung, ladder, parse_ladder, rung_study_name
+from .rungs import LadderSpec, PromotionPolicy, Rung, auto_note, ladder, parse_ladder, rung_study_name
 from .sampling import SAMPLERS, make_sampler
 from .space import SearchSpace
 from .storage import redact
@@ -428,11 +428,11 @@ class Search:
                          f"checkpoint is evaluated at (set by --image-size), instead of the "
                          f"{spec.fidelity} fidelity's {own} px")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
-        self.plan = Plan(rungs=tuple(ladder(self.evaluator.protocol, self.data.native_resolution, spec.ladder,
-                                            policy=spec.policy(), pin_resolution=pinned)),
-                         policy=spec.policy(), jobs=self._jobs(), sampler=spec.sampler,
+        rungs = ladder(self.evaluator.protocol, self.data.native_resolution, spec.ladder, policy=spec.policy(),
+                       pin_resolution=pinned, n_train=self.data.n_train, n_val=self.data.n_val)
+        self.plan = Plan(rungs=tuple(rungs), policy=spec.policy(), jobs=self._jobs(), sampler=spec.sampler,
                          structure_policy=spec.structure_policy, trials=spec.trials, timeout=spec.timeout,
-                         pinned_resolution=pinned)
+                         pinned_resolution=pinned, note=auto_note(self.evaluator.protocol, rungs, spec.ladder))
         self.rungs: tuple[Rung, ...] = self.plan.rungs
         if not worker:
             self.log(f"study {spec.name} in {redact(spec.storage_url)}")
@@ -451,7 +451,7 @@ class Search:
         """The question, the plan's rungs and the space note, on the study for the report."""
         attrs = self.study.user_attrs
         for key, value in (("question", self.question.to_dict()), ("rungs", [r.to_dict() for r in self.rungs]),
-                           ("space_note", space_note(self.model) or None)):
+                           ("plan", self.plan.to_dict()), ("space_note", space_note(self.model) or None)):
             if value is not None and attrs.get(key) != value:
                 self.study.set_user_attr(key, value)
 
@@ -561,14 +561,9 @@ class Search:
         """Run trials until the study has ``trials`` counted ones (or the draw cap, or the time
         left minus what ``reserve()`` keeps for the promotions)."""
         target, cap = self.spec.trials, self._draw_cap()
-        if reserve is not None and self.deadline is not None:
-            need, left = reserve(), self._time_left()
-            if need >= left:
-                # the promotions cannot fit whatever the search does: keeping their time back would
-                # only stop every trial at once; the search uses the whole budget instead
-                self.log(f"time budget: the promotions need an estimated {need:.0f} s of the {max(0.0, left):.0f} s "
-                         "left, so the search uses all of it")
-                reserve = None
+        said: set[str] = set()
+        why_stopped = {"reason": ""}
+        durations: list[float] = []
 
         def gate(trial: optuna.Trial) -> str | None:
             # Workers that start a trial at the same moment would overshoot the target: the
@@ -580,7 +575,19 @@ class Search:
             return None
 
         def keep() -> float:
-            return reserve() if reserve else 0.0  # seconds kept back for the promotions
+            """Seconds kept back for the promotions: their estimate while it fits the time left;
+            once it no longer fits, nothing (the search uses the whole budget: keeping time for
+            promotions that cannot run would only stop the search early)."""
+            if reserve is None or self.deadline is None:
+                return 0.0
+            need, left = reserve(), self._time_left()
+            if need < left:
+                return need
+            if "no-fit" not in said:
+                said.add("no-fit")
+                self.log(f"time budget: the promotions need an estimated {need:.0f} s of the {max(0.0, left):.0f} s "
+                         "left, so the search uses all of it")
+            return 0.0
 
         def stop_at() -> float | None:
             # the search's share of the time budget
@@ -606,12 +613,26 @@ class Search:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            if sum(counts_toward_target(t) for t in trials) + running >= target or len(trials) >= cap:
+            if trial is not None and trial.duration is not None:
+                durations.append(trial.duration.total_seconds())
+            if sum(counts_toward_target(t) for t in trials) + running >= target:
                 study.stop()
-            elif self._time_left() <= (kept := keep()):
-                self.log("time budget: the search stops here to leave the promotions their time" if kept > 0
-                         else "time budget: the search stops here (the time is up)")
+            elif len(trials) >= cap:
+                why_stopped["reason"] = (f"the study drew {cap} trials ({MAX_DRAWS_PER_TRIAL} per trial asked) "
+                                         "without reaching its target")
                 study.stop()
+            elif self.deadline is not None:
+                kept, left = keep(), self._time_left()
+                # with time kept for the promotions, stop when the next trial (as long as the
+                # median so far) would eat into it
+                margin = sorted(durations)[len(durations) // 2] if durations and kept > 0 else 0.0
+                if left <= kept + margin:
+                    why_stopped["reason"] = ("the time budget (--timeout) ended the search, keeping an estimated "
+                                             f"{kept:.0f} s for the promotions" if kept > 0
+                                             else "the time budget (--timeout) ended the search")
+                    self.log("time budget: the search stops here to leave the promotions their time" if kept > 0
+                             else "time budget: the search stops here (the time is up)")
+                    study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1
@@ -629,6 +650,16 @@ class Search:
         except KeyboardInterrupt:
             release_own_trials(self.study, objective.values_from_dict)  # caught outside the objective
             raise
+        self._note_stop(why_stopped["reason"] or ("the time budget (--timeout) ended the search"
+                                                  if self.deadline is not None and self._time_left() <= 0 else ""))
+
+    def _note_stop(self, reason: str) -> None:
+        """Store why the search stopped short of ``--trials`` (cleared once it reached it), for
+        the explanation's line saying so."""
+        short = self.remaining() > 0
+        value = reason or "the search stopped early" if short else None
+        if self.study.user_attrs.get("search_stopped") != value:
+            self.study.set_user_attr("search_stopped", value)
 
     # -- promotion rungs ---------------------------------------------------------------------
     def _rung_study(self, k: int) -> optuna.Study:
