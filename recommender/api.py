@@ -20,6 +20,7 @@ from .constraints import Budget, MaxDrop
 from .errors import RecommenderError
 from .evaluation import TrainProgress
 from .io import atomic_write, remove_file
+from .quiet import library_calls
 from .recipe import load_recipe
 from .report import Recommendation, recommendation_from_study
 from . import validate
@@ -56,8 +57,16 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
 
     Returns:
         A :class:`~recommender.report.Recommendation` (``.recipe``, ``.evaluation``, ``.pareto``,
-        ``.study``, ``.explain()``, ``.build_model()``).
+        ``.study``, ``.explain()``, ``.load_model()``, ``.build_architecture()``).
     """
+    with library_calls():
+        return _recommend(model, max_drop=max_drop, budgets=budgets, dataset=dataset, log=log, callbacks=callbacks,
+                          progress=progress, write_files=write_files, spec=spec, **options)
+
+
+def _recommend(model: Any, *, max_drop: Any, budgets: Sequence[str | Budget], dataset: Any,
+               log: Callable[[str], None] | None, callbacks: Sequence[Any], progress: TrainProgress | None,
+               write_files: bool, spec: StudySpec | None, **options: Any) -> Recommendation:
     if spec is None:
         if not isinstance(dataset, str):  # an ImageData or a (train, val) Dataset pair: by its spec
             from .data import register_dataset
@@ -67,6 +76,7 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
     search = Search(spec, log=log, callbacks=callbacks, progress=progress)
     search.run()
     rec = recommendation_from_study(search.study, storage=redact(spec.storage_url))
+    rec.source_spec = spec
     if write_files:
         write_outputs(rec, Path(spec.studies_dir) / spec.name, log=log)
     _save_dashboard_note(search.study, rec)
@@ -76,6 +86,11 @@ def recommend(model: str = "resnet101", *, max_drop: str | float | MaxDrop = "2%
 def show(study_name: str, storage: str | None = None, studies_dir: str = "studies") -> Recommendation:
     """Re-render a study's answer from its storage (no training, no evaluation; the storage is
     only read: nothing is created in it)."""
+    with library_calls():
+        return _show(study_name, storage, studies_dir)
+
+
+def _show(study_name: str, storage: str | None, studies_dir: str) -> Recommendation:
     validate.study_name(study_name)
     url = storage or sqlite_url(Path(studies_dir) / (study_name + ".db"))
     st = open_existing_storage(url)
@@ -86,6 +101,34 @@ def show(study_name: str, storage: str | None = None, studies_dir: str = "studie
         raise RecommenderError(f"no study named {study_name!r} in {redact(url)}; studies there: "
                                f"{', '.join(names) or 'none'}") from None
     return recommendation_from_study(study, storage=redact(url))
+
+
+def recommended_model(rec: Recommendation, *, log: Callable[[str], None] | None = None,
+                      progress: TrainProgress | None = None) -> tuple[torch.nn.Module, Any]:
+    """The recommended model as recommended: built, trained (its trained weights come from the
+    weights cache, where the search left them, or are trained once), pruned and quantized as the
+    recipe says, under the protocol of the rung that decided the answer; and its evaluation,
+    measured again on the same validation images (``evaluation.accuracy``, ``drop_pp``).
+
+    Needs the answer of :func:`recommend` (it carries the question it answered); for an answer
+    read with :func:`show`, call :func:`recommend` again with the same arguments: a finished
+    study returns at once, without new trials. Raises :class:`RecommenderError` when nothing is
+    feasible.
+    """
+    if rec.recipe is None or rec.chosen is None:
+        raise RecommenderError("nothing feasible was found: there is no recommended model (rec.feasible is False)")
+    spec = rec.source_spec
+    if spec is None:
+        raise RecommenderError("this answer was read from storage (show): call recommend() with the arguments of "
+                               "the study to get its model (a finished study returns at once)")
+    with library_calls():
+        search = Search(spec, log=log, progress=progress)
+        k = rec.chosen.rung
+        ev = search.evaluator if k == 0 else search._rung_evaluator(k)
+        evaluation, model = ev.evaluate(rec.recipe, search.baseline(k), spec.max_drop, return_model=True)
+    if not evaluation.ok:
+        raise RecommenderError(f"the recommended recipe could not be rebuilt: {evaluation.reason}")
+    return model, evaluation
 
 
 def write_outputs(rec: Recommendation, folder: Path, *, plots: bool = True,

@@ -372,16 +372,28 @@ class RunProgress:
     prints a line.
     """
 
-    LABEL_WIDTH = 48
+    #: columns (characters) the bar, the counter, the info and the times take at most; the
+    #: label gets the rest of the console's width, so the counter and the ETA always show
+    FIXED_WIDTH = {"bar": 8, "count": 9, "info": 17, "times": 19}
 
     def __init__(self, console: Any, total_trials: int | None = None, *, verbose: bool = False,
                  log: Callable[[str], None] | None = None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
+        from rich.table import Column
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, transient=False)
+        fixed = sum(self.FIXED_WIDTH.values()) + 6  # + the spaces between the 7 columns
+        width = getattr(console, "width", 80) or 80
+        self.label_width = max(12, min(60, width - fixed))
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                     max_width=self.label_width)),
+            BarColumn(bar_width=self.FIXED_WIDTH["bar"]),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                  max_width=self.FIXED_WIDTH["info"])),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)), TextColumn("ETA", table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)), console=console, transient=False)
         self.total = total_trials
         self.verbose = verbose
         self.log = log or (lambda s: None)
@@ -409,7 +421,8 @@ class RunProgress:
         if self.train_task is None or key != self._train_key or step < self._last_step:
             if self.train_task is not None:
                 self.progress.remove_task(self.train_task)
-            short = label if len(label) <= self.LABEL_WIDTH else label[: self.LABEL_WIDTH - 1] + "…"
+            room = self.label_width - len("training ")
+            short = label if len(label) <= room else label[: max(1, room - 1)] + "…"
             self.train_task = self.progress.add_task(f"training {escape(short)}", total=total, info="")
             self._train_key, self._train_t0 = key, time.perf_counter()
         self._last_step = step
@@ -466,7 +479,7 @@ class RunProgress:
 
             c = Ledger.from_study(study).answer().chosen
             p = c.deciding if c is not None else None
-            self._best = (f"best: trial {c.trial}, {100 * p.accuracy:.1f}% at rung {p.rung}" if p is not None else "")
+            self._best = (f"best #{c.trial} {100 * p.accuracy:.1f}% r{p.rung}" if p is not None else "")
         self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done,
                              info=self._best)
 

@@ -105,6 +105,8 @@ class Recommendation:
     #: files written for this answer by :func:`recommender.api.write_outputs` (name -> path);
     #: ``recipe`` only when the answer is feasible.
     files: dict[str, str] = field(default_factory=dict)
+    #: the question as :func:`recommender.recommend` parsed it (None when read with ``show``)
+    source_spec: Any = None
 
     # -- the answer ----------------------------------------------------------------------------
     @property
@@ -220,9 +222,20 @@ class Recommendation:
                          **{k: d.get(k) for k, _, _ in COST_ROWS}})
         return pd.DataFrame(rows)
 
-    def build_model(self, num_classes: int | None = None):
-        """The recommended architecture, untrained and uncompressed (fp32): what
-        ``recommend apply`` trains, prunes and quantizes."""
+    def load_model(self, *, return_evaluation: bool = False, log: Any = None, progress: Any = None) -> Any:
+        """The recommended model as recommended: compressed, with the weights its answer was
+        measured with (from the weights cache, or trained once), at the rung that decided it
+        (:func:`recommender.api.recommended_model`). With ``return_evaluation``, also its
+        evaluation measured again: ``(model, evaluation)``."""
+        from .api import recommended_model
+
+        model, evaluation = recommended_model(self, log=log, progress=progress)
+        return (model, evaluation) if return_evaluation else model
+
+    def build_architecture(self, num_classes: int | None = None):
+        """The recommended architecture only: untrained, uncompressed (fp32); what
+        ``recommend apply`` trains, prunes and quantizes. For the model as recommended, see
+        :meth:`load_model`."""
         from .models import build_model
 
         if self.recipe is None:

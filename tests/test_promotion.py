@@ -93,8 +93,20 @@ def test_a_checkpoint_pins_every_rung_to_the_native_size(tmp_path):
     assert ladder(get_protocol("proxy"), 32, "auto", pin_resolution=24)[1].protocol.input_resolution(32) == 24
 
 
-def test_power_line_when_validation_set_is_too_small(tmp_path):
-    rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
+def test_power_line_when_validation_set_is_too_small(tmp_path, caplog):
+    """...and a library call is quiet: no Optuna INFO line (study created, trial finished) and no
+    experimental-feature warning reaches the caller, whose settings are restored after it."""
+    import logging
+    import warnings
+
+    before = optuna.logging.get_verbosity()
+    with caplog.at_level(logging.INFO, logger="optuna"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
+    assert not [r for r in caplog.records if r.name.startswith("optuna")], [r.getMessage() for r in caplog.records]
+    assert not [w for w in seen if issubclass(w.category, optuna.exceptions.ExperimentalWarning)], \
+        [str(w.message) for w in seen]
+    assert optuna.logging.get_verbosity() == before
     p = rec.to_dict()["power"]
     assert p["n_val"] == 256 and p["min_resolvable_drop_pp"] > 0.5
     assert "Power: at rung 0, 256 validation images" in rec.explain(width=200)

@@ -131,6 +131,13 @@ def test_python_api_objects(setup):
     assert {"trial", "accuracy_pct", "params"} <= set(df.columns)
     assert len(df) == len(rec.front) >= 1
     assert "Recommended: trial" in rec.explain()
-    model = rec.build_model()
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    arch = rec.build_architecture()
+    assert arch(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # the model as recommended: compressed, its weights from the cache, measured again alike
+    from recommender.measure import count_nonzero_params, count_params
+
+    model, again = rec.load_model(return_evaluation=True)
+    assert count_params(model) == rec.evaluation.costs["params"]
+    assert count_nonzero_params(model) == rec.evaluation.costs["nonzero_params"]
+    assert rec.evaluation.acc_low <= again.accuracy <= rec.evaluation.acc_high
     assert rec.study.study_name == "e2e"
