@@ -181,6 +181,7 @@ class Evaluator:
         self.distill = distill
         self._baseline_model: nn.Module | None = None
         self._baseline_seconds = 0.0
+        self._estimates: dict[str, float] = {}  # arch -> estimated training seconds
         self._teacher: torch.Tensor | None = None
         self._features: tuple[int, list[torch.Tensor]] | None = None
         self._source = self._source_identity()
@@ -303,10 +304,18 @@ class Evaluator:
             if baseline:
                 self._init_baseline(m)
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
+            # the baseline's pace is estimated here (3 steps of a throwaway build); a candidate's
+            # comes from the search's pre-check, which timed it the same way
+            est = self._estimates.get(arch.to_json(sort_keys=True))
+            if est is None and baseline:
+                est = self._estimate(arch, protocol)
             report = self.progress
             step_fn = (lambda step, total, loss: report(label, step, total, loss)) if report else None
             res = train_model(m, self.data, protocol, teacher_logits=logits, teacher_features=feats,
                               stages=self.family.stages, progress=step_fn, deadline=deadline)
+            note = pace_note(label, res.seconds, est)
+            if note:
+                self.log(note)
             if not res.ok:
                 raise TrainingFailed(res.reason)
             return res.to_dict()
@@ -333,10 +342,16 @@ class Evaluator:
                 return None
             if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
                 return None
-        d = protocol_data(self.data, self.protocol)
-        per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
-        # timed on the protocol's device, precision and memory format
-        return step_seconds(self._build(arch), self.data, self.protocol, steps) * per_epoch * self.protocol.epochs
+        return self._estimate(arch, self.protocol, steps)
+
+    def _estimate(self, arch: ArchConfig, protocol: ProxyProtocol, steps: int = 2) -> float:
+        """Training seconds of ``arch`` under ``protocol`` from ``steps`` timed SGD steps on its
+        device, precision and memory format; remembered for the pace check after training."""
+        d = protocol_data(self.data, protocol)
+        per_epoch = math.ceil(d.n_train / protocol.batch_size)
+        est = step_seconds(self._build(arch), self.data, protocol, steps) * per_epoch * protocol.epochs
+        self._estimates[arch.to_json(sort_keys=True)] = est
+        return est
 
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
@@ -448,6 +463,20 @@ def compression_notes(report: Any) -> list[str]:
         notes.append(f"quantization kept {len(q.float_modules)} modules in float "
                      f"({', '.join(list(q.float_modules)[:3])}{'...' if len(q.float_modules) > 3 else ''})")
     return notes
+
+
+#: A training that takes this many times its two-step estimate is reported as slowed down.
+SLOW_FACTOR = 3.0
+
+
+def pace_note(label: str, seconds: float, estimate: float | None) -> str | None:
+    """A line when a training ran far slower than estimated from its first timed steps (another
+    process on the CPUs, most often), else None."""
+    if not estimate or estimate <= 0 or seconds < SLOW_FACTOR * estimate:
+        return None
+    return (f"training [{label}] took {seconds:.0f} s, {seconds / estimate:.1f}x its estimate from timed steps "
+            f"({estimate:.0f} s): something else is using the CPUs (two trainings at once ran about 5x slower on 2 "
+            "cores); stop it, or lower --jobs / --threads")
 
 
 class TrainingFailed(Exception):
