@@ -49,6 +49,15 @@ EXIT_TERMINATED = 143
 
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
 
+#: recommender.protocol.describe_fidelity() of each fidelity, written out so that --help does not
+#: import torch (a test keeps the two the same)
+FIDELITY_HELP = (
+    "smoke: <= 512 train / <= 256 val images, <= 8 px, 2 ep (a dry run: tests the pipeline, not the tolerance)",
+    "proxy: <= 4,096 train / <= 2,000 val images, <= 16 px, 6 ep (the search (default))",
+    "confirm: <= 16,384 train / <= 5,000 val images, <= 32 px, 15 ep, aug (a re-check of finalists)",
+    "paper: all train / all val images, 32 px, 150 ep, aug (the paper's training protocol)",
+)
+
 
 def _esc(text: str) -> str:
     """Help text with ``%`` escaped (argparse formats help strings with ``%``)."""
@@ -110,11 +119,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="stated baseline top-1 in percent (no baseline evaluation)")
 
     g = p.add_argument_group("search")
-    g.add_argument("--fidelity", metavar="NAME", default="proxy", help="search protocol: smoke, proxy (default), confirm, paper")
+    g.add_argument("--fidelity", metavar="NAME", default="proxy",
+                   help="how each candidate is trained: " + "; ".join(FIDELITY_HELP))
     g.add_argument("--rungs", metavar="LADDER", default="auto",
-                   help="promotion rungs above the search: auto (default: one rung at 3x the epochs, native "
-                        "resolution, augmentation; the best third of the candidates is re-trained there and the "
-                        "answer is chosen on it), a number of rungs (1: none), or fidelity names (proxy,confirm)")
+                   help="promotion rungs above the search: auto (default: at proxy, one rung at 3x the epochs, "
+                        "native resolution up to 32 px, augmentation, when it sees more of the data than the "
+                        "search; none at smoke and paper), a number of rungs (1: none), or fidelity names "
+                        "(proxy,confirm)")
     g.add_argument("--promote-fraction", metavar="F", type=float, default=1 / 3,
                    help="share of the eligible candidates promoted to each rung (default 1/3)")
     g.add_argument("--max-promoted", metavar="N", type=int, default=4, help="most candidates promoted per rung (default 4)")

@@ -173,3 +173,10 @@ def test_the_explanation_reads_at_narrow_widths(tmp_path, width):
     assert any("Recommended: trial 0" in ln for ln in lines)
     broken = {w for w in re.findall(r"[A-Za-z]+", text) if w not in whole}
     assert not broken, broken  # a word cut across two lines leaves fragments that are no words
+
+
+def test_the_fidelity_help_says_what_the_protocols_are():
+    from recommender.cli import FIDELITY_HELP
+    from recommender.protocol import describe_fidelity, list_fidelities
+
+    assert list(FIDELITY_HELP) == [describe_fidelity(f) for f in list_fidelities()]
