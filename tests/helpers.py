@@ -84,6 +84,26 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 12, size=(20, 20)
     return root
 
 
+#: A search space of a few tiny CIFAR-ResNet ghost nets (seconds to train at smoke fidelity).
+TINY_SPACE = """
+family: cifar-resnet
+arch:
+  stem: {value: dws}
+  stem_width: {value: 16}
+  block: {value: ghost}
+  widths: {choices: [[16, 24, 40, 88], [10, 22, 42, 86]]}
+  inner: {value: [32, 64, 128, 256]}
+  drop_last: {value: true}
+  head: {value: nofc}
+  width_multiplier: {choices: [0.25, 0.5, 1.0]}
+prune:
+  method: {choices: [none, unstructured-l1]}
+  sparsity: {low: 0.3, high: 0.6, step: 0.3, when: {method: unstructured-l1}}
+quant:
+  scheme: {choices: [fp32]}
+"""
+
+
 # -- synthetic studies for the answer layer (no training) -------------------------------------------
 
 def evaluation(acc: float, cost: float, base_acc: float, *, half: float = 0.5, metric: str = "params",

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import baseline, evaluation, synthetic_study
+from tests.helpers import TINY_SPACE, baseline, evaluation, synthetic_study
 
 from recommender.constraints import Budget, MaxDrop
 from recommender.errors import RecommenderError
@@ -341,23 +341,6 @@ def test_the_answer_is_feasible_whenever_a_candidate_held_and_is_not_dominated(c
 
 # -- one small study end to end: every output tells the same story -----------------------------------
 
-TINY_SPACE = """
-family: cifar-resnet
-arch:
-  stem: {value: dws}
-  stem_width: {value: 16}
-  block: {value: ghost}
-  widths: {choices: [[16, 24, 40, 88], [10, 22, 42, 86]]}
-  inner: {value: [32, 64, 128, 256]}
-  drop_last: {value: true}
-  head: {value: nofc}
-  width_multiplier: {choices: [0.25, 0.5]}
-prune:
-  method: {choices: [none, unstructured-l1]}
-  sparsity: {low: 0.3, high: 0.6, step: 0.3, when: {method: unstructured-l1}}
-quant:
-  scheme: {choices: [fp32]}
-"""
 
 
 def test_one_small_study_tells_one_story(tmp_path, capsys):

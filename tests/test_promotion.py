@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import optuna
 import pytest
 import torch
 
-from tests.helpers import interruptible_child
+from tests.helpers import TINY_SPACE, interruptible_child
 
 from recommender import recommend
 from recommender.search import workers
@@ -26,23 +25,8 @@ from recommender.search.study import counted_trials
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 
-SPACE = textwrap.dedent("""
-    family: cifar-resnet
-    arch:
-      stem: {value: dws}
-      stem_width: {value: 16}
-      block: {value: ghost}
-      widths: {choices: [[16, 24, 40, 88], [10, 22, 42, 86]]}
-      inner: {value: [32, 64, 128, 256]}
-      drop_last: {value: true}
-      head: {value: nofc}
-      width_multiplier: {choices: [0.25, 0.5, 1.0]}
-    prune:
-      method: {choices: [none, unstructured-l1]}
-      sparsity: {low: 0.3, high: 0.6, step: 0.3, when: {method: unstructured-l1}}
-    quant:
-      scheme: {choices: [fp32]}
-""")
+SPACE = TINY_SPACE
+
 
 
 def common(tmp_path: Path, name: str, **kw):
