@@ -49,6 +49,9 @@ EXIT_TERMINATED = 143
 
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
 
+#: OpenMP's wait policy for the command's process and its workers (see main())
+OMP_WAIT_ENV, OMP_WAIT_POLICY = "OMP_WAIT_POLICY", "PASSIVE"
+
 #: recommender.protocol.describe_fidelity() of each fidelity, written out so that --help does not
 #: import torch (a test keeps the two the same)
 FIDELITY_HELP = (
@@ -681,6 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``recommend`` with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = False
+    # OpenMP's threads spin while they wait, by default: beside another busy process a 2-thread
+    # ResNet-101 step took 9-16 s instead of about 1 s; waiting passively it took 0.8-1.5 s
+    # (benchmarks/threads_under_load.py). Set before torch loads OpenMP (a user's own setting is
+    # kept); --jobs workers inherit it.
+    os.environ.setdefault(OMP_WAIT_ENV, OMP_WAIT_POLICY)
     from .search.storage import scrub  # messages may quote a storage URL: never its password
 
     # SIGTERM stops as Ctrl-C does; both are recorded, so that one CPython drops inside a garbage

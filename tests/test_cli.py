@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import subprocess
 import sys
@@ -180,3 +181,16 @@ def test_the_fidelity_help_says_what_the_protocols_are():
     from recommender.protocol import describe_fidelity, list_fidelities
 
     assert list(FIDELITY_HELP) == [describe_fidelity(f) for f in list_fidelities()]
+
+
+def test_the_command_lets_openmp_wait_passively(monkeypatch):
+    """OpenMP spin-waiting collapsed training beside another busy process: the command asks for
+    passive waiting before torch loads, unless the user set a policy of their own."""
+    from recommender.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["--version"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["--version"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
