@@ -156,6 +156,9 @@ class Recommendation:
     power: dict[str, Any] = field(default_factory=dict)
     warm_start_skipped: dict[str, str] = field(default_factory=dict)
     space_note: str = ""
+    #: the search stopped because no draft fitted the budgets (``budget_unreachable`` study
+    #: attribute, :mod:`recommender.search.floor`): the floor per budget and the closest drafts
+    budget_unreachable: dict[str, Any] = field(default_factory=dict)
     alternatives: dict[str, Choice] = field(default_factory=dict)
     front: list[Choice] = field(default_factory=list)
     closest: list[Choice] = field(default_factory=list)
@@ -285,6 +288,7 @@ class Recommendation:
             "rungs": self.rungs,
             "warm_start_skipped": self.warm_start_skipped,
             "space_note": self.space_note,
+            "budget_unreachable": self.budget_unreachable,
             "alternatives": {k: choice(v) for k, v in self.alternatives.items()},
             "pareto": [choice(c) for c in self.front],
             "closest_infeasible": [choice(c) for c in self.closest],
@@ -450,6 +454,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
         study_name=study.study_name, storage=storage, spec=spec, baseline=baseline, chosen=chosen,
         feasible=feasible, rung_baselines=rung_baselines, rungs=rungs_info, power=power,
         warm_start_skipped=dict(attrs.get("warm_start_skipped", {})), space_note=str(attrs.get("space_note", "")),
+        budget_unreachable=dict(attrs.get("budget_unreachable") or {}),
         alternatives=alternatives, front=front, closest=closest,
         counts=counts, infeasible_reasons=dict(reasons), failures=dict(failures),
         importances=_importances(study), binding=binding, study=study)
@@ -547,6 +552,8 @@ def render(rec: Recommendation) -> Group:
         parts.append(Text(power, style="yellow"))
     if rec.space_note:
         parts.append(Text(rec.space_note, style="dim"))
+    if rec.budget_unreachable.get("line"):
+        parts.append(Text(rec.budget_unreachable["line"], style="bold red"))
     c = rec.chosen
     if c is None and not rec.counts.get("finished"):
         parts.append(Panel(Text("No candidate finished yet: no recommendation.", style="bold red")))
@@ -738,6 +745,8 @@ def markdown(rec: Recommendation) -> str:
         lines += [f"*{power}*", ""]
     if rec.space_note:
         lines += [rec.space_note, ""]
+    if rec.budget_unreachable.get("line"):
+        lines += [f"**{rec.budget_unreachable['line']}**", ""]
     r = d["recommended"]
     if r is None and not rec.counts.get("finished"):
         lines.append("**No candidate finished yet.**")

@@ -711,11 +711,14 @@ def _estimate_dynamic(model: nn.Module, cfg: MethodConfig, costs: StructureCosts
                                  max(0.0, costs.size_mb - 0.75 * _linear_weight_mb(model)), costs.notes)
 
 
-register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_scaled_size(1.0),
+# every estimate here reads shapes only: each is its own quick bound (on a meta-device build)
+_fp32, _fp16, _int8 = _scaled_size(1.0), _scaled_size(0.5), _scaled_size(0.25)
+register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_fp32, bound=_fp32,
                 description="no quantization")
-register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_scaled_size(0.5),
+register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_fp16, bound=_fp16,
                 description="half-precision weights and activations")
 register_method("int8-dynamic", "quant", Int8DynamicConfig, lowers={"size", "latency"}, apply=_apply,
-                estimate=_estimate_dynamic, description="int8 nn.Linear weights, dynamic activations")
+                estimate=_estimate_dynamic, bound=_estimate_dynamic,
+                description="int8 nn.Linear weights, dynamic activations")
 register_method("int8-static", "quant", Int8StaticConfig, lowers={"size", "latency"}, apply=_apply,
-                estimate=_scaled_size(0.25), description="post-training static int8 (FX graph mode)")
+                estimate=_int8, bound=_int8, description="post-training static int8 (FX graph mode)")
