@@ -34,9 +34,10 @@ BUDGET_FORMS = "5M-params, 800k-params, 1.5M-nonzero-params, 60M-flops, 4MB, 512
 DROP_FORMS = "2%, 2pp, 0.5%, 5%rel"
 
 _NUM = r"(?P<num>\d+(?:\.\d*)?|\.\d+)"
-_COUNT = re.compile(_NUM + r"\s*(?P<mult>[kKMGB]?)-?(?P<metric>params|nonzero-params|flops)$")
-_SIZE = re.compile(_NUM + r"\s*(?P<unit>[kKMG])B$")
-_LATENCY = re.compile(_NUM + r"\s*ms(?:-(?P<device>cpu|cuda))?$")
+# ASCII digits only: Python's float() also reads "1_0" as 10 and other scripts' digits
+_COUNT = re.compile(_NUM + r"\s*(?P<mult>[kKMGB]?)-?(?P<metric>params|nonzero-params|flops)$", re.ASCII)
+_SIZE = re.compile(_NUM + r"\s*(?P<unit>[kKMG])B$", re.ASCII)
+_LATENCY = re.compile(_NUM + r"\s*ms(?:-(?P<device>cpu|cuda))?$", re.ASCII)
 _MULT = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
 _BYTES_MB = {"k": 1 / 1024, "K": 1 / 1024, "M": 1.0, "G": 1024.0}
 
@@ -146,7 +147,8 @@ def _checked(metric: str, limit: float, text: str) -> float:
     return limit
 
 
-_DROP = re.compile(_NUM + r"\s*(?P<unit>%rel|%|pp)$")
+_DROP = re.compile(_NUM + r"\s*(?P<unit>%rel|%|pp)$", re.ASCII)
+_PLAIN = re.compile(_NUM, re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,9 @@ class MaxDrop:
         s = str(text).strip()
         m = _DROP.fullmatch(s)
         if not m:
-            try:
+            if _PLAIN.fullmatch(s):
                 return cls(float(s), False, s)
-            except ValueError:
-                raise ConstraintSyntaxError(
-                    f"malformed max drop {text!r}; accepted forms: {DROP_FORMS}") from None
+            raise ConstraintSyntaxError(f"malformed max drop {text!r}; accepted forms: {DROP_FORMS}")
         value = float(m["num"])
         if value > 100:
             raise ConstraintSyntaxError(f"max drop {text!r} is over 100%; accepted forms: {DROP_FORMS}")

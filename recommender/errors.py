@@ -50,6 +50,10 @@ class SearchSpaceError(RecommenderError, ValueError):
     """A malformed search-space YAML file."""
 
 
+class DiskFullError(RecommenderError):
+    """A write that failed because the file system is full (the work written before is kept)."""
+
+
 class TrainingError(RecommenderError):
     """A training that cannot succeed (the baseline diverges): nothing can be measured against it."""
 

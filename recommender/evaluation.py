@@ -247,11 +247,14 @@ class Evaluator:
                 self._baseline_seconds = float(meta.get("seconds", 0.0))
         return self._baseline_model
 
-    def _teacher_arrays(self, names: list[str], compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    def _teacher_arrays(self, names: list[str], compute: Callable[[], list[torch.Tensor]],
+                        shapes: list[tuple[int | None, ...]] | None = None) -> list[torch.Tensor]:
         """Arrays computed from the trained baseline (teacher logits, stage outputs): from the
-        cache under the baseline's key, else ``compute()`` once and stored there."""
+        cache under the baseline's key (a cached array not of its expected shape in ``shapes``
+        is discarded), else ``compute()`` once and stored there."""
         key = self.baseline_key()
-        arrs = [self.cache.load_array(key, n) for n in names] if self.cache else [None]
+        shapes = shapes or [None] * len(names)
+        arrs = [self.cache.load_array(key, n, s) for n, s in zip(names, shapes)] if self.cache else [None]
         if any(a is None for a in arrs):
             arrs = [t.numpy() for t in compute()]
             if self.cache:
@@ -264,8 +267,10 @@ class Evaluator:
         if alpha <= 0 or not self.distill:
             return None
         if self._teacher is None:
+            rows = protocol_data(self.data, self.teacher_protocol).n_train
             self._teacher = self._teacher_arrays(
-                ["teacher_logits"], lambda: [teacher_logits(self.baseline_model(), self.data, self.teacher_protocol)])[0]
+                ["teacher_logits"], lambda: [teacher_logits(self.baseline_model(), self.data, self.teacher_protocol)],
+                [(rows, self.data.num_classes)])[0]
         return self._teacher
 
     def _teacher_features(self, protocol: ProxyProtocol) -> list[torch.Tensor] | None:
@@ -278,8 +283,10 @@ class Evaluator:
             stages = self.family.stages
             names = [f"stage_features_p{pool}_{i}" for i in range(len(stages))]
             teacher_p = self.teacher_protocol.replace(feature_distill_pool=pool)
+            rows = protocol_data(self.data, teacher_p).n_train
             self._features = (pool, self._teacher_arrays(
-                names, lambda: teacher_features(self.baseline_model(), self.data, teacher_p, stages)))
+                names, lambda: teacher_features(self.baseline_model(), self.data, teacher_p, stages),
+                [(rows, None, pool, pool)] * len(names)))
         return self._features[1]
 
     def _init_baseline(self, model: nn.Module) -> None:
@@ -456,7 +463,8 @@ def compression_notes(report: Any) -> list[str]:
     if p.ignored_layers:
         shown = ", ".join(list(p.ignored_layers)[:4])
         more = f" and {len(p.ignored_layers) - 4} more" if len(p.ignored_layers) > 4 else ""
-        notes.append(f"structured pruning left {len(p.ignored_layers)} layers unpruned ({shown}{more})")
+        n = len(p.ignored_layers)
+        notes.append(f"structured pruning left {n} layer{'' if n == 1 else 's'} unpruned ({shown}{more})")
     if q.note:
         notes.append(f"quantization: {q.note}")
     if q.float_modules:

@@ -99,6 +99,9 @@ class Recommendation:
     #: the study's plan as stored (rungs, trials asked, ``note``) and why the search stopped short
     plan: dict[str, Any] = field(default_factory=dict)
     search_stopped: str | None = None
+    #: the search stopped because no draft fitted the budgets (``budget_unreachable`` study
+    #: attribute, :mod:`recommender.search.floor`): the floor per budget and the closest drafts
+    budget_unreachable: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     study: optuna.Study | None = None
@@ -297,6 +300,7 @@ class Recommendation:
             "rungs": [rung_dict(led, r.index) for r in led.rungs],
             "warm_start_skipped": self.warm_start_skipped,
             "space_note": self.space_note,
+            "budget_unreachable": self.budget_unreachable,
             "alternatives": {k: entry_dict(led, v) for k, v in ans.alternatives.items()},
             "pareto": [entry_dict(led, e) for e in ans.front],
             "closest_infeasible": [entry_dict(led, e) for e in ans.closest],
@@ -444,7 +448,8 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
         study_name=study.study_name, storage=storage, ledger=ledger, spec=dict(attrs.get("spec", {})),
         counts=trial_counts(study, ledger), warm_start_skipped=dict(attrs.get("warm_start_skipped", {})),
         space_note=str(attrs.get("space_note") or ""), plan=dict(attrs.get("plan") or {}),
-        search_stopped=attrs.get("search_stopped"), failures=dict(failures),
+        search_stopped=attrs.get("search_stopped"), budget_unreachable=dict(attrs.get("budget_unreachable") or {}),
+        failures=dict(failures),
         importances=_importances(study), study=study)
 
 
@@ -554,6 +559,8 @@ def render(rec: Recommendation) -> Group:
     parts.append(head)
     if rec.space_note:
         parts.append(Text(rec.space_note, style="dim"))
+    if rec.budget_unreachable.get("line"):
+        parts.append(Text(rec.budget_unreachable["line"], style="bold red"))
     c = ans.chosen
     if c is None and not rec.counts.get("finished"):
         parts.append(Panel(Text("No candidate finished yet: no recommendation.", style="bold red")))
@@ -715,6 +722,8 @@ def markdown(rec: Recommendation) -> str:
     lines.append("")
     if rec.space_note:
         lines += [rec.space_note, ""]
+    if rec.budget_unreachable.get("line"):
+        lines += [f"**{rec.budget_unreachable['line']}**", ""]
     r = d["recommended"]
     if r is None and not rec.counts.get("finished"):
         lines.append("**No candidate finished yet.**")

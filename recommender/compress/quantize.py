@@ -719,18 +719,21 @@ def _bn_params(model: nn.Module) -> int:
 def _estimate_static(model: nn.Module, cfg: MethodConfig, costs: StructureCosts, ctx: CompressContext
                      ) -> tuple[nn.Module, StructureCosts]:
     # a lower bound: every float32 tensor shrinks to a quarter at best, and conv-BN fusion removes
-    # the BN parameters (a fused conv gains a bias, so fewer than these disappear)
+    # the BN parameters (a fused conv gains a bias, so fewer than these disappear); shapes only
     bn = _bn_params(model)
     return model, StructureCosts(max(0, costs.params - bn), max(0, costs.nonzero_params - bn), costs.mflops,
                                  costs.size_mb * 0.25, costs.notes)
 
 
-register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_scaled_size(1.0),
+# every estimate here reads shapes only: each is its own quick bound (on a meta-device build)
+_fp32, _fp16 = _scaled_size(1.0), _scaled_size(0.5)
+register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_fp32, bound=_fp32,
                 description="no quantization")
-register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_scaled_size(0.5),
+register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_fp16, bound=_fp16,
                 description="half-precision weights and activations")
 register_method("int8-dynamic", "quant", Int8DynamicConfig, lowers={"size", "latency"}, apply=_apply,
-                estimate=_estimate_dynamic, description="int8 nn.Linear weights, dynamic activations")
+                estimate=_estimate_dynamic, bound=_estimate_dynamic,
+                description="int8 nn.Linear weights, dynamic activations")
 register_method("int8-static", "quant", Int8StaticConfig, lowers={"size", "latency", "params", "nonzero-params"},
-                apply=_apply, estimate=_estimate_static,
+                apply=_apply, estimate=_estimate_static, bound=_estimate_static,
                 description="post-training static int8 (FX graph mode; conv-BN fusion removes BN parameters)")

@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import RecommenderError
+from ..limits import check as limits_check, limit
 from ..evaluation import Baseline
 from ..ledger import RungInfo
 from ..protocol import ProxyProtocol, get_protocol
@@ -100,9 +101,8 @@ def derived(p: ProxyProtocol, native: int, k: int, policy: PromotionPolicy) -> P
 #: :func:`sees_more`).
 AUTO_RUNGS = {"smoke": 1, "proxy": 2, "confirm": 2, "paper": 1}
 
-#: The most rungs a ladder may have (the search rung included): each derived rung multiplies
-#: the epochs by ``epoch_factor``, so a sixth rung would train 243x the search's epochs.
-MAX_RUNGS = 5
+#: The most rungs a ladder may have, the search rung included (:mod:`recommender.limits`).
+MAX_RUNGS = limit("rungs").high
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity
     """``--rungs`` (``auto``, a count, or comma-separated fidelity names) and
     ``--confirm-fidelity`` (overrides it; ``search`` = the search's own fidelity) as a
     :class:`LadderSpec`; unknown fidelities and counts out of [1, :data:`MAX_RUNGS`] are a
-    one-line error."""
+    one-line error (the bound is :mod:`recommender.limits`' ``rungs``)."""
     if isinstance(rungs, LadderSpec):
         return rungs
     if confirm_fidelity is not None:
@@ -142,16 +142,14 @@ def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity
         return LadderSpec(derived=AUTO_RUNGS.get(search_fidelity or "", 2), auto=True)
     if text.lstrip("-").isdigit():
         n = int(text)
-        if not 1 <= n <= MAX_RUNGS:
-            raise RecommenderError(f"--rungs must be between 1 and {MAX_RUNGS}, got {n}")
+        limits_check("rungs", n)
         return LadderSpec(derived=n)
     names = [r.strip() for r in text.split(",") if r.strip()]
     if names and search_fidelity is not None and names[0] == search_fidelity:
         names = names[1:]
     for name in names:
         get_protocol(name)  # an unknown fidelity is a one-line error
-    if len(names) + 1 > MAX_RUNGS:
-        raise RecommenderError(f"--rungs names {len(names) + 1} rungs; at most {MAX_RUNGS}")
+    limits_check("rungs", len(names) + 1, "--rungs (the search and the fidelities named)")
     return LadderSpec(derived=0, names=tuple(names))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -34,12 +33,13 @@ from optuna.trial import TrialState
 
 from .. import interrupts, validate
 from ..cache import WeightsCache
-from ..constraints import Budget, MaxDrop, parse_budgets
+from ..constraints import Budget, MaxDrop, format_quantity, parse_budgets
 from ..data import ImageData, load_dataset
 from ..devices import available_cpus, cuda_available
 from ..errors import ArchError, RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_family, get_preset
+from ..models.registry import is_registered
 from ..protocol import ProxyProtocol, get_protocol
 from ..feasibility import Power, chance_level
 from ..ledger import Ledger
@@ -48,7 +48,9 @@ from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
 from .plan import Plan
-from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed, objective_values
+from .floor import Floor, refuse_below_floor, space_floor
+from .objective import (DEFAULT_STRUCTURE_POLICY, NO_FIT_ATTR, STRUCTURE_POLICIES, Objective, TrialFailed,
+                        objective_values)
 from .recovery import (RequeueStale, counted_trials, counts_toward_target, guard_trial_creation, interruptible,
                        reap_dead_trials, release_own_trials)
 from .rungs import LadderSpec, PromotionPolicy, Rung, auto_note, ladder, parse_ladder, rung_study_name
@@ -112,6 +114,9 @@ class StudySpec:
             this process may use).
         image_size: image folders and dataset pairs: side (px) the images are decoded to
             (None: their native size when square and at most 64 px, else 32).
+        heartbeat, grace: seconds between a running trial's heartbeats, and the age of its last
+            heartbeat at which another worker of the study takes it for dead (fails it and
+            queues it again).
     """
 
     model: str
@@ -145,6 +150,8 @@ class StudySpec:
     cache_dir: str | None = None
     device: str = "auto"
     image_size: int | None = None
+    heartbeat: int = 20
+    grace: int = 60
 
     ladder: LadderSpec = field(init=False, repr=False, compare=False)
 
@@ -152,7 +159,6 @@ class StudySpec:
         # A frozen question: every field is normalised here, once, and never changed after
         # (the search reads it; worker processes receive it as it is).
         from ..models import register_module, resolve_model
-        from ..models.registry import is_registered
 
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
@@ -163,6 +169,9 @@ class StudySpec:
             resolve_model(self.model, check_only=True)  # an unknown name fails before any work
         if self.checkpoint and self.weights:
             raise RecommenderError("give --checkpoint (a trained baseline) or --weights (initial weights), not both")
+        if self.checkpoint and self.baseline_accuracy is not None:
+            raise RecommenderError("give --checkpoint (a trained baseline, evaluated here) or --baseline-accuracy "
+                                   "(a stated figure), not both: the stated figure would never be checked against it")
         # an unknown fidelity, device (or cuda without a GPU) fails before any storage is touched
         get_protocol(self.fidelity, device=self.device, threads=self.threads).resolved_device()
         if isinstance(self.max_drop, (str, int, float)):
@@ -194,6 +203,7 @@ class StudySpec:
             put("confirm_fidelity", self.fidelity)
         put("ladder", parse_ladder(self.rungs, self.confirm_fidelity, self.fidelity))  # parsed once
         self.policy()  # validates the promotion settings
+        validate.spec_bounds(self)  # every count within its limit (recommender/limits.py)
         try:  # the study's name, also when derived from the flags: it becomes a file and a folder
             validate.study_name(self.name)
         except RecommenderError as exc:
@@ -214,8 +224,6 @@ class StudySpec:
             return self.study_name
         ds = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.dataset.split(":", 1)[-1]).name if ":" in self.dataset
                     else self.dataset).strip("-")
-        from ..models.registry import is_registered
-
         # a factory (package.module:factory) names its study after itself
         model = self.model if is_registered(self.model) else self.model.replace(":", "-")
         parts = [model, ds, *(b.text or b.metric for b in self.budgets if b.text),
@@ -280,24 +288,16 @@ def claim_run(study: optuna.Study, storage_url: str) -> int:
     return n
 
 
-def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (a RUNNING trial of a dead worker is failed and queued
-    again: :class:`~recommender.search.recovery.RequeueStale`); unreachable or unusable storage
+def open_storage(url: str, heartbeat: bool = True, *, heartbeat_interval: int = 20,
+                 grace_period: int = 60) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats every ``heartbeat_interval`` seconds (a RUNNING trial whose
+    heartbeat is ``grace_period`` seconds old belongs to a dead worker: it is failed and queued
+    again, :class:`~recommender.search.recovery.RequeueStale`); unreachable or unusable storage
     is a one-line :class:`StorageError`."""
     if not heartbeat:
         return storage_mod.open_storage(url, heartbeat=False)
-    return storage_mod.open_storage(url, heartbeat_interval=_env_seconds("RECOMMENDER_HEARTBEAT", 20),
-                                    grace_period=_env_seconds("RECOMMENDER_GRACE", 60),
+    return storage_mod.open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                     stale_callback=RequeueStale())
-
-
-def _env_seconds(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise RecommenderError(f"{name} must be a positive whole number of seconds, got {raw!r}")
-    return int(raw)
 
 
 def space_note(model: str) -> str:
@@ -321,7 +321,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = No
 def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
                 worker: int, model: str | None = None) -> tuple[optuna.Study, int]:
     """:func:`open_study`, and the sampler seed it chose."""
-    storage = storage or open_storage(spec.storage_url)
+    storage = storage or open_storage(spec.storage_url, heartbeat_interval=spec.heartbeat, grace_period=spec.grace)
     primary = spec.budgets[0]
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
@@ -329,6 +329,9 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
     except Exception as exc:
         raise StorageError(f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: "
                            f"{storage_mod.scrub(storage_mod.error_text(exc), spec.storage_url)}") from None
+    if len(study.directions) != 2:  # a study of that name written by something else
+        raise StorageError(f"study {spec.name!r} in {redact(spec.storage_url)} was not created by recommend "
+                           f"(it has {len(study.directions)} objective(s), not 2); pass --study-name to start a new one")
     ident = study.user_attrs.get("spec")
     mine = spec.identity(model)
     if ident is None:
@@ -380,6 +383,8 @@ LATENCY_FIELDS = ("latency_ms", "latency_iqr_ms", "latency_cuda_ms", "latency_cu
 
 #: A study stops drawing after this many trials per requested trial, however many were skipped.
 MAX_DRAWS_PER_TRIAL = 5
+#: The search stops after this many trials in a row whose every draft broke a budget.
+NO_FIT_STREAK = 3
 
 
 class Search:
@@ -407,7 +412,7 @@ class Search:
         # and again in each worker process, under the same seed (the spec keeps its text)
         self.model: str = resolve_model(spec.model, num_classes=self.data.num_classes, seed=spec.seed)
         self.question = Question.of(self.model, spec.dataset, spec.max_drop, spec.budgets, self.data.num_classes,
-                                    spec.image_size)
+                                    int(self.data.native_resolution))  # the size the data was decoded at
         self.space = SearchSpace.for_model(self.model, spec.space)
         self.cache = WeightsCache(spec.cache_root)
         for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
@@ -415,6 +420,8 @@ class Search:
                 from ..compress.checkpoint import check_file
 
                 check_file(path)
+        if not worker:
+            self.check_reachable()  # a budget below what the space can reach: refused before any work
         self.study, self.sampler_seed = _open_study(spec, None, worker, self.model)
         # A user's trained checkpoint is evaluated, and its weights inherited, at the size it was
         # trained at: the data's native size pins every rung (off the size it loses accuracy
@@ -469,6 +476,57 @@ class Search:
                 self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
             return 1
         return jobs
+
+    def _deploy_input(self) -> tuple[int, int, int, int]:
+        """The input size at which candidates' costs are measured (the evaluator's)."""
+        side = get_family(self.model).deploy_size(self.data.native_resolution)
+        return (1, 3, side, side)
+
+    def check_reachable(self) -> list[Floor]:
+        """The smallest cost the search space reaches for each structural budget
+        (:mod:`recommender.search.floor`), stopping at the first point within the budget; a
+        budget well below it is a :class:`~recommender.search.floor.BudgetBelowFloor` (exit 1)."""
+        t0 = time.perf_counter()
+        floors = space_floor(self.space, self.model, self.data.num_classes, self._deploy_input(), self.spec.budgets)
+        refuse_below_floor(floors)
+        if floors and not all(f.reached for f in floors):
+            self.log(f"budget floor: {'; '.join(f.describe() for f in floors)} "
+                     f"({sum(f.points for f in floors)} points, {time.perf_counter() - t0:.1f} s)")
+        return floors
+
+    def _no_fit_streak(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        """The last trials of ``study`` if the :data:`NO_FIT_STREAK` last finished ones all found
+        no draft that fits the budgets, else []."""
+        done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED and not t.user_attrs.get("preset")
+                and "pruned_reason" not in t.user_attrs]
+        last = sorted(done, key=lambda t: t.number)[-NO_FIT_STREAK:]
+        return last if len(last) == NO_FIT_STREAK and all(NO_FIT_ATTR in t.user_attrs for t in last) else []
+
+    def stop_unreachable(self, study: optuna.Study, streak: list[optuna.trial.FrozenTrial]) -> None:
+        """Record why the search stopped (``budget_unreachable``: the floor of every structural
+        budget, the closest drafts, one line for the answer) and stop it."""
+        if study.user_attrs.get("budget_unreachable"):
+            study.stop()
+            return
+        floors = space_floor(self.space, self.model, self.data.num_classes, self._deploy_input(),
+                             self.spec.budgets, stop_when_reached=False)
+        closest: dict[str, dict] = {}
+        for t in streak:
+            for d in t.user_attrs[NO_FIT_ATTR].get("closest", []):
+                closest.setdefault(d["describe"], d)
+        ranked = sorted(closest.values(), key=lambda d: sum(max(0.0, x) for x in d["excess"].values()))[:3]
+        drafts = sum(int(t.user_attrs[NO_FIT_ATTR].get("drafts", 0)) for t in streak)
+        floor_text = "; ".join(f"{f.budget.metric} >= {format_quantity(f.value, f.budget.unit)}" for f in floors)
+        near = (f"; closest draft: {ranked[0]['describe']} "
+                f"({', '.join(f'{k} {v:+.0%}' for k, v in ranked[0]['excess'].items())})") if ranked else ""
+        line = (f"No candidate fits the budgets: none of the {drafts} drafts of the last {len(streak)} trials did, "
+                f"so the search stopped. The smallest best case found in this search space: "
+                f"{floor_text or 'unknown'}{near}.")
+        study.set_user_attr("budget_unreachable", {"line": line, "trials": [t.number for t in streak],
+                                                   "drafts": drafts, "floor": [f.to_dict() for f in floors],
+                                                   "closest": ranked})
+        self.log(line)
+        study.stop()
 
     def _evaluator(self, protocol: ProxyProtocol, *, latency: bool, teacher: ProxyProtocol | None = None
                    ) -> Evaluator:
@@ -615,7 +673,11 @@ class Search:
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if trial is not None and trial.duration is not None:
                 durations.append(trial.duration.total_seconds())
-            if sum(counts_toward_target(t) for t in trials) + running >= target:
+            streak = self._no_fit_streak(study)
+            if streak:
+                why_stopped["reason"] = "no draft of the last trials fitted the budgets"
+                self.stop_unreachable(study, streak)
+            elif sum(counts_toward_target(t) for t in trials) + running >= target:
                 study.stop()
             elif len(trials) >= cap:
                 why_stopped["reason"] = (f"the study drew {cap} trials ({MAX_DRAWS_PER_TRIAL} per trial asked) "
