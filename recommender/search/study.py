@@ -459,10 +459,10 @@ class Search:
         t0 = time.perf_counter()
         floors = space_floor(self.space, self.spec.model, self.data.num_classes, self._deploy_input(),
                              self.spec.budgets)
+        refuse_below_floor(floors)
         if floors and not all(f.reached for f in floors):
             self.log(f"budget floor: {'; '.join(f.describe() for f in floors)} "
                      f"({sum(f.points for f in floors)} points, {time.perf_counter() - t0:.1f} s)")
-        refuse_below_floor(floors)
         return floors
 
     def _no_fit_streak(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
