@@ -708,7 +708,7 @@ def cmd_apply(args: argparse.Namespace, parser: _Parser) -> int:
                            data_dir=args.data_dir, out_dir=args.out, seed=args.seed, cache_dir=args.cache_dir,
                            compare=args.compare, formats=formats, image_size=args.image_size, log=log,
                            warn=lambda s: err.print(f"recommend: warning: {printable(s)}", markup=False,
-                                                    highlight=False),
+                                                    highlight=False, soft_wrap=True),
                            progress=bar.training if bar else None, **overrides)
     finally:
         if bar:
