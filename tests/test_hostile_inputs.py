@@ -52,8 +52,8 @@ def test_factory_study_named_after_factory_and_recipe_names_it(tmp_path, monkeyp
     monkeypatch.chdir(REPO)
     spec = StudySpec(model="tests.fixtures:make_net", max_drop=MaxDrop.parse("2%"), budgets=["5M-params"],
                      fidelity="smoke", studies_dir=str(tmp_path))
-    spec.model_source, spec.model = spec.model, resolve_model(spec.model, num_classes=10)
-    assert spec.name.startswith("tests.fixtures.make_net-"), spec.name  # not customSmallNet-...
+    resolve_model(spec.model, num_classes=10)  # the search resolves it; the spec keeps the factory's name
+    assert spec.name.startswith("tests.fixtures-make_net-"), spec.name  # not customSmallNet-...
 
 
 # -- secrets and terminal escapes ------------------------------------------------------------------

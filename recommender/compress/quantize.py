@@ -719,10 +719,14 @@ def _bn_params(model: nn.Module) -> int:
 def _estimate_static(model: nn.Module, cfg: MethodConfig, costs: StructureCosts, ctx: CompressContext
                      ) -> tuple[nn.Module, StructureCosts]:
     # a lower bound: every float32 tensor shrinks to a quarter at best, and conv-BN fusion removes
-    # the BN parameters (a fused conv gains a bias, so fewer than these disappear); shapes only
-    bn = _bn_params(model)
-    return model, StructureCosts(max(0, costs.params - bn), max(0, costs.nonzero_params - bn), costs.mflops,
-                                 costs.size_mb * 0.25, costs.notes)
+    # the BN parameters (a fused conv gains a bias, so fewer than these disappear). After a
+    # pruning bound that scaled every parameter of the unpruned ``model`` alike, its BN share is
+    # scaled alike: BN, linear in the channels, shrinks less than that quadratic bound assumes,
+    # and the slack the bound left covers the difference. Shapes only (meta builds).
+    total = sum(p.numel() for p in model.parameters())
+    bn = _bn_params(model) * (min(1.0, costs.params / total) if total else 1.0)
+    return model, StructureCosts(max(0, int(costs.params - bn)), max(0, int(costs.nonzero_params - bn)),
+                                 costs.mflops, costs.size_mb * 0.25, costs.notes)
 
 
 # every estimate here reads shapes only: each is its own quick bound (on a meta-device build)

@@ -131,13 +131,17 @@ def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity
     one-line error (the bound is :mod:`recommender.limits`' ``rungs``)."""
     if isinstance(rungs, LadderSpec):
         return rungs
-    if confirm_fidelity is not None:
-        name = search_fidelity if confirm_fidelity == "search" else confirm_fidelity
-        if name in ("none", ""):
-            return LadderSpec(derived=1, confirm="none")
-        get_protocol(name)
-        return LadderSpec(confirm=name)
-    text = "auto" if rungs is None else str(rungs).strip()
+    spec = _parse_rungs("auto" if rungs is None else str(rungs).strip(), search_fidelity)  # checked even when
+    if confirm_fidelity is None:                                                          # overridden below
+        return spec
+    name = search_fidelity if confirm_fidelity == "search" else confirm_fidelity
+    if name in ("none", ""):
+        return LadderSpec(derived=1, confirm="none")
+    get_protocol(name)
+    return LadderSpec(confirm=name)
+
+
+def _parse_rungs(text: str, search_fidelity: str | None) -> LadderSpec:
     if text in ("auto", ""):
         return LadderSpec(derived=AUTO_RUNGS.get(search_fidelity or "", 2), auto=True)
     if text.lstrip("-").isdigit():
@@ -250,7 +254,17 @@ def load_rung_study(storage: Any, study_name: str, k: int) -> optuna.Study | Non
 
 
 def _baseline(attr: Any) -> Baseline | None:
-    return Baseline.from_dict(attr) if isinstance(attr, dict) else None
+    if attr is None:
+        return None
+    if not isinstance(attr, dict):  # written by hand or by another tool: not an answer to trust
+        raise ValueError(f"a baseline stored as {type(attr).__name__}")
+    return Baseline.from_dict(attr)
+
+
+def _evaluation(attr: Any) -> dict[str, Any] | None:
+    if attr is not None and not isinstance(attr, dict):
+        raise ValueError(f"an evaluation stored as {type(attr).__name__}")
+    return attr
 
 
 def _rung0_label(attrs: dict[str, Any]) -> str:
@@ -272,7 +286,8 @@ def read_rungs(study: optuna.Study, max_rungs: int = MAX_RUNGS + 1) -> tuple[lis
     trials are not candidates). Rung k: the promoted candidates' trials in ``S.rung<k>`` that
     stored an evaluation (a trial whose worker died after its evaluation finished is evidence
     too); a candidate evaluated twice there (an interrupted run queued it again) keeps its last
-    successful evaluation.
+    successful evaluation. Attributes of another shape than the search writes (a study changed
+    by hand) are a ValueError.
     """
     from .recovery import SKIPPED_ATTR
 
@@ -281,9 +296,10 @@ def read_rungs(study: optuna.Study, max_rungs: int = MAX_RUNGS + 1) -> tuple[lis
     evidence: Evidence = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         ua = t.user_attrs
-        if "evaluation" not in ua or "recipe" not in ua or ua.get(SKIPPED_ATTR) or t.values is None:
+        ev = _evaluation(ua.get("evaluation"))
+        if ev is None or "recipe" not in ua or ua.get(SKIPPED_ATTR) or t.values is None:
             continue
-        evidence[t.number] = (ua["recipe"], ua.get("preset"), {0: ua["evaluation"]})
+        evidence[t.number] = (ua["recipe"], ua.get("preset"), {0: ev})
     for k in range(1, max_rungs):
         st = load_rung_study(study._storage, study.study_name, k)
         if st is None:
@@ -295,7 +311,7 @@ def read_rungs(study: optuna.Study, max_rungs: int = MAX_RUNGS + 1) -> tuple[lis
                               ra.get("skipped") or None, ra.get("protocol")))
         best: dict[int, dict[str, Any]] = {}
         for t in sorted(st.get_trials(deepcopy=False), key=lambda t: t.number):
-            d, src = t.user_attrs.get("evaluation"), t.user_attrs.get("source_trial")
+            d, src = _evaluation(t.user_attrs.get("evaluation")), t.user_attrs.get("source_trial")
             if not isinstance(d, dict) or src is None or t.state not in (TrialState.COMPLETE, TrialState.FAIL):
                 continue
             src = int(src)

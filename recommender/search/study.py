@@ -207,7 +207,7 @@ class StudySpec:
         try:  # the study's name, also when derived from the flags: it becomes a file and a folder
             validate.study_name(self.name)
         except RecommenderError as exc:
-            if self.study_name:
+            if self.study_name is not None:
                 raise
             raise RecommenderError(f"{exc} (derived from the flags: pass --study-name)") from None
 
@@ -220,7 +220,7 @@ class StudySpec:
 
     @property
     def name(self) -> str:
-        if self.study_name:
+        if self.study_name is not None:
             return self.study_name
         ds = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.dataset.split(":", 1)[-1]).name if ":" in self.dataset
                     else self.dataset).strip("-")
