@@ -51,6 +51,13 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command its pipe's
 
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
 
+#: The README's quick start and main job (tests/test_cli.py keeps them equal), with the wall time
+#: measured in a fresh clone on 2 CPU cores (docs/measurements.md)
+QUICK_START = "recommend --model resnet18 --max-drop 3% --budget 1M-params --trials 12"
+QUICK_START_TIME = "about 2 minutes"
+MAIN_JOB = "recommend --model resnet101 --max-drop 2% --budget 5M-params"
+MAIN_JOB_TIME = "about 15 minutes"
+
 #: OpenMP's wait policy for the command's process and its workers (see main())
 OMP_WAIT_ENV, OMP_WAIT_POLICY = "OMP_WAIT_POLICY", "PASSIVE"
 
@@ -304,10 +311,12 @@ def build_parser() -> _Parser:
                       "       recommend COMMAND [options]   (COMMAND --help for its options)",
                 formatter_class=argparse.RawDescriptionHelpFormatter,  # the exit-code table keeps its lines
                 description="Recommend a compression recipe (architecture changes, pruning, quantization)\n"
-                            "that meets a budget within an accuracy tolerance. The main job, on the bundled\n"
-                            "digits data:\n"
-                            "  recommend --model resnet101 --max-drop 2% --budget 5M-params\n"
-                            "(add --timeout 10m to bound the run; rerun the same command to resume)",
+                            "that meets a budget within an accuracy tolerance. On the bundled digits data:\n"
+                            f"  {QUICK_START}\n"
+                            f"    a first run ({QUICK_START_TIME} on 2 CPU cores)\n"
+                            f"  {MAIN_JOB}\n"
+                            f"    the main job ({MAIN_JOB_TIME} on 2 CPU cores)\n"
+                            "(add --timeout 10m to bound a run; rerun the same command to resume)",
                 epilog="exit codes:\n"
                        "  0    a feasible recommendation (recipe.json written)\n"
                        "  1    finished, nothing feasible (the closest candidates are shown)\n"
@@ -318,8 +327,9 @@ def build_parser() -> _Parser:
                        "more:\n"
                        "  README.md             set-up, examples and the Python API\n"
                        "  docs/measurements.md  what each number is worth against long trainings\n\n"
-                       "example (the main job on the bundled digits data):\n"
-                       "  recommend --model resnet101 --max-drop 2% --budget 5M-params")
+                       "examples (on the bundled digits data):\n"
+                       f"  {QUICK_START}\n"
+                       f"  {MAIN_JOB}")
     p.add_argument("--version", action="version", version=f"recommend {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="recommend",

@@ -194,3 +194,20 @@ def test_the_command_lets_openmp_wait_passively(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert main(["--version"]) == 0
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_readme_and_help_show_the_same_quick_start_and_main_job():
+    """The README's first command runs the main job and its quick-start block (marked like the
+    test command) the quick start; --help shows both, word for word."""
+    import re
+    from pathlib import Path
+
+    from recommender.cli import MAIN_JOB, QUICK_START, build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quick = re.search(r"<!-- quick-start -->\s*```bash\n(.+)\n```", readme)
+    assert quick and quick.group(1).strip() == QUICK_START
+    first = re.search(r"```bash\n(.+)\n```", readme).group(1)
+    assert first.endswith("&& " + MAIN_JOB)
+    text = build_parser().format_help()
+    assert QUICK_START in text and MAIN_JOB in text
