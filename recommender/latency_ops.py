@@ -1,0 +1,701 @@
+"""Operators of a model at batch 1: recorded from a forward pass, rebuilt from their spec, timed.
+
+This file imports nothing but ``torch`` and the standard library: ``recommend device-profile
+--write-script`` copies it, with a plan appended, into a script that runs on a board where only
+torch is installed. The same code times the plan under ``recommend device-profile``.
+
+**Spec of an operator** (JSON): ``{"op": "aten.conv2d.default", "args": [...], "kw": {...}}``,
+the dispatcher's overload and its arguments, each tensor as ``{"t": shape, "dt": dtype}`` (plus
+``"st"``: strides when not contiguous, ``"q"``: ``[scale, zero_point]`` of a per-tensor quantized
+tensor, ``"from": [i, j]``: output ``j`` of record ``i`` in a program), each packed int8 weight as
+``{"packed": "conv2d" | "linear", ...}``. The pseudo-operator ``module.call`` is one call of an
+``nn.Module`` (its Python overhead: every container and block adds it). Operators are recorded
+where Python hands them to the dispatcher (``TorchDispatchMode``) under ``inference_mode``:
+``aten.conv2d``, ``aten.batch_norm``, ``aten.add_``, ``quantized.conv2d_relu``, ...; float
+models are traced on meta tensors (shapes only, no arithmetic), quantized ones for real.
+
+**Kind** of an operator: its name without the overload, tagged with the dtype it runs in when
+that is not float32 (``aten.conv2d[float16]``) and with the int8 engine when it touches quantized
+tensors (``quantized.conv2d@x86``). A profile that has no timing of a kind cannot predict it.
+
+**Program**: the records of one whole model in execution order; replaying it (each operator on
+the outputs of the operators it read from) runs the model's kernels without the model's code.
+Profiling times programs whole and fits a calibration (:func:`fit_calibration`): the sum of the
+per-operator timings, corrected per dtype class, plus a constant, against the whole.
+
+Times are milliseconds, medians of timed samples, each sample the mean of ``number`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: Version of the profile format this file writes (a reader refuses any other major version).
+FORMAT = "recommender-latency-profile"
+FORMAT_VERSION = 1
+MODULE_CALL = "module.call"
+_NAMESPACES = ("aten", "quantized")
+_QDTYPES = {"quint8": torch.quint8, "qint8": torch.qint8, "qint32": torch.qint32}
+
+
+# --------------------------------------------------------------------------------------------
+# specs
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+def _contiguous_strides(shape: list[int]) -> list[int]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(1, n)
+    return list(reversed(out))
+
+
+def tensor_spec(t: torch.Tensor) -> dict[str, Any]:
+    """Shape, dtype, strides (when not contiguous) and per-tensor quantization of a tensor."""
+    shape = list(t.shape)
+    spec: dict[str, Any] = {"t": shape, "dt": _dtype_name(t.dtype)}
+    if not t.is_quantized:
+        st = list(t.stride())
+        if st != _contiguous_strides(shape) and t.numel() > 1:
+            spec["st"] = st
+    elif t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        spec["q"] = [float(t.q_scale()), int(t.q_zero_point())]
+    else:
+        spec["q"] = "per_channel"
+    return spec
+
+
+def _packed_spec(obj: Any) -> dict[str, Any] | None:
+    """Spec of a packed int8 weight (conv or linear), or None for another script object."""
+    name = str(getattr(obj, "_type", lambda: "")()) if hasattr(obj, "_type") else type(obj).__name__
+    try:
+        if "Conv" in name or hasattr(obj, "groups"):
+            w, b = obj.unpack()
+            return {"packed": "conv2d", "w": tensor_spec(w), "b": b is not None,
+                    "stride": list(obj.stride()), "padding": list(obj.padding()),
+                    "dilation": list(obj.dilation()), "groups": int(obj.groups())}
+        if "Linear" in name:
+            w, b = torch.ops.quantized.linear_unpack(obj)
+            return {"packed": "linear", "w": tensor_spec(w), "b": b is not None}
+    except Exception:
+        return None
+    return None
+
+
+class _Encoder:
+    """Turns dispatcher arguments into JSON, noting where each tensor came from."""
+
+    def __init__(self, origin: dict[int, list[int]] | None):
+        self.origin = origin
+
+    def __call__(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            spec = tensor_spec(v)
+            if self.origin is not None and id(v) in self.origin:
+                spec["from"] = self.origin[id(v)]
+            return spec
+        if isinstance(v, (list, tuple)):
+            return [self(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): self(x) for k, x in v.items()}
+        if isinstance(v, torch.dtype):
+            return {"dtype": _dtype_name(v)}
+        if isinstance(v, torch.device):
+            return {"device": "cpu"}
+        if isinstance(v, torch.memory_format):
+            return {"memory_format": str(v).replace("torch.", "")}
+        if isinstance(v, torch.layout):
+            return {"layout": str(v).replace("torch.", "")}
+        if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+            return v
+        if isinstance(v, float):
+            return v if math.isfinite(v) else {"float": repr(v)}
+        packed = _packed_spec(v)
+        if packed is not None:
+            return packed
+        return {"opaque": type(v).__name__}
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """The table key of an operator: its canonical spec (:func:`canonical`) as JSON."""
+    return json.dumps(canonical(spec), sort_keys=True, separators=(",", ":"))
+
+
+# Quantization parameters of an activation change from layer to layer and model to model but
+# not the kernel's time: the key and the timed operator use these instead.
+_CANON_SCALE, _CANON_ZERO = 0.05, 64
+
+
+def canonical(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec without provenance and engine, with every activation's scale and zero point
+    (tensor ``q`` fields, scalar arguments of ``quantized.*`` operators) set to fixed values."""
+    out = {k: _strip(v) for k, v in spec.items() if k not in ("from", "engine")}
+    if isinstance(out.get("args"), list):
+        out["args"] = _canon_scalars(out["op"], out["args"])
+    return out
+
+
+def _canon_scalars(op: str, args: list[Any]) -> list[Any]:
+    """A ``quantized.*`` operator's output scale (a float) and zero point (the int after it)
+    set to fixed values; other operators' arguments as they are."""
+    if not op.startswith("quantized."):
+        return args
+    out, prev_float = [], False
+    for a in args:
+        if isinstance(a, float):
+            a, prev_float = _CANON_SCALE, True
+        elif isinstance(a, int) and not isinstance(a, bool) and prev_float:
+            a, prev_float = _CANON_ZERO, False
+        else:
+            prev_float = False
+        out.append(a)
+    return out
+
+
+def _strip(v: Any) -> Any:
+    if isinstance(v, dict):
+        d = {k: _strip(x) for k, x in v.items() if k not in ("from", "engine")}
+        if isinstance(d.get("q"), list):
+            d["q"] = [_CANON_SCALE, _CANON_ZERO if d.get("dt") == "quint8" else 0]
+        return d
+    if isinstance(v, list):
+        return [_strip(x) for x in v]
+    return v
+
+
+def _walk(v: Any) -> Iterable[dict[str, Any]]:
+    if isinstance(v, dict):
+        yield v
+        for x in v.values():
+            yield from _walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _walk(x)
+
+
+def is_int8(spec: dict[str, Any]) -> bool:
+    """Whether an operator touches quantized tensors or packed int8 weights."""
+    return any(("dt" in d and d["dt"] in _QDTYPES) or "packed" in d for d in _walk(spec.get("args", [])))
+
+
+def kind_of(spec: dict[str, Any]) -> str:
+    """``aten.conv2d``, ``aten.conv2d[float16]``, ``quantized.conv2d@x86``, ``module.call``."""
+    op = spec["op"]
+    base = op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
+    if is_int8(spec):
+        return f"{base}@{spec.get('engine') or 'x86'}"
+    for d in _walk(spec.get("args", [])):
+        if "dt" in d and d["dt"] != "float32" and d["dt"].startswith(("float", "bfloat")):
+            return f"{base}[{d['dt']}]"
+    return base
+
+
+def dtype_class(kind: str) -> str:
+    """Calibration class of a kind: ``int8@ENGINE``, ``half`` (float16/bfloat16), ``call`` or
+    ``float``."""
+    if "@" in kind:
+        return "int8@" + kind.rsplit("@", 1)[1]
+    if "[" in kind:
+        return "half"
+    if kind == MODULE_CALL:
+        return "call"
+    return "float"
+
+
+# --------------------------------------------------------------------------------------------
+# tracing
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, meta: bool, engine: Callable[[], str]):
+        super().__init__()
+        self.meta = meta
+        self.engine = engine
+        self.records: list[dict[str, Any]] = []
+        self.origin: dict[int, list[int]] = {}
+        self.keep: list[Any] = []  # outputs stay alive so that ids are not reused
+
+    def call(self) -> None:
+        self.records.append({"op": MODULE_CALL, "args": []})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        enc = _Encoder(self.origin)
+        rec = {"op": str(func), "args": enc(list(args)), "kw": enc(kwargs)}
+        if is_int8(rec):
+            rec["engine"] = self.engine()
+        index = len(self.records)
+        self.records.append(rec)
+        if self.meta:
+            def to_meta(v: Any) -> Any:
+                if isinstance(v, torch.Tensor) and not v.is_meta:
+                    return v.to("meta")
+                if isinstance(v, (list, tuple)):
+                    return type(v)(to_meta(x) for x in v)
+                return v
+            args = to_meta(args)
+            kwargs = {k: to_meta(v) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        flat = out if isinstance(out, (list, tuple)) else [out]
+        for j, t in enumerate(flat):
+            if isinstance(t, torch.Tensor):
+                self.origin[id(t)] = [index, j]
+                self.keep.append(t)
+        return out
+
+
+def _has_quantized(model: nn.Module) -> bool:
+    for m in model.modules():
+        if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                          "torch.ao.nn.intrinsic.quantized")):
+            return True
+    return False
+
+
+def trace(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32), *,
+          meta: bool | None = None) -> list[dict[str, Any]]:
+    """The records of one forward pass of ``model`` on a float32 input of ``input_size``.
+
+    ``meta``: run on meta tensors (shapes only; None: for every model without quantized
+    modules, whose kernels have no meta version). The model's mode, the quantized engine (which
+    int8 models set before each forward) and its weights are left as they were."""
+    if meta is None:
+        meta = not _has_quantized(model)
+    engine_before = torch.backends.quantized.engine
+    rec = _Recorder(meta, lambda: torch.backends.quantized.engine)
+    hooks = [m.register_forward_pre_hook(lambda mod, a: rec.call()) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(*input_size, device="meta") if meta else torch.randn(*input_size)
+    try:
+        with torch.inference_mode(), rec:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+        if torch.backends.quantized.engine != engine_before:
+            torch.backends.quantized.engine = engine_before
+    return rec.records
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding and timing
+
+
+def _resolve(op: str) -> Any:
+    parts = op.split(".")
+    if parts[0] not in _NAMESPACES or len(parts) not in (2, 3):
+        raise ValueError(f"operator {op!r} is not one that a profile times")
+    fn: Any = getattr(torch.ops, parts[0])
+    for p in parts[1:]:
+        fn = getattr(fn, p)
+    return fn
+
+
+def _make_tensor(spec: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+    shape, dt = spec["t"], spec["dt"]
+    if dt in _QDTYPES:
+        x = torch.randn(shape, generator=gen)
+        if spec.get("q") == "per_channel" or dt == "qint8" and "q" not in spec:
+            axis = 0
+            n = shape[axis] if shape else 1
+            return torch.quantize_per_channel(x, torch.full((n,), 0.02), torch.zeros(n, dtype=torch.long),
+                                              axis, _QDTYPES[dt])
+        scale, zp = spec.get("q", [0.05, 0])
+        return torch.quantize_per_tensor(x, float(scale), int(zp), _QDTYPES[dt])
+    dtype = _dtype(dt)
+    if not shape:  # a 0-dim tensor is a scalar parameter (a scale, a zero point): keep it valid
+        return torch.tensor(_CANON_SCALE if dtype.is_floating_point else 0, dtype=dtype)
+    if "st" in spec:
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, spec["st"]) if n > 0)
+        base = torch.randn(size, generator=gen).to(dtype)
+        return base.as_strided(shape, spec["st"])
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _make_packed(spec: dict[str, Any], gen: torch.Generator) -> Any:
+    wspec = spec["w"]
+    if torch.backends.quantized.engine == "qnnpack":  # its default weights are per tensor
+        wspec = {**wspec, "q": [0.02, 0]}
+    w = _make_tensor(wspec, gen)
+    n = spec["w"]["t"][0]
+    b = torch.randn(n, generator=gen) if spec.get("b") else None
+    if spec["packed"] == "conv2d":
+        return torch.ops.quantized.conv2d_prepack(w, b, spec["stride"], spec["padding"], spec["dilation"],
+                                                  spec["groups"])
+    return torch.ops.quantized.linear_prepack(w, b)
+
+
+def _decode(v: Any, gen: torch.Generator, outputs: list[Any] | None) -> Any:
+    if isinstance(v, list):
+        return [_decode(x, gen, outputs) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "t" in v:
+        if outputs is not None and "from" in v:
+            i, j = v["from"]
+            src = outputs[i]
+            src = src[j] if isinstance(src, (list, tuple)) else src
+            if isinstance(src, torch.Tensor) and list(src.shape) == list(v["t"]):
+                return src
+        return _make_tensor(v, gen)
+    if "packed" in v:
+        return _make_packed(v, gen)
+    if "dtype" in v:
+        return _dtype(v["dtype"])
+    if "device" in v:
+        return torch.device("cpu")
+    if "memory_format" in v:
+        return getattr(torch, v["memory_format"])
+    if "layout" in v:
+        return getattr(torch, v["layout"])
+    if "float" in v:
+        return float(v["float"])
+    if "opaque" in v:
+        raise ValueError(f"an argument of type {v['opaque']} cannot be rebuilt")
+    return {k: _decode(x, gen, outputs) for k, x in v.items()}
+
+
+class _Call(nn.Module):
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+def build_op(spec: dict[str, Any], seed: int = 0) -> Callable[[], Any]:
+    """A no-argument callable that runs one operator on fresh inputs of its spec's shapes (the
+    quantized engine must be the spec's while it is built and run)."""
+    gen = torch.Generator().manual_seed(seed)
+    if spec["op"] == MODULE_CALL:
+        call, x = _Call(), torch.zeros(1)
+        return lambda: call(x)
+    fn = _resolve(spec["op"])
+    args = _decode(spec.get("args", []), gen, None)
+    kw = _decode(spec.get("kw", {}), gen, None)
+    return lambda: fn(*args, **kw)
+
+
+def build_program(records: list[dict[str, Any]], seed: int = 0) -> Callable[[], Any]:
+    """A no-argument callable that replays a whole model's records in order, each operator on
+    the outputs of the records it read from (fresh tensors where the model read a weight)."""
+    gen = torch.Generator().manual_seed(seed)
+    call, one = _Call(), torch.zeros(1)
+    steps: list[tuple[Any, Any, Any, list[list[int]] | None]] = []
+    for rec in records:
+        if rec["op"] == MODULE_CALL:
+            steps.append((None, None, None, None))
+            continue
+        fn = _resolve(rec["op"])
+        # constant inputs (weights) are made once; inputs produced by earlier records are
+        # looked up at run time
+        args = _decode(_canon_scalars(rec["op"], rec.get("args", [])), gen, None)
+        kw = _decode(rec.get("kw", {}), gen, None)
+        links = [[path_i, *d["from"]] for path_i, d in _tensor_args(rec.get("args", [])) if "from" in d]
+        steps.append((fn, args, kw, links))
+
+    def run() -> Any:
+        outs: list[Any] = [None] * len(steps)
+        for i, (fn, args, kw, links) in enumerate(steps):
+            if fn is None:
+                outs[i] = call(one)
+                continue
+            if links:
+                args = list(args)
+                for path, src, j in links:
+                    o = outs[src]
+                    o = o[j] if isinstance(o, (list, tuple)) else o
+                    _set_path(args, path, o)
+            outs[i] = fn(*args, **kw)
+        return outs[-1]
+
+    return run
+
+
+def _tensor_args(args: list[Any]) -> Iterable[tuple[tuple[int, ...], dict[str, Any]]]:
+    for i, a in enumerate(args):
+        if isinstance(a, dict) and "t" in a:
+            yield (i,), a
+        elif isinstance(a, list):
+            for j, b in enumerate(a):
+                if isinstance(b, dict) and "t" in b:
+                    yield (i, j), b
+
+
+def _set_path(args: list[Any], path: tuple[int, ...] | list[int], value: Any) -> None:
+    if len(path) == 1:
+        args[path[0]] = value
+    else:
+        inner = list(args[path[0]])
+        inner[path[1]] = value
+        args[path[0]] = inner
+
+
+def time_fn(fn: Callable[[], Any], *, samples: int = 7, min_sample_ms: float = 0.5,
+            warmup: int = 2) -> tuple[float, float]:
+    """(median, interquartile range) in ms of one call of ``fn``: ``warmup`` calls, then
+    ``samples`` samples, each the mean of enough calls to last ``min_sample_ms``."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            fn()
+        first = (time.perf_counter() - t0) / max(1, warmup)
+        number = max(1, int(math.ceil(min_sample_ms / 1000.0 / max(first, 1e-9))))
+        out = []
+        for _ in range(max(1, samples)):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            out.append((time.perf_counter() - t0) / number * 1000.0)
+    out.sort()
+    q = statistics.quantiles(out, n=4) if len(out) >= 2 else [out[0]] * 3
+    return statistics.median(out), q[2] - q[0]
+
+
+class _Engine:
+    """Sets the quantized engine (and restores it)."""
+
+    def __init__(self, engine: str | None):
+        self.engine, self.old = engine, None
+
+    def __enter__(self) -> None:
+        if self.engine:
+            self.old = torch.backends.quantized.engine
+            torch.backends.quantized.engine = self.engine
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is not None:
+            torch.backends.quantized.engine = self.old
+
+
+# --------------------------------------------------------------------------------------------
+# calibration (pure Python least squares: the board may lack numpy)
+
+CLASSES = ("float", "half", "call")  # and int8@ENGINE per engine
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        if abs(m[c][c]) < 1e-12:
+            continue
+        for r in range(n):
+            if r != c:
+                f = m[r][c] / m[c][c]
+                m[r] = [x - f * y for x, y in zip(m[r], m[c])]
+    return [m[i][n] / m[i][i] if abs(m[i][i]) > 1e-12 else 0.0 for i in range(n)]
+
+
+def class_sums(records: list[dict[str, Any]], table: dict[str, float],
+               lookup: Callable[[dict[str, Any]], float] | None = None) -> dict[str, float]:
+    """Sum of the per-operator times (ms) of a program, per calibration class."""
+    sums = {c: 0.0 for c in CLASSES}
+    for rec in records:
+        t = lookup(rec) if lookup else table[spec_key(rec) + "@" + (rec.get("engine") or "")]
+        c = dtype_class(kind_of(rec))
+        sums[c] = sums.get(c, 0.0) + t
+    return sums
+
+
+def fit_calibration(rows: list[tuple[dict[str, float], float]], ridge: float = 0.05) -> dict[str, Any]:
+    """Fit ``measured = overhead + sum_c scale_c * sum_c`` (ms) by least squares, each scale
+    pulled towards 1 and the overhead towards 0 (``ridge``, relative to the data's scale), on
+    ``rows`` of (per-class sums, measured ms); classes absent from every row keep scale 1.
+    Errors are relative: each row is weighted by 1 / measured."""
+    present = sorted({c for s, _ in rows for c, v in s.items() if v > 0})
+    n = len(present) + 1
+    ata = [[0.0] * n for _ in range(n)]
+    atb = [0.0] * n
+    for sums, measured in rows:
+        w = 1.0 / max(measured, 1e-6)
+        x = [sums.get(c, 0.0) * w for c in present] + [w]
+        y = measured * w
+        for i in range(n):
+            atb[i] += x[i] * y
+            for j in range(n):
+                ata[i][j] += x[i] * x[j]
+    lam = ridge * max(1, len(rows))
+    for i in range(n - 1):  # scales towards 1
+        ata[i][i] += lam
+        atb[i] += lam * 1.0
+    ata[n - 1][n - 1] += lam * 1e-2  # the overhead towards 0, loosely
+    sol = _solve(ata, atb)
+    scales = {c: 1.0 for c in CLASSES}
+    for c, v in zip(present, sol):
+        scales[c] = max(0.2, min(5.0, v))
+    return {"scales": scales, "overhead_ms": sol[-1]}
+
+
+def apply_calibration(sums: dict[str, float], calibration: dict[str, Any]) -> float:
+    """Calibrated whole-model time (ms) from per-class sums."""
+    s = calibration.get("scales", {})
+    return float(calibration.get("overhead_ms", 0.0)) + sum(float(s.get(c, 1.0)) * v for c, v in sums.items())
+
+
+def _percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = int(math.floor(k)), int(math.ceil(k))
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# the profile
+
+
+def device_info(threads: int) -> dict[str, Any]:
+    """What the profile was measured on."""
+    return {"name": platform.node(), "machine": platform.machine(), "processor": platform.processor(),
+            "system": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": int(threads), "cpus": os.cpu_count(),
+            "quantized_engines": list(torch.backends.quantized.supported_engines),
+            "quantized_engine": torch.backends.quantized.engine}
+
+
+def run_plan(plan: dict[str, Any], *, threads: int = 1, samples: int = 7, min_sample_ms: float = 0.5,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time every operator of ``plan`` and its whole programs on this machine, fit the
+    calibration on the programs marked ``calibrate`` and validate on the others: the profile
+    (a dict; see the module docstring). ``threads``: CPU threads while timing (restored after).
+
+    ``plan``: ``{"entries": [spec, ...], "engines": [...], "programs": [{"name", "records",
+    "role": "calibrate" | "validate"}]}``; int8 operators are timed under each engine of
+    ``engines`` that this torch supports (the others are listed as skipped)."""
+    log = log or (lambda s: None)
+    t_start = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    supported = set(torch.backends.quantized.supported_engines)
+    engines = [e for e in plan.get("engines", []) if e in supported]
+    skipped_engines = [e for e in plan.get("engines", []) if e not in supported]
+    entries: list[dict[str, Any]] = []
+    table: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    try:
+        specs = plan["entries"]
+        for n, spec in enumerate(specs):
+            spec = canonical(spec)
+            for engine in (engines if is_int8(spec) else [None]):
+                key = spec_key(spec)
+                try:
+                    with _Engine(engine):
+                        med, iqr = time_fn(build_op(spec), samples=samples, min_sample_ms=min_sample_ms)
+                except Exception as exc:  # an operator this device cannot run: its kind is missing
+                    failed.setdefault(kind_of({**spec, "engine": engine}), f"{type(exc).__name__}: {exc}"[:200])
+                    continue
+                entries.append({"spec": canonical(spec), "engine": engine, "ms": med, "iqr_ms": iqr})
+                table[key + "@" + (engine or "")] = med
+            if log and (n + 1) % 100 == 0:
+                log(f"timed {n + 1}/{len(specs)} operators ({time.perf_counter() - t_start:.0f} s)")
+        programs = []
+        for prog in plan.get("programs", []):
+            int8 = any(r.get("engine") for r in prog["records"])
+            for engine in (engines if int8 else [None]):  # an int8 model runs on each engine
+                records = [{**r, "engine": engine} if r.get("engine") else r for r in prog["records"]]
+                try:
+                    sums = class_sums(records, table)
+                    with _Engine(engine):
+                        med, iqr = time_fn(build_program(records), samples=samples,
+                                           min_sample_ms=min_sample_ms, warmup=1)
+                except (KeyError, RuntimeError, ValueError):
+                    continue  # one of its operators cannot run here
+                name = prog["name"] + (f" @{engine}" if engine else "")
+                programs.append({"name": name, "role": prog.get("role", "validate"),
+                                 "measured_ms": med, "iqr_ms": iqr, "sums": sums})
+                log(f"program {name}: {med:.2f} ms (sum of operators {sum(sums.values()):.2f} ms)")
+    finally:
+        torch.set_num_threads(old_threads)
+    cal_rows = [(p["sums"], p["measured_ms"]) for p in programs if p["role"] == "calibrate"]
+    calibration = fit_calibration(cal_rows) if cal_rows else {"scales": {}, "overhead_ms": 0.0}
+    calibration["models"] = [p["name"] for p in programs if p["role"] == "calibrate"]
+    val = []
+    for p in programs:
+        pred = apply_calibration(p["sums"], calibration)
+        val.append({"name": p["name"], "role": p["role"], "measured_ms": p["measured_ms"],
+                    "predicted_ms": pred, "error_pct": 100.0 * (pred - p["measured_ms"]) / p["measured_ms"]})
+    held = [abs(v["error_pct"]) for v in val if v["role"] == "validate"]
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "device": device_info(threads),
+        "threads": int(threads),
+        "engines": engines,
+        "skipped_engines": skipped_engines,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": time.perf_counter() - t_start,
+        "input_sizes": plan.get("input_sizes", []),
+        "entries": entries,
+        "failed_kinds": failed,
+        "calibration": calibration,
+        "validation": {
+            "models": val,
+            "median_error_pct": statistics.median(held) if held else None,
+            "p90_error_pct": _percentile(held, 90) if held else None,
+            "max_error_pct": max(held) if held else None,
+        },
+    }
+
+
+PLAN: dict[str, Any] | None = None  # a written script sets this to its plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The standalone script: ``python profile_device.py --out board.json [--threads N]``."""
+    ap = argparse.ArgumentParser(description="Measure a latency profile of this device for recommender "
+                                             "(copy board.json back and search with --budget 12ms@board.json).")
+    ap.add_argument("--out", required=True, help="profile file to write (JSON)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads while timing (default 1)")
+    ap.add_argument("--plan", help="plan JSON (default: the one in this script)")
+    a = ap.parse_args(argv)
+    if a.plan:
+        with open(a.plan) as f:
+            plan = json.load(f)
+    elif PLAN is not None:
+        plan = PLAN
+    else:
+        print("error: no plan: give --plan PLAN.json", file=sys.stderr)
+        return 2
+    if a.threads < 1:
+        print("error: --threads must be at least 1", file=sys.stderr)
+        return 2
+    prof = run_plan(plan, threads=a.threads, log=lambda s: print(s, file=sys.stderr))
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(prof, f)
+    os.replace(tmp, a.out)
+    v = prof["validation"]
+    err = v["p90_error_pct"]
+    print(f"wrote {a.out}: {len(prof['entries'])} operators in {prof['seconds']:.0f} s; "
+          f"validation error {'n/a' if err is None else f'{err:.1f} %'} (90th percentile, held-out models)")
+    return 0
