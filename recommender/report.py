@@ -38,7 +38,11 @@ COST_ROWS = (  # (Costs field, label, unit)
     ("size_mb", "size (dense)", "MB"),
     ("sparse_size_mb", "size (sparse encoding)", "MB"),
     ("latency_ms", "latency (batch 1)", "ms"),
+    ("latency_ort_ms", "latency in ONNX Runtime (batch 1)", "ms"),
+    ("latency_predicted_ms", "latency on the profiled device (predicted, batch 1)", "ms"),
 )
+#: Rows shown only when the study measured them (a -ort budget, a profile's prediction).
+OPTIONAL_COST_ROWS = ("latency_ort_ms", "latency_predicted_ms")
 
 
 # -- reading trials ----------------------------------------------------------------------------
@@ -569,6 +573,8 @@ def render(rec: Recommendation) -> Group:
         bc = rec.baseline.costs if rec.baseline else {}
         for key, label, unit in COST_ROWS:
             nv = e.costs.get(key) if e.costs.get(key) is not None else c.proxy.costs.get(key)
+            if key in OPTIONAL_COST_ROWS and nv is None and bc.get(key) is None:
+                continue
             t.add_row(label, format_quantity(bc.get(key), unit), format_quantity(nv, unit), _factor(bc.get(key), nv))
         body = [Text(c.recipe.describe(), style="bold cyan"), t]
         if len(rec.rungs) > 1:
@@ -774,12 +780,16 @@ def markdown(rec: Recommendation) -> str:
     for title, rows in tables:
         if not rows:
             continue
-        lines += ["", f"## {title}", "", "| trial | recipe | accuracy | drop (pp) | params | MFLOPs | MB | ms |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        extra = [k for k in OPTIONAL_COST_ROWS if any(p.get(k) is not None for p in rows)]
+        heads = "".join({"latency_ort_ms": " ms (ONNX Runtime) |",
+                         "latency_predicted_ms": " ms (predicted) |"}[k] for k in extra)
+        lines += ["", f"## {title}", "", "| trial | recipe | accuracy | drop (pp) | params | MFLOPs | MB | ms |" + heads,
+                  "|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
         for p in rows:
             lines.append(_md_row(p["trial"], p["describe"], f"{100 * (p['proxy_accuracy'] or 0):.2f}%",
                                  "n/a" if p["proxy_drop"] is None else f"{p['proxy_drop']:+.2f}", p["params"],
-                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1)))
+                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1),
+                                 *(_round(p.get(k), 1) for k in extra)))
     lines += ["", summary_line(rec.counts, len(rec.rungs))]
     for info in rec.rungs[1:]:
         if info.get("skipped"):
