@@ -198,7 +198,16 @@ def _walk(v: Any) -> Iterable[dict[str, Any]]:
 
 def is_int8(spec: dict[str, Any]) -> bool:
     """Whether an operator touches quantized tensors or packed int8 weights."""
-    return any(("dt" in d and d["dt"] in _QDTYPES) or "packed" in d for d in _walk(spec.get("args", [])))
+    return _any_int8(spec.get("args", []))
+
+
+def _any_int8(v: Any) -> bool:
+    if isinstance(v, list):
+        return any(_any_int8(x) for x in v)
+    if isinstance(v, dict):
+        return v.get("dt") in _QDTYPES or "packed" in v or (
+            "t" not in v and any(_any_int8(x) for x in v.values()))
+    return False
 
 
 def kind_of(spec: dict[str, Any]) -> str:
@@ -229,6 +238,13 @@ def dtype_class(kind: str) -> str:
 # tracing
 
 
+# Element-wise operators (and batch norm in eval mode) whose output has their first input's shape.
+_SAME_SHAPE = frozenset(f"aten.{op}.default" for op in (
+    "batch_norm", "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "sigmoid", "sigmoid_",
+    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "gelu", "tanh", "tanh_", "dropout",
+    "leaky_relu", "leaky_relu_", "elu", "elu_"))
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, meta: bool, engine: Callable[[], str]):
         super().__init__()
@@ -245,10 +261,16 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         enc = _Encoder(self.origin)
         rec = {"op": str(func), "args": enc(list(args)), "kw": enc(kwargs)}
-        if is_int8(rec):
+        if not self.meta and is_int8(rec):  # meta tensors are never quantized
             rec["engine"] = self.engine()
         index = len(self.records)
         self.records.append(rec)
+        if self.meta and rec["op"] in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor):
+            # the output has the input's shape: no need for the (slow, Python) meta kernel
+            out = args[0] if rec["op"].split(".")[1].endswith("_") else torch.empty_like(args[0])
+            self.origin[id(out)] = [index, 0]
+            self.keep.append(out)
+            return out
         if self.meta:
             def to_meta(v: Any) -> Any:
                 if isinstance(v, torch.Tensor) and not v.is_meta:

@@ -199,7 +199,7 @@ def _interpolate(points: list[tuple[float, float, tuple[int, ...]]], work: float
     return t0 + (t1 - t0) * (work - w0) / (w1 - w0)
 
 
-def _lookup(idx: _Index, rec: dict[str, Any]) -> tuple[float, str]:
+def _lookup(idx: _Index, rec: dict[str, Any], kind: str) -> tuple[float, str]:
     """(time in ms, how: exact / interpolated / approximate); KeyError(kind) when unknown."""
     eng = rec.get("engine") or ""
     key = latency_ops.spec_key(rec) + "@" + eng
@@ -211,7 +211,6 @@ def _lookup(idx: _Index, rec: dict[str, Any]) -> tuple[float, str]:
         sp = _spatial(rec)
         same = [p for p in pts if p[2] == sp]
         return _interpolate(same or pts, work), "interpolated"
-    kind = latency_ops.kind_of(rec)
     pts = idx.kinds.get(kind)
     if pts:
         return _interpolate(pts, work), "approximate"
@@ -225,14 +224,15 @@ def predict_records(records: list[dict[str, Any]], profile: LatencyProfile) -> P
     sums: dict[str, float] = {}
     missing: list[str] = []
     for rec in records:
+        kind = latency_ops.kind_of(rec)
         try:
-            t, how = _lookup(idx, rec)
-        except KeyError as exc:
-            if exc.args[0] not in missing:
-                missing.append(exc.args[0])
+            t, how = _lookup(idx, rec, kind)
+        except KeyError:
+            if kind not in missing:
+                missing.append(kind)
             continue
         counts[how] += 1
-        c = latency_ops.dtype_class(latency_ops.kind_of(rec))
+        c = latency_ops.dtype_class(kind)
         sums[c] = sums.get(c, 0.0) + t
     if missing:
         engines = ", ".join(profile.data.get("engines") or []) or "none"
