@@ -252,3 +252,27 @@ def predict_latency(model: nn.Module, profile: LatencyProfile,
     """Predicted batch-1 latency (ms) of ``model`` at ``input_size`` on the device that measured
     ``profile`` (see the module docstring; the model is left as it was)."""
     return predict_records(latency_ops.trace(model, input_size), profile)
+
+
+def check_space(profile: LatencyProfile, space: Any) -> None:
+    """Refuse, before any training, a search space that offers recipes the profile cannot
+    predict: int8 on an engine the profile has no timing for, fp16 where it timed none.
+
+    ``space``: a :class:`recommender.search.space.SearchSpace`. One-line :class:`ProfileError`."""
+    offered: dict[str, set[Any]] = {}
+    for d in space.dimensions:
+        if d.section == "quant" and d.name in ("scheme", "engine"):
+            offered.setdefault(d.name, set()).update(d.choices if d.choices is not None else (d.value,))
+    schemes = offered.get("scheme", set())
+    engines = {e for e in offered.get("engine", set()) if e} or {"x86"}
+    if schemes & {"int8-static", "int8-dynamic"}:
+        timed = {k.rsplit("@", 1)[1] for k in profile.kinds if "@" in k}
+        lacking = sorted(e for e in engines if e not in timed)
+        if lacking:
+            raise ProfileError(
+                f"latency profile {profile.name} has no int8 timings on the {', '.join(lacking)} engine, which the "
+                f"search space offers (quant.engine); the profile timed int8 on: {', '.join(sorted(timed)) or 'none'}: "
+                f"search with a --space whose quant.engine is one of those, or without int8")
+    if "fp16" in schemes and not any(k.endswith("[float16]") for k in profile.kinds):
+        raise ProfileError(f"latency profile {profile.name} has no float16 timings, and the search space offers "
+                           f"fp16: search with a --space without it")

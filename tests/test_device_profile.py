@@ -254,3 +254,19 @@ def test_ort_says_which_recipes_it_cannot_time():
     assert ort_unsupported(tiny(4)) is None
     s = ort_latency_stats(tiny(4), SIZE, repeats=3, warmup=1)
     assert s is not None and s.median_ms > 0 and s.device == "cpu/onnxruntime"
+
+
+def test_space_the_profile_cannot_predict_is_refused_before_training(tmp_path, capsys):
+    from recommender.latency_predict import check_space
+    from recommender.search.space import SearchSpace
+
+    prof = load_profile(write(tmp_path, hand_profile()))  # float32 only
+    with pytest.raises(ProfileError, match="no int8 timings on the x86 engine"):
+        check_space(prof, SearchSpace.for_model("resnet18"))
+    fp32_only = SearchSpace.from_dict({"family": "cifar-resnet", "quant": {"scheme": {"value": "fp32"}}})
+    check_space(prof, fp32_only)
+    code = main(["--model", "resnet18", "--budget", f"12ms@{tmp_path / 'board.json'}", "--fidelity", "smoke",
+                 "--trials", "1", "--studies-dir", str(tmp_path / "s"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no int8 timings on the x86 engine" in err and len(err.strip().splitlines()) == 1, err
+    assert not list((tmp_path / "s").glob("cache/**/*.pt"))  # nothing was trained

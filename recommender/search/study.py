@@ -402,6 +402,12 @@ class Search:
         if isinstance(source, str) and not is_registered(source.split("#")[0]) and spec.model != source:
             spec.model_source = source  # a factory: worker processes import and call it again
         self.space = SearchSpace.for_model(spec.model, spec.space)
+        for b in spec.budgets:  # recipes a device profile cannot predict: refused before any training
+            if b.predicted:
+                from ..latency_predict import check_space
+                from ..latency_profile import load_profile
+
+                check_space(load_profile(b.profile), self.space)
         self.cache = WeightsCache(spec.cache_root)
         for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
             if path:
