@@ -16,7 +16,9 @@ and the seconds spent predicting against measuring. Resumable: each candidate is
 done, and a rerun with the same profile goes on where it stopped (``--max-minutes`` bounds one
 run, to share the CPU lock).
 
-    flock /tmp/recommender-cpu.lock python benchmarks/latency_prediction.py [--max-minutes 15]
+    python -c "import json; from recommender.profile_plan import make_plan; \
+               json.dump(make_plan(), open('/tmp/plan.json', 'w'))"        # no timing: outside the lock
+    flock /tmp/recommender-cpu.lock python benchmarks/latency_prediction.py --plan /tmp/plan.json [--max-minutes 15]
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument("--profile", default=str(RESULTS / "latency-profile-this-machine.json"),
                     help="profile file (made first when absent)")
     ap.add_argument("--out", default=str(RESULTS / "latency-prediction.json"))
+    ap.add_argument("--plan", help="a plan JSON made beforehand (profile_plan.make_plan: no timing, so it "
+                                   "may be made outside the CPU lock)")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop after this long (0: no limit)")
     ap.add_argument("--note", default="", help="what else ran on the machine (stored with the results)")
     args = ap.parse_args()
@@ -128,7 +132,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not Path(args.profile).exists():
         print(f"profiling this machine -> {args.profile}", flush=True)
-        make_profile(args.profile, threads=args.threads, log=lambda s: print("  " + s, flush=True))
+        plan = json.loads(Path(args.plan).read_text()) if args.plan else None
+        make_profile(args.profile, threads=args.threads, plan=plan, log=lambda s: print("  " + s, flush=True))
     prof = load_profile(args.profile)
     out_path = Path(args.out)
     out = json.loads(out_path.read_text()) if out_path.exists() else {}

@@ -157,13 +157,16 @@ def load_profile(path: str | os.PathLike[str]) -> LatencyProfile:
 
 def make_profile(out: str | os.PathLike[str], *, threads: int = 1, input_sizes: tuple[int, ...] = (32,),
                  engines: tuple[str, ...] | None = None, models: tuple[str, ...] | None = None,
-                 samples: int = 7, log: Callable[[str], None] | None = None) -> LatencyProfile:
+                 samples: int = 7, plan: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None) -> LatencyProfile:
     """Profile this machine and write the profile to ``out``: the operators of the bundled
-    presets and models (:func:`recommender.profile_plan.make_plan`) at ``input_sizes`` (px),
-    timed at batch 1 with ``threads`` CPU threads (the process's setting is restored)."""
+    presets and models (``plan``, default :func:`recommender.profile_plan.make_plan` at
+    ``input_sizes`` (px) with ``engines`` and ``models``), timed at batch 1 with ``threads``
+    CPU threads (the process's setting is restored)."""
     from .profile_plan import make_plan
 
-    plan = make_plan(input_sizes=input_sizes, engines=engines, models=models, log=log)
+    if plan is None:
+        plan = make_plan(input_sizes=input_sizes, engines=engines, models=models, log=log)
     prof = latency_ops.run_plan(plan, threads=threads, samples=samples, log=log)
     atomic_write(out, json.dumps(prof))
     return load_profile(out)
