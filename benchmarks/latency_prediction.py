@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from recommender.compress.quantize import quiet_quantization_warnings
+from recommender.errors import ProfileError
 from recommender.io import atomic_write
 from recommender.latency_predict import predict_latency
 from recommender.latency_profile import load_profile, make_profile
@@ -111,6 +112,7 @@ def summary(out: dict) -> dict:
         "measure_s": meas_s,
         "speedup_total": meas_s / pred_s if pred_s else None,
         "speedup_median": statistics.median(c["measure_s"] / c["predict_s"] for c in rows),
+        "refused": [c["name"] for c in out["candidates"] if "refused" in c],
         "within_profile_error": sum(abs(c["error_pct"]) <= (out["profile"]["p90_error_pct"] or 0) for c in rows),
     })
     return out
@@ -158,7 +160,13 @@ def main() -> None:
         with quiet_quantization_warnings():
             net = build_plan_model(pm, input_size=32)
             t0 = time.perf_counter()
-            pred = predict_latency(net, prof, x)
+            try:
+                pred = predict_latency(net, prof, x)
+            except ProfileError as exc:  # refused, as documented: counted apart
+                out["candidates"].append({"name": pm.name, "quant": pm.quant, "refused": str(exc)})
+                print(f"{pm.name:55s} refused: {exc}", flush=True)
+                atomic_write(out_path, json.dumps(summary(out), indent=1))
+                continue
             predict_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             meas = latency_stats(net, x, threads=args.threads)

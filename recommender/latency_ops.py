@@ -20,8 +20,11 @@ tensors (``quantized.conv2d@x86``). A profile that has no timing of a kind canno
 
 **Program**: the records of one whole model in execution order; replaying it (each operator on
 the outputs of the operators it read from) runs the model's kernels without the model's code.
-Profiling times programs whole and fits a calibration (:func:`fit_calibration`): the sum of the
-per-operator timings, corrected per dtype class, plus a constant, against the whole.
+Profiling replays programs and times every operator where it runs, in the sequence (an operator
+timed alone, in a loop, ran 2-3x faster on the 2-core development VM than in a model: warm
+caches and branch predictors), takes each operator's median over the programs it occurs in,
+and fits a calibration (:func:`fit_calibration`) on a few programs timed whole: the sum of the
+operators' times, corrected per dtype class, plus a constant.
 
 Times are milliseconds, medians of timed samples, each sample the mean of ``number`` calls.
 """
@@ -29,6 +32,8 @@ Times are milliseconds, medians of timed samples, each sample the mean of ``numb
 from __future__ import annotations
 
 import argparse
+import base64  # noqa: F401  (a written script decodes its plan with it)
+import bisect
 import json
 import math
 import os
@@ -36,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+import zlib  # noqa: F401  (a written script decodes its plan with it)
 from typing import Any, Callable, Iterable
 
 import torch
@@ -411,53 +417,74 @@ class _Call(nn.Module):
         return x
 
 
-def build_op(spec: dict[str, Any], seed: int = 0) -> Callable[[], Any]:
-    """A no-argument callable that runs one operator on fresh inputs of its spec's shapes (the
-    quantized engine must be the spec's while it is built and run)."""
-    gen = torch.Generator().manual_seed(seed)
-    if spec["op"] == MODULE_CALL:
-        call, x = _Call(), torch.zeros(1)
-        return lambda: call(x)
-    fn = _resolve(spec["op"])
-    args = _decode(spec.get("args", []), gen, None)
-    kw = _decode(spec.get("kw", {}), gen, None)
-    return lambda: fn(*args, **kw)
+class _Program:
+    """A whole model's records, replayable: ``prog()`` runs them; ``prog.timed(acc)`` also adds
+    each record's seconds to ``acc[i]`` (timed where it runs: in the model's sequence, with the
+    caches and allocator as the model leaves them)."""
 
-
-def build_program(records: list[dict[str, Any]], seed: int = 0) -> Callable[[], Any]:
-    """A no-argument callable that replays a whole model's records in order, each operator on
-    the outputs of the records it read from (fresh tensors where the model read a weight)."""
-    gen = torch.Generator().manual_seed(seed)
-    call, one = _Call(), torch.zeros(1)
-    steps: list[tuple[Any, Any, Any, list[list[int]] | None]] = []
-    for rec in records:
-        if rec["op"] == MODULE_CALL:
-            steps.append((None, None, None, None))
-            continue
-        fn = _resolve(rec["op"])
-        # constant inputs (weights) are made once; inputs produced by earlier records are
-        # looked up at run time
-        args = _decode(_canon_scalars(rec["op"], rec.get("args", [])), gen, None)
-        kw = _decode(rec.get("kw", {}), gen, None)
-        links = [[path_i, *d["from"]] for path_i, d in _tensor_args(rec.get("args", [])) if "from" in d]
-        steps.append((fn, args, kw, links))
-
-    def run() -> Any:
-        outs: list[Any] = [None] * len(steps)
-        for i, (fn, args, kw, links) in enumerate(steps):
-            if fn is None:
-                outs[i] = call(one)
+    def __init__(self, records: list[dict[str, Any]], seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.call, self.one = _Call(), torch.zeros(1)
+        self.steps: list[tuple[Any, Any, Any, list[list[int]] | None]] = []
+        for rec in records:
+            if rec["op"] == MODULE_CALL:
+                self.steps.append((None, None, None, None))
                 continue
-            if links:
-                args = list(args)
-                for path, src, j in links:
-                    o = outs[src]
-                    o = o[j] if isinstance(o, (list, tuple)) else o
-                    _set_path(args, path, o)
-            outs[i] = fn(*args, **kw)
+            fn = _resolve(rec["op"])
+            # constant inputs (weights) are made once; inputs produced by earlier records are
+            # looked up at run time
+            args = _decode(_canon_scalars(rec["op"], rec.get("args", [])), gen, None)
+            kw = _decode(rec.get("kw", {}), gen, None)
+            links = [[path_i, *d["from"]] for path_i, d in _tensor_args(rec.get("args", [])) if "from" in d]
+            self.steps.append((fn, args, kw, links))
+
+    def _step(self, outs: list[Any], i: int) -> None:
+        fn, args, kw, links = self.steps[i]
+        if fn is None:
+            outs[i] = self.call(self.one)
+            return
+        if links:
+            args = list(args)
+            for path, src, j in links:
+                o = outs[src]
+                o = o[j] if isinstance(o, (list, tuple)) else o
+                _set_path(args, path, o)
+        outs[i] = fn(*args, **kw)
+
+    def __call__(self) -> Any:
+        outs: list[Any] = [None] * len(self.steps)
+        for i in range(len(self.steps)):
+            self._step(outs, i)
         return outs[-1]
 
-    return run
+    def timed(self, acc: list[float]) -> None:
+        outs: list[Any] = [None] * len(self.steps)
+        clock = time.perf_counter
+        for i in range(len(self.steps)):
+            t0 = clock()
+            self._step(outs, i)
+            acc[i] += clock() - t0
+
+
+def build_program(records: list[dict[str, Any]], seed: int = 0) -> _Program:
+    """A callable that replays a whole model's records in order, each operator on the outputs
+    of the records it read from (fresh tensors where the model read a weight)."""
+    return _Program(records, seed)
+
+
+def time_in_program(records: list[dict[str, Any]], samples: int = 7, warmup: int = 2) -> list[float]:
+    """Each record's median time (ms) over ``samples`` replays of the whole program, timed in
+    the sequence (see :class:`_Program`)."""
+    prog = build_program(records)
+    with torch.inference_mode():
+        for _ in range(max(1, warmup)):
+            prog()
+        runs = []
+        for _ in range(max(1, samples)):
+            acc = [0.0] * len(records)
+            prog.timed(acc)
+            runs.append(acc)
+    return [statistics.median(r[i] for r in runs) * 1000.0 for i in range(len(records))]
 
 
 def _tensor_args(args: list[Any]) -> Iterable[tuple[tuple[int, ...], dict[str, Any]]]:
@@ -517,6 +544,183 @@ class _Engine:
 
 
 # --------------------------------------------------------------------------------------------
+# features of an operator
+
+
+def _tensors(v: Any) -> list[dict[str, Any]]:
+    out = []
+    if isinstance(v, dict):
+        if "t" in v:
+            return [v]
+        if "packed" in v:
+            return [v["w"]]
+        for x in v.values():
+            out += _tensors(x)
+    elif isinstance(v, list):
+        for x in v:
+            out += _tensors(x)
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _conv_parts(spec: dict[str, Any]) -> tuple[list[int], list[int], int] | None:
+    """(input shape, weight shape, groups) of a convolution, float or packed int8."""
+    args = spec.get("args", [])
+    if spec["op"].startswith("aten.conv") and len(args) >= 2 and isinstance(args[1], dict) and "t" in args[1]:
+        groups = args[6] if len(args) > 6 and isinstance(args[6], int) else 1
+        return args[0]["t"], args[1]["t"], groups
+    if len(args) >= 2 and isinstance(args[1], dict) and args[1].get("packed") == "conv2d":
+        return args[0]["t"], args[1]["w"]["t"], int(args[1].get("groups", 1))
+    return None
+
+
+def work_of(spec: dict[str, Any]) -> float:
+    """The operator's amount of work: multiply-accumulates of a convolution (output elements x
+    input channels per group x kernel area, at the input's spatial size) or of a linear layer,
+    else the elements of its tensors."""
+    conv = _conv_parts(spec)
+    if conv is not None:
+        x, w, _ = conv
+        spatial = _numel(x[2:]) if len(x) > 2 else 1
+        return float(w[0] * _numel(w[1:]) * spatial)
+    args = spec.get("args", [])
+    tens = _tensors(args)
+    if ("linear" in spec["op"] or "addmm" in spec["op"]) and len(tens) >= 2:
+        x, w = tens[0]["t"], tens[1]["t"]
+        return float(_numel(x[:-1]) * _numel(w))
+    return float(sum(_numel(t["t"]) for t in tens) or 1)
+
+
+def _spatial(spec: dict[str, Any]) -> tuple[int, ...]:
+    for t in _tensors(spec.get("args", [])):
+        if len(t["t"]) == 4:
+            return tuple(t["t"][2:])
+    return ()
+
+
+def group_of(spec: dict[str, Any]) -> str:
+    """The operator with its channel counts and spatial sizes left out: its op, dtypes,
+    ranks, non-tensor arguments, a convolution's kernel and whether it is depthwise, grouped
+    or dense. Operators of one group differ in work only."""
+    conv = _conv_parts(spec)
+    shape_free = _shape_free(canonical(spec))
+    if conv is not None:
+        x, w, groups = conv
+        cin = x[1] if len(x) > 1 else 1
+        args = shape_free.get("args", [])
+        if spec["op"].startswith("aten.conv") and len(args) > 6:
+            args[6] = "groups"  # a depthwise conv's groups is its channel count
+        shape_free["conv"] = {"kernel": list(w[2:]),
+                              "groups": "depthwise" if groups > 1 and groups == cin else
+                              ("grouped" if groups > 1 else "dense")}
+    return json.dumps(shape_free, sort_keys=True, separators=(",", ":"))
+
+
+def _shape_free(v: Any, key: str = "") -> Any:
+    if isinstance(v, dict):
+        if "t" in v:
+            d = {k: x for k, x in v.items() if k not in ("t", "st")}
+            d["rank"] = len(v["t"])
+            d["strided"] = "st" in v
+            return d
+        if "packed" in v:
+            return {"packed": v["packed"], "stride": v.get("stride"), "padding": v.get("padding"),
+                    "dilation": v.get("dilation"), "b": v.get("b"), "w": _shape_free(v["w"])}
+        return {k: _shape_free(x, k) for k, x in v.items()}
+    if isinstance(v, list):
+        # the size lists of view/reshape and the groups of a conv hold channel counts
+        if v and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and len(v) != 2:
+            return ["n"] * len(v)
+        return [_shape_free(x) for x in v]
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# the index of a table of timed operators: what predicts
+
+
+class Index:
+    """A table of timed operators (``entries``: ``{"spec", "engine", "ms"}``) indexed for
+    prediction: exact keys, groups (same operator but for channel counts and sizes) and kinds."""
+
+    def __init__(self, entries: list[dict[str, Any]]):
+        self.table: dict[str, float] = {}
+        self.groups: dict[str, list[tuple[float, float, tuple[int, ...]]]] = {}
+        self.kinds: dict[str, list[tuple[float, float, tuple[int, ...]]]] = {}
+        for e in entries:
+            spec = {**e["spec"], "engine": e.get("engine")}
+            eng = e.get("engine") or ""
+            self.table[spec_key(spec) + "@" + eng] = float(e["ms"])
+            point = (work_of(spec), float(e["ms"]), _spatial(spec))
+            self.groups.setdefault(group_of(spec) + "@" + eng, []).append(point)
+            self.kinds.setdefault(kind_of(spec), []).append(point)
+        for d in (self.groups, self.kinds):
+            for pts in d.values():
+                pts.sort()
+
+
+def _interpolate(points: list[tuple[float, float, tuple[int, ...]]], work: float) -> float:
+    """Piecewise linear in work between the timed points; proportional above the largest,
+    the smallest's time below the smallest."""
+    works = [p[0] for p in points]
+    i = bisect.bisect_left(works, work)
+    if i < len(points) and works[i] == work:
+        same = [p[1] for p in points if p[0] == work]
+        return sorted(same)[len(same) // 2]
+    if i == 0:
+        return points[0][1]
+    if i == len(points):
+        w, t = points[-1][0], points[-1][1]
+        return t * work / w if w > 0 else t
+    (w0, t0, _), (w1, t1, _) = points[i - 1], points[i]
+    return t0 + (t1 - t0) * (work - w0) / (w1 - w0)
+
+
+def lookup(idx: Index, rec: dict[str, Any], kind: str) -> tuple[float, str]:
+    """(time in ms, how: exact / interpolated / approximate); KeyError(kind) when unknown."""
+    eng = rec.get("engine") or ""
+    key = spec_key(rec) + "@" + eng
+    if key in idx.table:
+        return idx.table[key], "exact"
+    work = work_of(rec)
+    pts = idx.groups.get(group_of(rec) + "@" + eng)
+    if pts:
+        sp = _spatial(rec)
+        same = [p for p in pts if p[2] == sp]
+        return _interpolate(same or pts, work), "interpolated"
+    pts = idx.kinds.get(kind)
+    if pts:
+        return _interpolate(pts, work), "approximate"
+    raise KeyError(kind)
+
+
+def predict_sums(records: list[dict[str, Any]], idx: Index) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """Per calibration class, the sum (ms) of the records' predicted times; how many were
+    found ``exact``, ``interpolated`` or ``approximate``; the kinds not found at all."""
+    counts = {"exact": 0, "interpolated": 0, "approximate": 0}
+    sums: dict[str, float] = {}
+    missing: list[str] = []
+    for rec in records:
+        kind = kind_of(rec)
+        try:
+            t, how = lookup(idx, rec, kind)
+        except KeyError:
+            if kind not in missing:
+                missing.append(kind)
+            continue
+        counts[how] += 1
+        c = dtype_class(kind)
+        sums[c] = sums.get(c, 0.0) + t
+    return sums, counts, missing
+
+
+# --------------------------------------------------------------------------------------------
 # calibration (pure Python least squares: the board may lack numpy)
 
 CLASSES = ("float", "half", "call")  # and int8@ENGINE per engine
@@ -535,17 +739,6 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
                 f = m[r][c] / m[c][c]
                 m[r] = [x - f * y for x, y in zip(m[r], m[c])]
     return [m[i][n] / m[i][i] if abs(m[i][i]) > 1e-12 else 0.0 for i in range(n)]
-
-
-def class_sums(records: list[dict[str, Any]], table: dict[str, float],
-               lookup: Callable[[dict[str, Any]], float] | None = None) -> dict[str, float]:
-    """Sum of the per-operator times (ms) of a program, per calibration class."""
-    sums = {c: 0.0 for c in CLASSES}
-    for rec in records:
-        t = lookup(rec) if lookup else table[spec_key(rec) + "@" + (rec.get("engine") or "")]
-        c = dtype_class(kind_of(rec))
-        sums[c] = sums.get(c, 0.0) + t
-    return sums
 
 
 def fit_calibration(rows: list[tuple[dict[str, float], float]], ridge: float = 0.05) -> dict[str, Any]:
@@ -605,15 +798,24 @@ def device_info(threads: int) -> dict[str, Any]:
             "quantized_engine": torch.backends.quantized.engine}
 
 
+def _retag(records: list[dict[str, Any]], engine: str | None) -> list[dict[str, Any]]:
+    return [{**r, "engine": engine} if r.get("engine") else r for r in records]
+
+
 def run_plan(plan: dict[str, Any], *, threads: int = 1, samples: int = 7, min_sample_ms: float = 0.5,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time every operator of ``plan`` and its whole programs on this machine, fit the
-    calibration on the programs marked ``calibrate`` and validate on the others: the profile
-    (a dict; see the module docstring). ``threads``: CPU threads while timing (restored after).
+    """Time the operators of ``plan`` on this machine, fit the calibration and validate it: the
+    profile (a dict; see the module docstring). ``threads``: CPU threads while timing
+    (restored after).
 
-    ``plan``: ``{"entries": [spec, ...], "engines": [...], "programs": [{"name", "records",
-    "role": "calibrate" | "validate"}]}``; int8 operators are timed under each engine of
-    ``engines`` that this torch supports (the others are listed as skipped)."""
+    ``plan``: ``{"engines": [...], "programs": [{"name", "records", "role"}]}``. Every program
+    but the ``validate`` ones is replayed ``samples`` times with each operator timed in the
+    sequence (:func:`time_in_program`): an operator's entry is its median over the programs it
+    occurs in. ``calibrate`` and ``validate`` programs are also timed whole; the calibration is
+    fitted on the first, its error measured on the second, whose operators never entered the
+    table (they are predicted as a candidate is: exact, interpolated or by kind). Programs with
+    int8 operators run under each engine of ``engines`` that this torch supports (the others are
+    listed as skipped)."""
     log = log or (lambda s: None)
     t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
@@ -621,51 +823,62 @@ def run_plan(plan: dict[str, Any], *, threads: int = 1, samples: int = 7, min_sa
     supported = set(torch.backends.quantized.supported_engines)
     engines = [e for e in plan.get("engines", []) if e in supported]
     skipped_engines = [e for e in plan.get("engines", []) if e not in supported]
-    entries: list[dict[str, Any]] = []
-    table: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    specs: dict[str, tuple[dict[str, Any], str | None]] = {}
     failed: dict[str, str] = {}
+    wholes: list[dict[str, Any]] = []
     try:
-        specs = plan["entries"]
-        for n, spec in enumerate(specs):
-            spec = canonical(spec)
-            for engine in (engines if is_int8(spec) else [None]):
-                key = spec_key(spec)
-                try:
-                    with _Engine(engine):
-                        med, iqr = time_fn(build_op(spec), samples=samples, min_sample_ms=min_sample_ms)
-                except Exception as exc:  # an operator this device cannot run: its kind is missing
-                    failed.setdefault(kind_of({**spec, "engine": engine}), f"{type(exc).__name__}: {exc}"[:200])
-                    continue
-                entries.append({"spec": canonical(spec), "engine": engine, "ms": med, "iqr_ms": iqr})
-                table[key + "@" + (engine or "")] = med
-            if log and (n + 1) % 100 == 0:
-                log(f"timed {n + 1}/{len(specs)} operators ({time.perf_counter() - t_start:.0f} s)")
-        programs = []
-        for prog in plan.get("programs", []):
+        progs = plan["programs"]
+        for n, prog in enumerate(progs):
             int8 = any(r.get("engine") for r in prog["records"])
-            for engine in (engines if int8 else [None]):  # an int8 model runs on each engine
-                records = [{**r, "engine": engine} if r.get("engine") else r for r in prog["records"]]
-                try:
-                    sums = class_sums(records, table)
-                    with _Engine(engine):
-                        med, iqr = time_fn(build_program(records), samples=samples,
-                                           min_sample_ms=min_sample_ms, warmup=1)
-                except (KeyError, RuntimeError, ValueError):
-                    continue  # one of its operators cannot run here
+            for engine in (engines if int8 else [None]):
+                records = _retag(prog["records"], engine)
                 name = prog["name"] + (f" @{engine}" if engine else "")
-                programs.append({"name": name, "role": prog.get("role", "validate"),
-                                 "measured_ms": med, "iqr_ms": iqr, "sums": sums})
-                log(f"program {name}: {med:.2f} ms (sum of operators {sum(sums.values()):.2f} ms)")
+                try:
+                    with _Engine(engine):
+                        if prog.get("role") != "validate":
+                            per_op = time_in_program(records, samples=samples)
+                            for rec, t in zip(records, per_op):
+                                key = spec_key(rec) + "@" + (engine or "")
+                                times.setdefault(key, []).append(t)
+                                specs.setdefault(key, (canonical(rec), engine))
+                        if prog.get("role") in ("calibrate", "validate"):
+                            med, iqr = time_fn(build_program(records), samples=samples,
+                                               min_sample_ms=min_sample_ms, warmup=1)
+                            wholes.append({"name": name, "role": prog["role"], "records": records,
+                                           "measured_ms": med, "iqr_ms": iqr})
+                except Exception as exc:  # a program this device cannot run: its kinds may be missing
+                    failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            if (n + 1) % 10 == 0:
+                log(f"timed {n + 1}/{len(progs)} models ({time.perf_counter() - t_start:.0f} s)")
     finally:
         torch.set_num_threads(old_threads)
-    cal_rows = [(p["sums"], p["measured_ms"]) for p in programs if p["role"] == "calibrate"]
-    calibration = fit_calibration(cal_rows) if cal_rows else {"scales": {}, "overhead_ms": 0.0}
+    entries = []
+    for key, ts in times.items():
+        spec, engine = specs[key]
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        entries.append({"spec": spec, "engine": engine, "ms": statistics.median(ts), "iqr_ms": q[2] - q[0],
+                        "n": len(ts)})
+    idx = Index(entries)
+    rows, programs = [], []
+    for w in wholes:
+        sums, counts, missing = predict_sums(w["records"], idx)
+        if missing:  # a held-out model with a kind nothing else runs: not predictable
+            failed[w["name"]] = "kinds never timed: " + ", ".join(missing)
+            continue
+        programs.append({**{k: v for k, v in w.items() if k != "records"}, "sums": sums, **counts})
+        if w["role"] == "calibrate":
+            rows.append((sums, w["measured_ms"]))
+    calibration = fit_calibration(rows) if rows else {"scales": {}, "overhead_ms": 0.0}
     calibration["models"] = [p["name"] for p in programs if p["role"] == "calibrate"]
     val = []
     for p in programs:
         pred = apply_calibration(p["sums"], calibration)
         val.append({"name": p["name"], "role": p["role"], "measured_ms": p["measured_ms"],
-                    "predicted_ms": pred, "error_pct": 100.0 * (pred - p["measured_ms"]) / p["measured_ms"]})
+                    "predicted_ms": pred, "error_pct": 100.0 * (pred - p["measured_ms"]) / p["measured_ms"],
+                    "interpolated": p["interpolated"] + p["approximate"],
+                    "operators": p["exact"] + p["interpolated"] + p["approximate"]})
+        log(f"{p['role']} {p['name']}: measured {p['measured_ms']:.2f} ms, predicted {pred:.2f} ms")
     held = [abs(v["error_pct"]) for v in val if v["role"] == "validate"]
     return {
         "format": FORMAT,
@@ -678,7 +891,7 @@ def run_plan(plan: dict[str, Any], *, threads: int = 1, samples: int = 7, min_sa
         "seconds": time.perf_counter() - t_start,
         "input_sizes": plan.get("input_sizes", []),
         "entries": entries,
-        "failed_kinds": failed,
+        "failed": failed,
         "calibration": calibration,
         "validation": {
             "models": val,

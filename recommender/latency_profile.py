@@ -19,10 +19,12 @@ predicts is :mod:`recommender.latency_predict`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -182,8 +184,11 @@ def write_script(path: str | os.PathLike[str], *, input_sizes: tuple[int, ...] =
 
     plan = make_plan(input_sizes=input_sizes, engines=engines, models=models, log=log)
     src = Path(latency_ops.__file__).read_text(encoding="utf-8")
+    packed = base64.b64encode(zlib.compress(json.dumps(plan).encode("utf-8"), 9)).decode("ascii")
+    lines = "\n".join(packed[i:i + 100] for i in range(0, len(packed), 100))
     text = ("#!/usr/bin/env python3\n# Written by `recommend device-profile --write-script`: "
             "copy to the device, run `python3 " + Path(path).name + " --out board.json`.\n"
-            + src + "\n\nPLAN = json.loads(" + repr(json.dumps(plan)) + ")\n\n"
+            + src + "\n\n_PACKED_PLAN = \"\"\"\n" + lines + "\n\"\"\"\n"
+            "PLAN = json.loads(zlib.decompress(base64.b64decode(\"\".join(_PACKED_PLAN.split()))))\n\n"
             "if __name__ == \"__main__\":\n    sys.exit(main())\n")
     return atomic_write(path, text)

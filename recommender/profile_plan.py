@@ -3,10 +3,11 @@
 Not a full grid: the bundled presets (the paper's ResNet-101 and VGG-19 variants), the
 torchvision models and the CIFAR base models are built at the family's deploy size, with what
 the bundled search spaces do to them (width multipliers, structured channel pruning, fp16, int8
-static and dynamic), and traced at batch 1 (:func:`recommender.latency_ops.trace`); the plan
-is the set of distinct operators they run, plus a few whole models (programs) that the device
-replays to calibrate the sum of operators (``calibrate``) and to measure the error of the
-prediction on models the calibration has not seen (``validate``). Shapes between the sampled
+static and dynamic), and traced at batch 1 (:func:`recommender.latency_ops.trace`). The plan is
+these models' records (programs): the device replays each and times every operator where it
+runs, in the model's sequence (``time``, ``calibrate``); a few are also timed whole to fit the
+calibration (``calibrate``), and a few are held out, never timed per operator, to measure the
+error of the prediction on models it has not seen (``validate``). Shapes between the sampled
 channel counts are interpolated at prediction time (:mod:`recommender.latency_predict`).
 """
 
@@ -98,6 +99,7 @@ _TIMED_ONLY = [
     PlanModel("resnet50", quant="int8-static"), PlanModel("resnet18", sparsity=0.5, quant="int8-static"),
     PlanModel("resnet101", "paper-resnet101-11", quant="int8-static"),
     PlanModel("resnet101", "paper-resnet101-7", quant="int8-static"),
+    PlanModel("resnet101", "paper-resnet101-13", quant="int8-static"),
     PlanModel("tv:shufflenet_v2_x1_0", quant="int8-static"),
     PlanModel("tv:mobilenet_v3_large", quant="int8-static"),
     PlanModel("tv:efficientnet_b0", quant="int8-static"),
@@ -113,8 +115,13 @@ _TIMED_ONLY = [
 
 def PLAN_MODELS() -> list[PlanModel]:
     """Every model of the default plan: calibration and validation models first, then the
-    presets and the other variants whose operators are timed."""
-    return _CALIBRATE + _VALIDATE + _presets() + _TIMED_ONLY
+    presets and the other variants whose operators are timed (a validation model is not timed
+    again under another role: it stays held out)."""
+    held_out = {(pm.model, pm.arch if isinstance(pm.arch, str) else None, pm.sparsity, pm.quant)
+                for pm in _VALIDATE}
+    rest = [pm for pm in _presets() + _TIMED_ONLY
+            if (pm.model, pm.arch if isinstance(pm.arch, str) else None, pm.sparsity, pm.quant) not in held_out]
+    return _CALIBRATE + _VALIDATE + rest
 
 
 def build_plan_model(pm: PlanModel, *, num_classes: int = 10, input_size: int = 32, engine: str = "x86",
@@ -153,7 +160,7 @@ def make_plan(*, input_sizes: tuple[int, ...] = (32,), engines: tuple[str, ...] 
     engines = tuple(engines or ("x86", "qnnpack"))
     trace_engine = "x86" if "x86" in torch.backends.quantized.supported_engines else \
         torch.backends.quantized.supported_engines[-1]
-    specs: dict[str, dict[str, Any]] = {}
+    specs: set[str] = set()
     programs: list[dict[str, Any]] = []
     chosen = [pm for pm in PLAN_MODELS() if models is None or pm.model in models]
     for size in input_sizes:
@@ -166,10 +173,9 @@ def make_plan(*, input_sizes: tuple[int, ...] = (32,), engines: tuple[str, ...] 
                     continue
                 records = latency_ops.trace(net, (1, 3, size, size))
             for r in records:
-                specs.setdefault(latency_ops.spec_key(r), latency_ops.canonical(r))
-            if pm.role:
-                programs.append({"name": f"{pm.name} @{size}px", "role": pm.role, "records": records})
+                specs.add(latency_ops.spec_key(r))
+            programs.append({"name": f"{pm.name} @{size}px", "role": pm.role or "time", "records": records})
         log(f"plan: {len(chosen)} models at {size} px, {len(specs)} distinct operators so far")
     return {"format": latency_ops.FORMAT + "-plan", "version": latency_ops.FORMAT_VERSION,
-            "input_sizes": list(input_sizes), "engines": list(engines),
-            "entries": list(specs.values()), "programs": programs}
+            "input_sizes": list(input_sizes), "engines": list(engines), "operators": len(specs),
+            "programs": programs}

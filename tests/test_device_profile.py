@@ -164,7 +164,7 @@ def test_prediction_interpolates_channels(tmp_path):
     assert conv4 < conv6 < conv8
     assert conv6 == pytest.approx(1.5, abs=0.05)  # linear in multiply-accumulates between 4 and 8
     # above the timed range: in proportion to the work; below it: the smallest's time
-    from recommender.latency_predict import _interpolate
+    from recommender.latency_ops import _interpolate
 
     pts = [(10.0, 1.0, ()), (20.0, 2.0, ())]
     assert _interpolate(pts, 40.0) == pytest.approx(4.0) and _interpolate(pts, 5.0) == 1.0
