@@ -347,7 +347,7 @@ def _resolve(op: str) -> Any:
 def _make_tensor(spec: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
     shape, dt = spec["t"], spec["dt"]
     if dt in _QDTYPES:
-        x = torch.randn(shape, generator=gen)
+        x = torch.rand(shape, generator=gen) * 2 - 1
         if spec.get("q") == "per_channel" or dt == "qint8" and "q" not in spec:
             axis = 0
             n = shape[axis] if shape else 1
@@ -358,12 +358,13 @@ def _make_tensor(spec: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
     dtype = _dtype(dt)
     if not shape:  # a 0-dim tensor is a scalar parameter (a scale, a zero point): keep it valid
         return torch.tensor(_CANON_SCALE if dtype.is_floating_point else 0, dtype=dtype)
+    # positive values: a batch norm's running variance must be, and NaNs can run slower
     if "st" in spec:
         size = 1 + sum((n - 1) * s for n, s in zip(shape, spec["st"]) if n > 0)
-        base = torch.randn(size, generator=gen).to(dtype)
+        base = (torch.rand(size, generator=gen) + 0.5).to(dtype)
         return base.as_strided(shape, spec["st"])
     if dtype.is_floating_point:
-        return torch.randn(shape, generator=gen).to(dtype)
+        return (torch.rand(shape, generator=gen) + 0.5).to(dtype)
     if dtype == torch.bool:
         return torch.ones(shape, dtype=torch.bool)
     return torch.zeros(shape, dtype=dtype)
@@ -666,20 +667,28 @@ class Index:
 
 
 def _interpolate(points: list[tuple[float, float, tuple[int, ...]]], work: float) -> float:
-    """Piecewise linear in work between the timed points; proportional above the largest,
-    the smallest's time below the smallest."""
+    """Time (ms) at ``work`` from timed (work, ms) points of one group: the median of timed
+    points of exactly this work; else linear between the two bracketing points when their
+    efficiencies (ms per unit of work) agree within 1.5x; else the median of the estimates of
+    the 3 nearest points (in log work), each scaled in proportion to the work when the query is
+    larger, by its square root when smaller (fixed costs do not shrink)."""
     works = [p[0] for p in points]
     i = bisect.bisect_left(works, work)
     if i < len(points) and works[i] == work:
-        same = [p[1] for p in points if p[0] == work]
-        return sorted(same)[len(same) // 2]
-    if i == 0:
-        return points[0][1]
-    if i == len(points):
-        w, t = points[-1][0], points[-1][1]
-        return t * work / w if w > 0 else t
-    (w0, t0, _), (w1, t1, _) = points[i - 1], points[i]
-    return t0 + (t1 - t0) * (work - w0) / (w1 - w0)
+        same = sorted(p[1] for p in points if p[0] == work)
+        return same[len(same) // 2]
+    if 0 < i < len(points):
+        (w0, t0, _), (w1, t1, _) = points[i - 1], points[i]
+        e0, e1 = t0 / max(w0, 1e-12), t1 / max(w1, 1e-12)
+        if max(e0, e1) <= 1.5 * min(e0, e1):
+            return t0 + (t1 - t0) * (work - w0) / (w1 - w0)
+    lw = math.log(max(work, 1e-12))
+    near = sorted(points, key=lambda p: abs(math.log(max(p[0], 1e-12)) - lw))[:3]
+    est = sorted(t * (work / w) ** (1.0 if work > w else 0.5) for w, t, _ in near if w > 0)
+    if not est:
+        return near[0][1]
+    n = len(est)
+    return est[n // 2] if n % 2 else 0.5 * (est[n // 2 - 1] + est[n // 2])
 
 
 def lookup(idx: Index, rec: dict[str, Any], kind: str) -> tuple[float, str]:
@@ -741,7 +750,7 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return [m[i][n] / m[i][i] if abs(m[i][i]) > 1e-12 else 0.0 for i in range(n)]
 
 
-def fit_calibration(rows: list[tuple[dict[str, float], float]], ridge: float = 0.05) -> dict[str, Any]:
+def fit_calibration(rows: list[tuple[dict[str, float], float]], ridge: float = 0.01) -> dict[str, Any]:
     """Fit ``measured = overhead + sum_c scale_c * sum_c`` (ms) by least squares, each scale
     pulled towards 1 and the overhead towards 0 (``ridge``, relative to the data's scale), on
     ``rows`` of (per-class sums, measured ms); classes absent from every row keep scale 1.

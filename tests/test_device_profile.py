@@ -157,17 +157,23 @@ def test_prediction_is_the_calibrated_sum(tmp_path):
 
 def test_prediction_interpolates_channels(tmp_path):
     prof = load_profile(write(tmp_path, hand_profile(scales={"float": 1.0, "call": 1.0}, overhead=0.0)))
+    from recommender.latency_predict import _index
+
     p4, p8, p6 = (predict_latency(tiny(w), prof, SIZE) for w in (4, 8, 6))
-    assert p6.interpolated >= 1 and p6.exact < p6.operators
-    conv4, conv8 = 1.0, 2.0
-    conv6 = p6.ms - (p4.ms - conv4)  # the rest of the model costs the same
-    assert conv4 < conv6 < conv8
-    assert conv6 == pytest.approx(1.5, abs=0.05)  # linear in multiply-accumulates between 4 and 8
+    assert p6.interpolated >= 1 and p6.exact < p6.operators and p4.ms < p6.ms < p8.ms
+    conv = next(r for r in latency_ops.trace(tiny(6), SIZE) if r["op"] == "aten.conv2d.default")
+    t, how = latency_ops.lookup(_index(prof), conv, latency_ops.kind_of(conv))
+    # 1 ms at 4 channels, 2 ms at 8, the same ms per multiply-accumulate: linear between them
+    assert how == "interpolated" and t == pytest.approx(1.5)
     # above the timed range: in proportion to the work; below it: the smallest's time
     from recommender.latency_ops import _interpolate
 
     pts = [(10.0, 1.0, ()), (20.0, 2.0, ())]
-    assert _interpolate(pts, 40.0) == pytest.approx(4.0) and _interpolate(pts, 5.0) == 1.0
+    assert _interpolate(pts, 40.0) == pytest.approx(4.0)  # both nearest points say 4 ms
+    assert _interpolate(pts, 5.0) == pytest.approx(0.5 * (1.0 * 0.5 ** 0.5 + 2.0 * 0.25 ** 0.5))
+    # an outlier among the nearest points does not carry the estimate (median of 3)
+    odd = [(10.0, 1.0, ()), (20.0, 2.0, ()), (30.0, 60.0, ()), (1000.0, 100.0, ())]
+    assert _interpolate(odd, 25.0) < 5.0
     assert predict_latency(tiny(16), prof, SIZE).ms > 1.5 * p8.ms
 
 
