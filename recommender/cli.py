@@ -684,6 +684,12 @@ def cmd_device_profile(args: argparse.Namespace, parser: _Parser) -> int:
         unknown = [m for m in models if m not in list_models()]
         if unknown:
             raise RecommenderError(f"--models: unknown model {unknown[0]!r}")
+    from pathlib import Path
+
+    from .validate import writable_dir
+
+    target = Path(args.write_script or args.out)
+    writable_dir(target.parent, f"the folder of {target}")  # before the work, not after it
     log = (lambda s: None) if args.quiet else _logger(args.err_console)
     if args.write_script:
         path = write_script(args.write_script, input_sizes=sizes, engines=engines, models=models, log=log)

@@ -276,3 +276,20 @@ def test_space_the_profile_cannot_predict_is_refused_before_training(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "no int8 timings on the x86 engine" in err and len(err.strip().splitlines()) == 1, err
     assert not list((tmp_path / "s").glob("cache/**/*.pt"))  # nothing was trained
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--out", "{file}/board.json"], "the folder of"),
+    (["--write-script", "{file}/p.py"], "the folder of"),
+    (["--out", "{tmp}/b.json", "--models", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["--out", "{tmp}/b.json", "--image-size", "0"], "--image-size"),
+    (["--out", "{tmp}/b.json", "--threads", "0"], "--threads"),
+])
+def test_device_profile_bad_input_before_any_work(tmp_path, capsys, argv, needle):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    argv = [a.format(file=a_file, tmp=tmp_path) for a in argv]
+    code = main(["device-profile", *argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
