@@ -669,9 +669,11 @@ class Index:
 def _interpolate(points: list[tuple[float, float, tuple[int, ...]]], work: float) -> float:
     """Time (ms) at ``work`` from timed (work, ms) points of one group: the median of timed
     points of exactly this work; else linear between the two bracketing points when their
-    efficiencies (ms per unit of work) agree within 1.5x; else the median of the estimates of
-    the 3 nearest points (in log work), each scaled in proportion to the work when the query is
-    larger, by its square root when smaller (fixed costs do not shrink)."""
+    efficiencies (ms per unit of work) agree within 1.5x; else a robust line (Theil-Sen: the
+    median of the pairwise slopes, never negative, and the median intercept) through the 4
+    points nearest in log work, at least a quarter of the smallest of their times. A small
+    operator's time is mostly fixed cost: scaling it in proportion to the work would
+    overestimate a large one many times over."""
     works = [p[0] for p in points]
     i = bisect.bisect_left(works, work)
     if i < len(points) and works[i] == work:
@@ -683,12 +685,12 @@ def _interpolate(points: list[tuple[float, float, tuple[int, ...]]], work: float
         if max(e0, e1) <= 1.5 * min(e0, e1):
             return t0 + (t1 - t0) * (work - w0) / (w1 - w0)
     lw = math.log(max(work, 1e-12))
-    near = sorted(points, key=lambda p: abs(math.log(max(p[0], 1e-12)) - lw))[:3]
-    est = sorted(t * (work / w) ** (1.0 if work > w else 0.5) for w, t, _ in near if w > 0)
-    if not est:
-        return near[0][1]
-    n = len(est)
-    return est[n // 2] if n % 2 else 0.5 * (est[n // 2 - 1] + est[n // 2])
+    near = sorted(points, key=lambda p: abs(math.log(max(p[0], 1e-12)) - lw))[:4]
+    slopes = sorted((b[1] - a[1]) / (b[0] - a[0]) for k, a in enumerate(near) for b in near[k + 1:]
+                    if b[0] != a[0])
+    slope = max(0.0, statistics.median(slopes)) if slopes else 0.0
+    intercept = statistics.median(t - slope * w for w, t, _ in near)
+    return max(intercept + slope * work, 0.25 * min(t for _, t, _ in near))
 
 
 def lookup(idx: Index, rec: dict[str, Any], kind: str) -> tuple[float, str]:
@@ -702,7 +704,9 @@ def lookup(idx: Index, rec: dict[str, Any], kind: str) -> tuple[float, str]:
     if pts:
         sp = _spatial(rec)
         same = [p for p in pts if p[2] == sp]
-        return _interpolate(same or pts, work), "interpolated"
+        # the points of the same spatial size, when at least two of them bracket the work
+        inside = len(same) >= 2 and same[0][0] <= work <= same[-1][0]
+        return _interpolate(same if inside else pts, work), "interpolated"
     pts = idx.kinds.get(kind)
     if pts:
         return _interpolate(pts, work), "approximate"
