@@ -358,16 +358,28 @@ def _make_tensor(spec: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
     dtype = _dtype(dt)
     if not shape:  # a 0-dim tensor is a scalar parameter (a scale, a zero point): keep it valid
         return torch.tensor(_CANON_SCALE if dtype.is_floating_point else 0, dtype=dtype)
-    # positive values: a batch norm's running variance must be, and NaNs can run slower
+    # vectors (biases, a batch norm's statistics) positive: a running variance must be, and
+    # NaNs can run slower; weights of variance 1/fan-in, so that 16 layers without batch norm
+    # do not overflow to inf (which a dynamic int8 quantizer refuses)
     if "st" in spec:
         size = 1 + sum((n - 1) * s for n, s in zip(shape, spec["st"]) if n > 0)
         base = (torch.rand(size, generator=gen) + 0.5).to(dtype)
         return base.as_strided(shape, spec["st"])
     if dtype.is_floating_point:
+        if len(shape) >= 2:
+            fan_in = max(1, _numel_of(shape[1:]))
+            return ((torch.rand(shape, generator=gen) * 2 - 1) * math.sqrt(3.0 / fan_in)).to(dtype)
         return (torch.rand(shape, generator=gen) + 0.5).to(dtype)
     if dtype == torch.bool:
         return torch.ones(shape, dtype=torch.bool)
     return torch.zeros(shape, dtype=dtype)
+
+
+def _numel_of(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _make_packed(spec: dict[str, Any], gen: torch.Generator) -> Any:
