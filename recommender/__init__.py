@@ -4,7 +4,7 @@ Public API (imported lazily, so ``import recommender`` is cheap)::
 
     from recommender import recommend, build_model, list_models, list_presets
     rec = recommend(model="resnet101", max_drop="2%", budgets=["5M-params"])
-    print(rec.explain()); model = rec.build_model()
+    print(rec.explain()); model = rec.load_model() if rec.feasible else None
 """
 
 from __future__ import annotations

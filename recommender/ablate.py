@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import measure as measure_mod
-from .errors import RecommenderError
+from .errors import ArchError, RecommenderError
 from .models import build_model, get_family, get_preset, list_presets
 from .models.arch import ArchConfig
 
@@ -26,12 +26,12 @@ class AblationRow:
 
     preset: str
     description: str
-    params: int
-    mflops: float
-    size_mb: float
-    params_pct: float = 100.0
-    mflops_pct: float = 100.0
-    size_pct: float = 100.0
+    params: int | None
+    mflops: float | None
+    size_mb: float | None
+    params_pct: float | None = 100.0
+    mflops_pct: float | None = 100.0
+    size_pct: float | None = 100.0
     accuracy: float | None = None
     acc_low: float | None = None
     acc_high: float | None = None
@@ -63,6 +63,9 @@ def ablate(model: str, num_classes: int = 10, *, structure_only: bool = True, da
            train_progress: Callable[[str, int, int, float], None] | None = None) -> list[AblationRow]:
     """Rows for every preset of ``model`` (the baseline first), optionally trained.
 
+    A preset this model cannot build (grouped pointwise convs on a BasicBlock ResNet) is a row
+    without costs whose ``status`` says why (``skipped: does not apply: ...``).
+
     ``progress(name, i, n)`` is called before each preset (also for structure only: building and
     counting FLOPs of a deep model takes seconds per preset); ``train_progress(label, step, total,
     loss)`` after every training step of the baseline and the presets."""
@@ -88,7 +91,12 @@ def ablate(model: str, num_classes: int = 10, *, structure_only: bool = True, da
         preset = get_preset(name)
         if progress:
             progress(name, i, len(names))
-        net = build_model(model, preset.arch, num_classes=num_classes)
+        try:
+            net = build_model(model, preset.arch, num_classes=num_classes)
+        except ArchError as exc:  # a preset of the family this member cannot build: noted, skipped
+            rows.append(AblationRow(name, preset.description, None, None, None, None, None, None,
+                                    status=f"skipped: does not apply: {exc}"))
+            continue
         costs = measure_mod.measure(net, latency=False)
         row = AblationRow(name, preset.description, costs.params, costs.mflops or 0.0, costs.size_mb)
         if base_costs is None:

@@ -7,7 +7,8 @@ An entry is a directory ``<root>/<key[:2]>/<key>/`` holding
 - ``meta.json``: JSON metadata (accuracy, train result...) plus the key and the SHA-256 of
   ``weights.pt``; it is written last and marks the entry complete;
 - ``<name>.npy`` / ``<name>.json``: numpy arrays (teacher logits, per-image correct vectors) and
-  small JSON documents stored under the same key.
+  small JSON documents stored under the same key; each array's ``<name>.npy.json`` records its
+  SHA-256, shape and dtype, checked when it is read (with the shape the reader expects).
 
 Every file is written with :func:`recommender.io.atomic_write` (a temporary file in the same
 directory moved into place with ``os.replace``), so a concurrent reader sees either the old or the new file, and
@@ -191,20 +192,39 @@ class WeightsCache:
             return None
 
     def save_array(self, key: str, name: str, arr: np.ndarray | torch.Tensor) -> None:
+        """Store an array under ``key`` with its checksum, shape and dtype (read back by
+        :meth:`load_array`)."""
         a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
-        atomic_write(self._file(key, name, ".npy"), lambda f: np.save(f, a, allow_pickle=False))
+        path = atomic_write(self._file(key, name, ".npy"), lambda f: np.save(f, a, allow_pickle=False))
+        atomic_write(self._file(key, name, ".npy.json"), json.dumps(
+            {"sha256": _sha256_file(path), "shape": list(a.shape), "dtype": str(a.dtype)}))
 
-    def load_array(self, key: str, name: str) -> np.ndarray | None:
+    def load_array(self, key: str, name: str, shape: tuple[int | None, ...] | None = None) -> np.ndarray | None:
+        """The array stored as ``name`` under ``key``, or None. An array whose checksum, shape
+        or dtype differs from what was recorded, or whose shape is not ``shape`` (None: any
+        length on that axis), is discarded (both files) and reported as a miss, so the caller
+        computes it again."""
         path = self._file(key, name, ".npy")
+        side = self._file(key, name, ".npy.json")
         if not path.exists():
             return None
         try:
-            return np.load(path, allow_pickle=False)
-        except Exception as exc:
-            log.warning("discarding corrupt cache file %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            info = json.loads(side.read_text())
+            if info.get("sha256") != _sha256_file(path):
+                raise ValueError("checksum mismatch")
+            a = np.load(path, allow_pickle=False)
+            if list(a.shape) != info.get("shape") or str(a.dtype) != info.get("dtype"):
+                raise ValueError("shape or dtype differs from the recorded one")
+            if shape is not None and (a.ndim != len(shape)
+                                      or any(w is not None and w != n for w, n in zip(shape, a.shape))):
+                raise ValueError(f"shape {a.shape}, expected {tuple('*' if w is None else w for w in shape)}")
+        except Exception as exc:  # unreadable, no record of it (an older cache), tampered, stale
+            log.warning("discarding cache file %s: %s", path, exc)
+            for f in (path, side):
+                with contextlib.suppress(OSError):
+                    f.unlink()
             return None
+        return a
 
     # --- convenience ---------------------------------------------------------------------------
     def get_or_train(self, key: str, build_fn: Callable[[], nn.Module],

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import __version__, interrupts
 from .constraints import BUDGET_FORMS, DROP_FORMS
 from .errors import RecommenderError, Terminated
+from .printable import Printable, printable
 
 EXIT_FEASIBLE = 0
 EXIT_INFEASIBLE = 1
@@ -46,8 +47,21 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command its pipe's reader closed
 
 SUBCOMMANDS = ("ablate", "show", "apply", "dashboard", "device-profile")
+
+#: OpenMP's wait policy for the command's process and its workers (see main())
+OMP_WAIT_ENV, OMP_WAIT_POLICY = "OMP_WAIT_POLICY", "PASSIVE"
+
+#: recommender.protocol.describe_fidelity() of each fidelity, written out so that --help does not
+#: import torch (a test keeps the two the same)
+FIDELITY_HELP = (
+    "smoke: <= 512 train / <= 256 val images, <= 8 px, 2 ep (a dry run: tests the pipeline, not the tolerance)",
+    "proxy: <= 4,096 train / <= 2,000 val images, <= 16 px, 6 ep (the search (default))",
+    "confirm: <= 16,384 train / <= 5,000 val images, <= 32 px, 15 ep, aug (a re-check of finalists)",
+    "paper: all train / all val images, 32 px, 150 ep, aug (the paper's training protocol)",
+)
 
 
 def _esc(text: str) -> str:
@@ -62,11 +76,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_INT = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
+_FLOAT = re.compile(r"\s*[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)\s*", re.ASCII | re.IGNORECASE)
+
+
+def _int(text: str) -> int:
+    """An integer flag: ASCII digits only (Python's int() also reads ``1_0`` as 10)."""
+    if not _INT.fullmatch(str(text)):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    """A number flag: ASCII digits, a decimal point, an exponent (no ``_`` separators)."""
+    if not _FLOAT.fullmatch(str(text)):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return float(text)
+
+
 def parse_duration(text: str | None) -> float | None:
     """``90``, ``90s``, ``20m``, ``1.5h`` -> seconds."""
     if text is None:
         return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text), re.ASCII)
     if not m:
         raise RecommenderError(f"malformed duration {text!r}; use e.g. 90s, 20m, 1h")
     return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
@@ -106,24 +138,26 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", metavar="PATH",
                    help="initial weights of the baseline (e.g. ImageNet-pretrained), loaded where names and "
                         "shapes match, then trained under the protocol once and cached")
-    g.add_argument("--baseline-accuracy", type=float, metavar="PCT",
+    g.add_argument("--baseline-accuracy", type=_float, metavar="PCT",
                    help="stated baseline top-1 in percent (no baseline evaluation)")
 
     g = p.add_argument_group("search")
-    g.add_argument("--fidelity", metavar="NAME", default="proxy", help="search protocol: smoke, proxy (default), confirm, paper")
+    g.add_argument("--fidelity", metavar="NAME", default="proxy",
+                   help="how each candidate is trained: " + "; ".join(FIDELITY_HELP))
     g.add_argument("--rungs", metavar="LADDER", default="auto",
-                   help="promotion rungs above the search: auto (default: one rung at 3x the epochs, native "
-                        "resolution, augmentation; the best third of the candidates is re-trained there and the "
-                        "answer is chosen on it), a number of rungs (1: none), or fidelity names (proxy,confirm)")
-    g.add_argument("--promote-fraction", metavar="F", type=float, default=1 / 3,
+                   help="promotion rungs above the search: auto (default: at proxy, one rung at 3x the epochs, "
+                        "native resolution up to 32 px, augmentation, when it sees more of the data than the "
+                        "search; none at smoke and paper), a number of rungs (1: none), or fidelity names "
+                        "(proxy,confirm)")
+    g.add_argument("--promote-fraction", metavar="F", type=_float, default=1 / 3,
                    help="share of the eligible candidates promoted to each rung (default 1/3)")
-    g.add_argument("--max-promoted", metavar="N", type=int, default=4, help="most candidates promoted per rung (default 4)")
+    g.add_argument("--max-promoted", metavar="N", type=_int, default=4, help="most candidates promoted per rung (default 4)")
     g.add_argument("--confirm-fidelity", metavar="NAME", default=None,
                    help="the older single re-check instead of --rungs: search (a second seed at the search "
                         "fidelity), a fidelity name (e.g. confirm), or none")
-    g.add_argument("--n-confirm", metavar="N", type=int, default=2,
+    g.add_argument("--n-confirm", metavar="N", type=_int, default=2,
                    help="with --confirm-fidelity: candidates re-checked (default 2)")
-    g.add_argument("--trials", metavar="N", type=int, default=None,
+    g.add_argument("--trials", metavar="N", type=_int, default=None,
                    help="candidates the study should evaluate; trials skipped before training do not count (default 20)")
     g.add_argument("--timeout", metavar="TIME",
                    help="time for this run, baseline and promotions included: 90s, 20m, 1h (default: none)")
@@ -137,7 +171,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--structure-policy", default="resample", choices=("resample", "constraint"),
                    help="a candidate whose structure breaks a budget: resample (default: the sampler draws "
                         "another) or constraint (an untrained trial that reports its excess to the sampler)")
-    g.add_argument("--seed", metavar="N", type=int, default=0, help="seeds the sampler and the training protocol (default 0)")
+    g.add_argument("--seed", metavar="N", type=_int, default=0, help="seeds the sampler and the training protocol (default 0)")
     g.add_argument("--space", metavar="YAML", help="search-space file (default: the model family's bundled one)")
     g.add_argument("--no-warm-start", action="store_true", help="do not enqueue the paper's presets first")
     g.add_argument("--no-latency", action="store_true", help="skip CPU latency measurement")
@@ -145,9 +179,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where it runs")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="train and evaluate on: auto (default: a CUDA GPU when present), cpu, cuda")
-    g.add_argument("--threads", metavar="N", type=int, default=0,
+    g.add_argument("--threads", metavar="N", type=_int, default=0,
                    help="CPU threads in all (default 0: OMP_NUM_THREADS, else the CPUs this process may use)")
-    g.add_argument("--image-size", metavar="N", type=int, default=None,
+    g.add_argument("--image-size", metavar="N", type=_int, default=None,
                    help="imagefolder: decode images to N x N px (default: native when square and <= 64, else 32)")
 
     g = p.add_argument_group("storage and files")
@@ -155,6 +189,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--study-name", metavar="NAME", help="default: derived from model, dataset, budgets and tolerance")
     g.add_argument("--studies-dir", metavar="DIR", default="studies", help="where SQLite studies, reports and the cache live")
     g.add_argument("--cache-dir", metavar="DIR", help="trained-weights cache (default <studies-dir>/cache)")
+    g.add_argument("--heartbeat", metavar="SECONDS", type=_int, default=20,
+                   help="a running trial's heartbeat interval in the storage (default 20)")
+    g.add_argument("--grace", metavar="SECONDS", type=_int, default=60,
+                   help="a running trial whose last heartbeat is this old belongs to a dead worker: it is failed "
+                        "and queued again (default 60)")
 
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the explanation")
@@ -172,23 +211,25 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         weights=args.weights, baseline_accuracy=args.baseline_accuracy, warm_start=not args.no_warm_start,
         latency=not args.no_latency, studies_dir=args.studies_dir, cache_dir=args.cache_dir,
         max_trial_seconds=parse_duration(args.max_trial_time) or None, structure_policy=args.structure_policy,
-        device=args.device, threads=args.threads, image_size=args.image_size)
+        device=args.device, threads=args.threads, image_size=args.image_size, heartbeat=args.heartbeat,
+        grace=args.grace)
     if args.trials is not None:
         options["trials"] = args.trials
     return options
 
 
 def parse_jobs(text: str | int) -> int:
-    """``auto`` or a positive number of worker processes."""
+    """``auto`` or a positive number of worker processes (at most the ``jobs`` limit)."""
+    from . import validate
+
     if str(text) == "auto":
         return 0  # decided by the search (recommender.search.study.Search._parallel)
-    try:
-        n = int(text)
-    except ValueError:
-        raise RecommenderError(f"--jobs must be a positive number or auto, got {text!r}") from None
+    if not _INT.fullmatch(str(text)):
+        raise RecommenderError(f"--jobs must be a positive number or auto, got {text!r}")
+    n = int(text)
     if n < 1:
         raise RecommenderError(f"--jobs must be at least 1, got {n}")
-    return n
+    return validate.jobs(n)
 
 
 def _add_ablate(sub: Any) -> None:
@@ -196,13 +237,13 @@ def _add_ablate(sub: Any) -> None:
                        description="One row per paper preset of a model: params, MFLOPs, size and % of the "
                                    "baseline (the paper's tables); with training, accuracy and drop.")
     p.add_argument("--model", required=True, help="base model with presets: resnet18..152, vgg11..19(_bn)")
-    p.add_argument("--num-classes", type=int, default=10, help="classifier width for --structure-only (default 10)")
+    p.add_argument("--num-classes", type=_int, default=10, help="classifier width for --structure-only (default 10)")
     p.add_argument("--structure-only", action="store_true", help="costs only, no training")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     p.add_argument("--dataset", default="digits", help="dataset for training (default digits)")
     p.add_argument("--data-dir", help="where cifar10/cifar100 live")
     p.add_argument("--fidelity", default="proxy", help="training protocol: smoke, proxy (default), confirm, paper")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--seed", type=_int, default=0, help="training seed (default 0)")
     p.add_argument("--presets", help="comma-separated subset of presets (default: all of the model's family)")
     p.add_argument("--cache-dir", default="studies/cache", help="trained-weights cache (default studies/cache)")
     _add_verbosity(p, in_subcommand=True)
@@ -211,7 +252,8 @@ def _add_ablate(sub: Any) -> None:
 def _add_show(sub: Any) -> None:
     p = sub.add_parser("show", help="re-render a study's recommendation from its storage",
                        description="Re-render a study's recommendation from its storage (no training).")
-    p.add_argument("study", help="study name")
+    p.add_argument("study", nargs="?", help="study name, the folder of its reports (studies/NAME) or its SQLite "
+                                           "file (studies/NAME.db); without it, the studies there are listed")
     p.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///<studies-dir>/<study>.db)")
     p.add_argument("--studies-dir", default="studies", help="where SQLite studies live (default studies)")
     g = p.add_mutually_exclusive_group()
@@ -225,12 +267,17 @@ def _add_apply(sub: Any) -> None:
                                    "checked against the PyTorch output: pt2 (torch.export) and ONNX for float "
                                    "recipes, TorchScript for every recipe (int8 recipes: TorchScript only).")
     p.add_argument("recipe", help="recipe.json written by a study")
-    p.add_argument("--model", help="base model (default: the one in the recipe file)")
-    p.add_argument("--dataset", default="digits", help="training dataset (default digits)")
+    p.add_argument("--model", help="base model (default: the recipe's, when it is a built-in name; a recipe for your "
+                                   "own network needs --model package.module:factory again: a recipe file never "
+                                   "imports or runs code)")
+    p.add_argument("--dataset", default=None,
+                   help="training dataset (default: the one the recipe was found on, at its recorded image size)")
+    p.add_argument("--image-size", type=_int, metavar="N",
+                   help="imagefolder: decode images to N x N px (default: the recipe's recorded size)")
     p.add_argument("--data-dir", help="where cifar10/cifar100 live")
     p.add_argument("--fidelity", default="paper", help="training protocol (default paper)")
-    p.add_argument("--epochs", type=int, help="override the fidelity's epochs")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--epochs", type=_int, help="override the fidelity's epochs")
+    p.add_argument("--seed", type=_int, default=0, help="training seed (default 0)")
     p.add_argument("--out", help="output folder (default: next to the recipe, <recipe>-applied)")
     p.add_argument("--cache-dir", default="studies/cache", help="trained-weights cache (default studies/cache)")
     p.add_argument("--compare", action="store_true", help="also train the baseline and report the drop")
@@ -247,7 +294,7 @@ def _add_dashboard(sub: Any) -> None:
     p.add_argument("--storage", metavar="URL", help="Optuna storage URL (e.g. a worker fleet's postgresql://...)")
     p.add_argument("--studies-dir", default="studies", help="where SQLite studies live (default studies)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: no authentication)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
 
 
 def _add_device_profile(sub: Any) -> None:
@@ -371,7 +418,7 @@ def _logger(console: Any) -> Callable[[str], None]:
     """Timestamped progress lines; the text is escaped (recipe labels contain [brackets])."""
     from rich.markup import escape
 
-    return lambda s: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(s)}")
+    return lambda s: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(printable(s))}")
 
 
 def _redact(url: str) -> str:
@@ -393,16 +440,28 @@ class RunProgress:
     prints a line.
     """
 
-    LABEL_WIDTH = 48
+    #: columns (characters) the bar, the counter, the info and the times take at most; the
+    #: label gets the rest of the console's width, so the counter and the ETA always show
+    FIXED_WIDTH = {"bar": 8, "count": 9, "info": 17, "times": 19}
 
     def __init__(self, console: Any, total_trials: int | None = None, *, verbose: bool = False,
                  log: Callable[[str], None] | None = None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
+        from rich.table import Column
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, transient=False)
+        fixed = sum(self.FIXED_WIDTH.values()) + 6  # + the spaces between the 7 columns
+        width = getattr(console, "width", 80) or 80
+        self.label_width = max(12, min(60, width - fixed))
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                     max_width=self.label_width)),
+            BarColumn(bar_width=self.FIXED_WIDTH["bar"]),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                  max_width=self.FIXED_WIDTH["info"])),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)), TextColumn("ETA", table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)), console=console, transient=False)
         self.total = total_trials
         self.verbose = verbose
         self.log = log or (lambda s: None)
@@ -413,6 +472,8 @@ class RunProgress:
         self._train_key: tuple[str, int] | None = None
         self._train_t0 = 0.0
         self._last_step = 0
+        self._seen = -1
+        self._best = ""
 
     def _ensure(self) -> None:
         if not self.started:
@@ -428,8 +489,9 @@ class RunProgress:
         if self.train_task is None or key != self._train_key or step < self._last_step:
             if self.train_task is not None:
                 self.progress.remove_task(self.train_task)
-            short = label if len(label) <= self.LABEL_WIDTH else label[: self.LABEL_WIDTH - 1] + "…"
-            self.train_task = self.progress.add_task(f"training {escape(short)}", total=total, info="")
+            room = self.label_width - len("training ")
+            short = label if len(label) <= room else label[: max(1, room - 1)] + "…"
+            self.train_task = self.progress.add_task(f"training {escape(printable(short))}", total=total, info="")
             self._train_key, self._train_t0 = key, time.perf_counter()
         self._last_step = step
         self.progress.update(self.train_task, completed=step, info=f"loss {loss:.3f}")
@@ -449,7 +511,7 @@ class RunProgress:
             self.items_task = self.progress.add_task("presets", total=n, info="")
         done = name == "done"
         self.progress.update(self.items_task, total=n, completed=i,
-                             info="" if done else f"{verb} {escape(name)}")
+                             info="" if done else f"{verb} {escape(printable(name))}")
 
     # -- Optuna callback ---------------------------------------------------------------------------
     def start(self, study: Any) -> None:
@@ -476,19 +538,27 @@ class RunProgress:
     def _update(self, study: Any) -> None:
         if self.trials_task is None:
             return
-        from .report import feasible_pareto
         from .search.recovery import counted_trials
 
-        front = feasible_pareto(study)
-        best = ""
-        if front:
-            t = front[0]
-            best = f"best feasible: trial {t.number}, acc {100 * t.values[0]:.1f}%, cost {t.values[1]:.4g}"
         done = len(counted_trials(study))
-        self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done, info=best)
+        if done != self._seen:  # the ledger is read again only when a trial finished
+            self._seen = done
+            from .ledger import Ledger
+
+            c = Ledger.from_study(study).answer().chosen
+            p = c.deciding if c is not None else None
+            self._best = (f"best #{c.trial} {100 * p.accuracy:.1f}% r{p.rung}" if p is not None else "")
+        self.progress.update(self.trials_task, completed=min(self.total, done) if self.total else done,
+                             info=self._best)
 
 
 # -- the main job --------------------------------------------------------------------------------
+
+def exit_code(rec: Any) -> int:
+    """The main job's exit code for an answer: 0 when it recommends a feasible recipe (an
+    uncertain one too: ``uncertain`` in ``--json`` says so), 1 when nothing is feasible."""
+    return EXIT_FEASIBLE if rec.feasible and rec.recipe is not None else EXIT_INFEASIBLE
+
 
 def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
     missing = [flag for flag, value in (("--model", args.model), ("--budget", args.budget)) if not value]
@@ -507,9 +577,8 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
     t0 = time.perf_counter()
     try:
         try:
-            rec = recommend(args.model, max_drop=spec.max_drop, budgets=spec.budgets, dataset=args.dataset,
-                            log=log, callbacks=[bar] if bar else [], progress=bar.training if bar else None,
-                            **options)
+            rec = recommend(spec=spec, log=log, callbacks=[bar] if bar else [],
+                            progress=bar.training if bar else None)
         finally:
             if bar:
                 bar.stop()
@@ -521,11 +590,11 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
         where = (f"{_redact(spec.storage_url)} (study {spec.name})" if is_registered(args.model)
                  else f"the study's storage under {spec.studies_dir}" if not args.storage else _redact(args.storage))
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"recommend: {what}; finished trials are saved in {where}; run the same command to resume "
+        print(f"recommend: {what}; finished trials are saved in {printable(where)}; run the same command to resume "
               "(the trials it was running are not counted and run again)", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     wall = time.perf_counter() - t0
-    code = EXIT_FEASIBLE if rec.feasible else EXIT_INFEASIBLE
+    code = exit_code(rec)
     if args.json:
         d = rec.to_dict()
         d["study"]["wall_seconds"] = round(wall, 1)
@@ -533,7 +602,7 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
         print(json.dumps(d, default=str))
         return code
     out = _console()
-    out.print(rec.renderable())
+    out.print(Printable(rec.renderable()))
     files = rec.files
     # The study's own name and storage: a factory model (package.module:factory) is renamed to its
     # registered name when the search resolves it, so the spec parsed here may not know it.
@@ -550,17 +619,21 @@ def cmd_run(args: argparse.Namespace, parser: _Parser) -> int:
     lines.append(f"Re-show: recommend show {rec.study_name}{storage_flag}")
     lines.append(f"Dashboard: recommend dashboard {rec.study_name}{storage_flag}")
     if "recipe" in files:
-        lines.append(f"Apply: recommend apply {files['recipe']} --dataset {args.dataset} --fidelity paper")
+        factory = rec.source_spec.model if rec.source_spec is not None else None
+        source = factory if factory and factory != rec.question.model else None
+        lines.append(f"Apply: recommend apply {files['recipe']} --fidelity paper" + (f" --model {source}" if source else ""))
     for line in lines:
-        out.print(line, soft_wrap=True, markup=False)  # paths and commands stay copyable
+        out.print(printable(line), soft_wrap=True, markup=False)  # paths and commands stay copyable
     return code
 
 
 # -- ablate ------------------------------------------------------------------------------------
 
 def cmd_ablate(args: argparse.Namespace, parser: _Parser) -> int:
+    from . import limits
     from .ablate import ablate
 
+    limits.check("num_classes", args.num_classes, "--num-classes")
     err = args.err_console
     presets = [s.strip() for s in args.presets.split(",")] if args.presets else None
     trained = not args.structure_only
@@ -583,7 +656,7 @@ def cmd_ablate(args: argparse.Namespace, parser: _Parser) -> int:
         w.writeheader()
         for r in rows:
             w.writerow(r.to_dict())
-        print(buf.getvalue(), end="")
+        print(printable(buf.getvalue()), end="")
     else:
         from rich import box
         from rich.table import Table
@@ -595,29 +668,50 @@ def cmd_ablate(args: argparse.Namespace, parser: _Parser) -> int:
             cols += ["accuracy %", "drop pp [95% CI]"]
         for c in cols:
             t.add_column(c, justify="left" if c == "preset" else "right")
+        skipped = [r for r in rows if r.params is None]
         for r in rows:
+            if r.params is None:
+                t.add_row(r.preset, *["-"] * (len(cols) - 1))
+                continue
             cells = [r.preset, f"{r.params / 1e6:.3f}", f"{r.params_pct:.2f}", f"{r.mflops:.2f}",
                      f"{r.mflops_pct:.2f}", f"{r.size_mb:.2f}", f"{r.size_pct:.2f}"]
             if trained:
                 cells += [f"{r.accuracy:.2f}" if r.accuracy is not None else r.status[:30],
                           f"{r.drop:+.2f} [{r.drop_low:+.1f}, {r.drop_high:+.1f}]" if r.drop is not None else ""]
             t.add_row(*cells)
-        _console().print(t)
+        _console().print(Printable(t))
+        for r in skipped:
+            print(printable(f"{r.preset}: {r.status}"))
     return 0
 
 
 # -- show, apply, dashboard --------------------------------------------------------------------
 
 def cmd_show(args: argparse.Namespace, parser: _Parser) -> int:
-    from .api import show
+    from .api import list_studies, resolve_study, show
+    from .search.storage import redact
 
-    rec = show(args.study, storage=args.storage, studies_dir=args.studies_dir)
+    if args.study is None:
+        found = list_studies(args.storage, args.studies_dir)
+        where = redact(args.storage) if args.storage else f"{args.studies_dir}/*.db"
+        if args.json:
+            print(json.dumps([{"study": n, "storage": u, "finished_trials": k} for n, u, k in found]))
+            return 0
+        if not found:
+            print(printable(f"no studies in {where}"))
+        for n, u, k in found:
+            print(printable(f"{n}  ({k} finished trials, {u})"))
+        return 0
+    name, url, how = resolve_study(args.study, args.storage, args.studies_dir)
+    if how:
+        print(printable(f"recommend: study {name} in {redact(url)} (from {how})"), file=sys.stderr)
+    rec = show(name, storage=url, studies_dir=args.studies_dir)
     if args.json:
         print(rec.to_json())
     elif args.markdown:
-        print(rec.to_markdown())
+        print(printable(rec.to_markdown()))
     else:
-        _console().print(rec.renderable())
+        _console().print(Printable(rec.renderable()))
     return 0
 
 
@@ -628,12 +722,14 @@ def cmd_apply(args: argparse.Namespace, parser: _Parser) -> int:
     err = args.err_console
     log = (lambda s: None) if args.quiet else _logger(err)
     formats = parse_formats(args.format)  # an unknown format fails before any work
-    overrides = {"epochs": args.epochs} if args.epochs else {}
+    overrides = {"epochs": args.epochs} if args.epochs is not None else {}
     bar = None if args.quiet else RunProgress(err, verbose=args.verbose, log=log)
     try:
         res = apply_recipe(args.recipe, model=args.model, dataset=args.dataset, fidelity=args.fidelity,
                            data_dir=args.data_dir, out_dir=args.out, seed=args.seed, cache_dir=args.cache_dir,
-                           compare=args.compare, formats=formats, log=log,
+                           compare=args.compare, formats=formats, image_size=args.image_size, log=log,
+                           warn=lambda s: err.print(f"recommend: warning: {printable(s)}", markup=False,
+                                                    highlight=False, soft_wrap=True),
                            progress=bar.training if bar else None, **overrides)
     finally:
         if bar:
@@ -641,9 +737,9 @@ def cmd_apply(args: argparse.Namespace, parser: _Parser) -> int:
     e = res.evaluation
     drop = f" (drop {e.drop_pp:+.2f} pp)" if e.drop_pp is not None else ""
     print(f"accuracy {100 * e.accuracy:.2f}%{drop}, params {e.costs.get('params')}, "
-          f"{e.costs.get('size_mb'):.2f} MB; wrote " + ", ".join(str(f) for f in res.files.values()))
+          f"{e.costs.get('size_mb'):.2f} MB; wrote " + printable(", ".join(str(f) for f in res.files.values())))
     for x in res.exports:
-        print("  " + x.describe())
+        print("  " + printable(x.describe()))
     exported = {x.format for x in res.exports}
     if "torchscript" in exported and not exported & {"pt2", "onnx"} and formats is None:
         print(f"  onnx, pt2: not offered: {INT8_REASON}")
@@ -715,6 +811,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``recommend`` with ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = False
+    # OpenMP's threads spin while they wait, by default: beside another busy process a 2-thread
+    # ResNet-101 step took 9-16 s instead of about 1 s; waiting passively it took 0.8-1.5 s
+    # (benchmarks/threads_under_load.py). Set before torch loads OpenMP (a user's own setting is
+    # kept); --jobs workers inherit it.
+    os.environ.setdefault(OMP_WAIT_ENV, OMP_WAIT_POLICY)
     from .search.storage import scrub  # messages may quote a storage URL: never its password
 
     # SIGTERM stops as Ctrl-C does; both are recorded, so that one CPython drops inside a garbage
@@ -730,24 +831,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         with command_environment(verbose, console=args.err_console):
             return COMMANDS[args.command](args, parser)
     except RecommenderError as exc:
-        print(f"recommend: error: {scrub(str(exc))}", file=sys.stderr)
+        print(f"recommend: error: {printable(scrub(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(f"recommend: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly
+        with contextlib.suppress(OSError):  # and let the interpreter's final flush write nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: still one line, the traceback on request
+        if _storage_refused(exc):  # a read-only or full database: the user's environment
+            from .search.storage import error_text
+
+            print(f"recommend: error: the study's storage refused a write: {printable(scrub(error_text(exc)))}",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
         if os.environ.get("RECOMMENDER_DEBUG"):
             raise
         if verbose:
             traceback.print_exc()
-        first = scrub(str(exc).splitlines()[0]) if str(exc) else ""
+        first = printable(scrub(str(exc).splitlines()[0])) if str(exc) else ""
         print(f"recommend: internal error: {type(exc).__name__}: {first} "
               "(run with -v or RECOMMENDER_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
         restore_interrupts()
+
+
+def _storage_refused(exc: BaseException) -> bool:
+    import optuna
+
+    return isinstance(exc, optuna.exceptions.StorageInternalError)
 
 
 if __name__ == "__main__":

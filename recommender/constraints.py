@@ -6,8 +6,9 @@ Budget grammar (case of the unit suffix matters only for ``M`` vs ``m`` in ``ms`
     12ms-cuda   12ms-ort   12ms@board.json
 
 ``params`` counts trainable parameters, ``nonzero-params`` the ones that are not zero after
-unstructured pruning, ``flops`` multiply-accumulates as fvcore counts them at 1x3x32x32 (the
-paper's count), ``MB`` the serialised state dict in MiB (bytes / 1024**2), ``ms`` the median CPU
+unstructured pruning, ``flops`` multiply-accumulates as fvcore counts them at batch 1 and the model family's deploy
+size (1x3x32x32 for the paper's CIFAR networks, the paper's count;
+:meth:`recommender.models.registry.ModelFamily.deploy_size`), ``MB`` the serialised state dict in MiB (bytes / 1024**2), ``ms`` the median CPU
 latency at batch 1 (``12ms-cpu`` is the same), ``ms-cuda`` the median latency at batch 1 on a
 CUDA GPU (metric ``latency-cuda``; it needs a GPU where the study runs), ``ms-ort`` the median
 latency at batch 1 in ONNX Runtime on this machine's CPU (metric ``latency-ort``; needs the
@@ -40,10 +41,11 @@ BUDGET_FORMS = ("5M-params, 800k-params, 1.5M-nonzero-params, 60M-flops, 4MB, 51
 DROP_FORMS = "2%, 2pp, 0.5%, 5%rel"
 
 _NUM = r"(?P<num>\d+(?:\.\d*)?|\.\d+)"
-_COUNT = re.compile(_NUM + r"\s*(?P<mult>[kKMGB]?)-?(?P<metric>params|nonzero-params|flops)$")
-_SIZE = re.compile(_NUM + r"\s*(?P<unit>[kKMG])B$")
-_LATENCY = re.compile(_NUM + r"\s*ms(?:-(?P<device>cpu|cuda|ort))?$")
-_PROFILED = re.compile(_NUM + r"\s*ms@(?P<path>.+)$")
+# ASCII digits only: Python's float() also reads "1_0" as 10 and other scripts' digits
+_COUNT = re.compile(_NUM + r"\s*(?P<mult>[kKMGB]?)-?(?P<metric>params|nonzero-params|flops)$", re.ASCII)
+_SIZE = re.compile(_NUM + r"\s*(?P<unit>[kKMG])B$", re.ASCII)
+_LATENCY = re.compile(_NUM + r"\s*ms(?:-(?P<device>cpu|cuda|ort))?$", re.ASCII)
+_PROFILED = re.compile(_NUM + r"\s*ms@(?P<path>.+)$", re.ASCII)
 _MULT = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
 _BYTES_MB = {"k": 1 / 1024, "K": 1 / 1024, "M": 1.0, "G": 1024.0}
 
@@ -232,7 +234,8 @@ def _checked(metric: str, limit: float, text: str) -> float:
     return limit
 
 
-_DROP = re.compile(_NUM + r"\s*(?P<unit>%rel|%|pp)$")
+_DROP = re.compile(_NUM + r"\s*(?P<unit>%rel|%|pp)$", re.ASCII)
+_PLAIN = re.compile(_NUM, re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -261,11 +264,9 @@ class MaxDrop:
         s = str(text).strip()
         m = _DROP.fullmatch(s)
         if not m:
-            try:
+            if _PLAIN.fullmatch(s):
                 return cls(float(s), False, s)
-            except ValueError:
-                raise ConstraintSyntaxError(
-                    f"malformed max drop {text!r}; accepted forms: {DROP_FORMS}") from None
+            raise ConstraintSyntaxError(f"malformed max drop {text!r}; accepted forms: {DROP_FORMS}")
         value = float(m["num"])
         if value > 100:
             raise ConstraintSyntaxError(f"max drop {text!r} is over 100%; accepted forms: {DROP_FORMS}")

@@ -593,8 +593,9 @@ def _load_cifar(name: str, data_dir, seed: int, download: bool) -> TensorData:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
     except Exception as exc:  # torchvision raises RuntimeError; a failed download raises URLError
-        how = (f"download it with `--data-dir DIR --download` (needs network access) or put "
-               f"torchvision's {name} files under {root}")
+        # the command never downloads (runs are offline by design): say where the files go
+        how = (f"put torchvision's {name} files (cifar-{name[5:]}-python) under {root}, or point --data-dir "
+               f"at their folder; in Python, load_dataset('{name}', download=True) fetches them")
         raise DatasetError(f"{name} not found or unreadable in {root} ({type(exc).__name__}); "
                            f"{how}") from None
     xt = torch.from_numpy(np.asarray(train.data)).permute(0, 3, 1, 2).contiguous()

@@ -55,6 +55,10 @@ class ProfileError(RecommenderError):
     lacks a kind of operator a candidate needs."""
 
 
+class DiskFullError(RecommenderError):
+    """A write that failed because the file system is full (the work written before is kept)."""
+
+
 class TrainingError(RecommenderError):
     """A training that cannot succeed (the baseline diverges): nothing can be measured against it."""
 

@@ -25,7 +25,7 @@ from . import measure as measure_mod
 from .cache import WeightsCache
 from .compress import checkpoint as ckpt
 from .compress.pipeline import compress
-from .constraints import Budget, MaxDrop
+from .constraints import MaxDrop
 from .data import TensorData
 from .errors import ArchError, RecommenderError, TrainingError
 from .latency_profile import load_profile
@@ -125,15 +125,6 @@ class Evaluation:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
-    def constraint_values(self, max_drop: MaxDrop, budgets: list[Budget], baseline_acc: float) -> list[float]:
-        """Optuna constraint values: <= 0 is satisfied. Drop first, then each budget."""
-        allowed = max_drop.allowed_pp(baseline_acc)
-        drop = self.drop_pp if self.drop_pp is not None else math.inf
-        # Normalise the drop excess by the tolerance so all constraints share a scale.
-        out = [(drop - allowed) / max(allowed, 0.1)]
-        out += [b.violation(self.costs) for b in budgets]
-        return out
-
 
 class Evaluator:
     """Evaluates recipes of one base model on one dataset under one proxy protocol.
@@ -200,6 +191,7 @@ class Evaluator:
         self.distill = distill
         self._baseline_model: nn.Module | None = None
         self._baseline_seconds = 0.0
+        self._estimates: dict[str, float] = {}  # arch -> estimated training seconds
         self._teacher: torch.Tensor | None = None
         self._features: tuple[int, list[torch.Tensor]] | None = None
         self._source = self._source_identity()
@@ -265,11 +257,14 @@ class Evaluator:
                 self._baseline_seconds = float(meta.get("seconds", 0.0))
         return self._baseline_model
 
-    def _teacher_arrays(self, names: list[str], compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    def _teacher_arrays(self, names: list[str], compute: Callable[[], list[torch.Tensor]],
+                        shapes: list[tuple[int | None, ...]] | None = None) -> list[torch.Tensor]:
         """Arrays computed from the trained baseline (teacher logits, stage outputs): from the
-        cache under the baseline's key, else ``compute()`` once and stored there."""
+        cache under the baseline's key (a cached array not of its expected shape in ``shapes``
+        is discarded), else ``compute()`` once and stored there."""
         key = self.baseline_key()
-        arrs = [self.cache.load_array(key, n) for n in names] if self.cache else [None]
+        shapes = shapes or [None] * len(names)
+        arrs = [self.cache.load_array(key, n, s) for n, s in zip(names, shapes)] if self.cache else [None]
         if any(a is None for a in arrs):
             arrs = [t.numpy() for t in compute()]
             if self.cache:
@@ -282,8 +277,10 @@ class Evaluator:
         if alpha <= 0 or not self.distill:
             return None
         if self._teacher is None:
+            rows = protocol_data(self.data, self.teacher_protocol).n_train
             self._teacher = self._teacher_arrays(
-                ["teacher_logits"], lambda: [teacher_logits(self.baseline_model(), self.data, self.teacher_protocol)])[0]
+                ["teacher_logits"], lambda: [teacher_logits(self.baseline_model(), self.data, self.teacher_protocol)],
+                [(rows, self.data.num_classes)])[0]
         return self._teacher
 
     def _teacher_features(self, protocol: ProxyProtocol) -> list[torch.Tensor] | None:
@@ -296,8 +293,10 @@ class Evaluator:
             stages = self.family.stages
             names = [f"stage_features_p{pool}_{i}" for i in range(len(stages))]
             teacher_p = self.teacher_protocol.replace(feature_distill_pool=pool)
+            rows = protocol_data(self.data, teacher_p).n_train
             self._features = (pool, self._teacher_arrays(
-                names, lambda: teacher_features(self.baseline_model(), self.data, teacher_p, stages)))
+                names, lambda: teacher_features(self.baseline_model(), self.data, teacher_p, stages),
+                [(rows, None, pool, pool)] * len(names)))
         return self._features[1]
 
     def _init_baseline(self, model: nn.Module) -> None:
@@ -322,10 +321,18 @@ class Evaluator:
             if baseline:
                 self._init_baseline(m)
             self.log(f"training {self.model_name} [{label}] at {protocol.fidelity} fidelity")
+            # the baseline's pace is estimated here (3 steps of a throwaway build); a candidate's
+            # comes from the search's pre-check, which timed it the same way
+            est = self._estimates.get(arch.to_json(sort_keys=True))
+            if est is None and baseline:
+                est = self._estimate(arch, protocol)
             report = self.progress
             step_fn = (lambda step, total, loss: report(label, step, total, loss)) if report else None
             res = train_model(m, self.data, protocol, teacher_logits=logits, teacher_features=feats,
                               stages=self.family.stages, progress=step_fn, deadline=deadline)
+            note = pace_note(label, res.seconds, est)
+            if note:
+                self.log(note)
             if not res.ok:
                 raise TrainingFailed(res.reason)
             return res.to_dict()
@@ -352,10 +359,16 @@ class Evaluator:
                 return None
             if self.cache is not None and self.cache.contains(self._key(arch, self.protocol, self._teacher is not None)):
                 return None
-        d = protocol_data(self.data, self.protocol)
-        per_epoch = math.ceil(d.n_train / self.protocol.batch_size)
-        # timed on the protocol's device, precision and memory format
-        return step_seconds(self._build(arch), self.data, self.protocol, steps) * per_epoch * self.protocol.epochs
+        return self._estimate(arch, self.protocol, steps)
+
+    def _estimate(self, arch: ArchConfig, protocol: ProxyProtocol, steps: int = 2) -> float:
+        """Training seconds of ``arch`` under ``protocol`` from ``steps`` timed SGD steps on its
+        device, precision and memory format; remembered for the pace check after training."""
+        d = protocol_data(self.data, protocol)
+        per_epoch = math.ceil(d.n_train / protocol.batch_size)
+        est = step_seconds(self._build(arch), self.data, protocol, steps) * per_epoch * protocol.epochs
+        self._estimates[arch.to_json(sort_keys=True)] = est
+        return est
 
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
@@ -465,13 +478,28 @@ def compression_notes(report: Any) -> list[str]:
     if p.ignored_layers:
         shown = ", ".join(list(p.ignored_layers)[:4])
         more = f" and {len(p.ignored_layers) - 4} more" if len(p.ignored_layers) > 4 else ""
-        notes.append(f"structured pruning left {len(p.ignored_layers)} layers unpruned ({shown}{more})")
+        n = len(p.ignored_layers)
+        notes.append(f"structured pruning left {n} layer{'' if n == 1 else 's'} unpruned ({shown}{more})")
     if q.note:
         notes.append(f"quantization: {q.note}")
     if q.float_modules:
         notes.append(f"quantization kept {len(q.float_modules)} modules in float "
                      f"({', '.join(list(q.float_modules)[:3])}{'...' if len(q.float_modules) > 3 else ''})")
     return notes
+
+
+#: A training that takes this many times its two-step estimate is reported as slowed down.
+SLOW_FACTOR = 3.0
+
+
+def pace_note(label: str, seconds: float, estimate: float | None) -> str | None:
+    """A line when a training ran far slower than estimated from its first timed steps (another
+    process on the CPUs, most often), else None."""
+    if not estimate or estimate <= 0 or seconds < SLOW_FACTOR * estimate:
+        return None
+    return (f"training [{label}] took {seconds:.0f} s, {seconds / estimate:.1f}x its estimate from timed steps "
+            f"({estimate:.0f} s): something else is using the CPUs (two trainings at once ran about 5x slower on 2 "
+            "cores); stop it, or lower --jobs / --threads")
 
 
 class TrainingFailed(Exception):

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,8 +185,10 @@ def _read_header(path: str) -> tuple[int, bytes, tuple[int, int]]:
                 f.seek(-_DIGEST_BYTES, os.SEEK_END)
                 tail = f.read(_DIGEST_BYTES)
             f.seek(0)
-            with Image.open(f) as im:
-                wh = (int(im.size[0]), int(im.size[1]))
+            with warnings.catch_warnings():  # a huge image: PIL's warning would print its own path
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    wh = (int(im.size[0]), int(im.size[1]))
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ...
         raise DatasetError(f"cannot read image {path}: {exc}".splitlines()[0]) from None
     return size, head + tail, wh
@@ -203,10 +207,29 @@ class DecodeResized:
     def __call__(self, path: str) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as im:
-            im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale (no-op else)
-            rgb = im.convert("RGB")
+        with warnings.catch_warnings():  # a huge image: PIL's warning would print its own path
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale (no-op else)
+                rgb = to_rgb8(im)
         return self.transform(rgb)
+
+
+def to_rgb8(im: Any) -> Any:
+    """A PIL image as 8-bit RGB. 16-bit grey (PNG: modes ``I;16*``, or ``I`` with values above
+    255) is scaled to 8 bits, not clipped (PIL's own conversion clips it to white); 32-bit float
+    grey is read as [0, 1] when it lies there."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+            a = a / 257.0  # 65535 -> 255
+        elif im.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    return im.convert("RGB")
 
 
 class FolderImages(torch.utils.data.Dataset):

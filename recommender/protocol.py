@@ -50,7 +50,7 @@ from typing import Any
 from .devices import DEVICES, PRECISIONS, TOGGLES, Execution, available_cpus, resolve_device
 from .errors import RecommenderError, UnknownNameError
 
-__all__ = ["ProxyProtocol", "FIDELITIES", "get_protocol", "list_fidelities"]
+__all__ = ["ProxyProtocol", "FIDELITIES", "get_protocol", "list_fidelities", "describe_fidelity"]
 
 # Fields that change how fast a run goes, not what it converges to: left out of key().
 _EXECUTION_FIELDS = ("threads", "device", "eval_batch_size", "precision", "channels_last", "compile")
@@ -287,8 +287,30 @@ FIDELITIES: dict[str, ProxyProtocol] = {
 }
 
 
+#: What each named fidelity is for (shown by ``recommend --help`` and in the README's table).
+FIDELITY_PURPOSE = {
+    "smoke": "a dry run: tests the pipeline, not the tolerance",
+    "proxy": "the search (default)",
+    "confirm": "a re-check of finalists",
+    "paper": "the paper's training protocol",
+}
+
+
 def list_fidelities() -> list[str]:
     return list(FIDELITIES)
+
+
+def describe_fidelity(name: str) -> str:
+    """One line: a fidelity's images, input size, epochs and purpose, from its protocol."""
+    p = get_protocol(name)
+
+    def count(n: int) -> str:
+        return "all" if not n else f"<= {n:,}"
+
+    size = f"{p.resolution} px" if p.resolution else (f"<= {p.max_resolution} px" if p.max_resolution else "native px")
+    aug = ", aug" if p.augment else ""
+    return (f"{name}: {count(p.train_size)} train / {count(p.val_size)} val images, {size}, {p.epochs} ep{aug}"
+            f" ({FIDELITY_PURPOSE.get(name, '')})")
 
 
 def with_overrides(base: ProxyProtocol, **overrides: Any) -> ProxyProtocol:

@@ -123,15 +123,48 @@ def load_recipe(path: str | Path) -> tuple[str | None, int | None, Recipe]:
     The file is JSON: either a bare recipe or ``{"model": ..., "num_classes": ..., "recipe": {...}}``.
     Returns (model name or None, class count or None, recipe).
     """
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read recipe {p}: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"recipe {p} is not valid JSON: {exc}") from None
+    data = read_recipe_file(path)
     if isinstance(data, dict) and "recipe" in data:
         return data.get("model"), data.get("num_classes"), Recipe.from_dict(data["recipe"])
     return None, None, Recipe.from_dict(data)
+
+
+def read_recipe_file(path: str | Path) -> Any:
+    """The JSON of a recipe file, within the size and nesting limits (:mod:`recommender.limits`);
+    anything else is a one-line :class:`CheckpointError`."""
+    from . import limits
+    from .io import read_text
+
+    p = Path(path)
+    text = read_text(p, "recipe", "recipe_bytes", error=CheckpointError)
+    depth_limit = limits.limit("recipe_depth").high
+    if _nesting(text) > depth_limit:
+        raise CheckpointError(f"recipe {p} nests deeper than {depth_limit} levels ({limits.limit('recipe_depth').why})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"recipe {p} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"recipe {p} nests too deeply") from None
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting of a JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import (DEFAULT_IMAGE_SIZE, MAX_NATIVE_SIZE, STATS_IMAGES, ImageData, _identity,
                    _stats_of, default_workers, stratified_order)
+from . import limits
 from .errors import DatasetError
 
 __all__ = ["StreamingData", "from_datasets", "loader_batches"]
@@ -43,6 +45,10 @@ def loader_batches(source: Dataset, batches: list[list[int]], num_workers: int
         msg = str(exc).strip().splitlines()
         last = msg[-1] if msg else ""
         raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:  # the user's items
+        msg = str(exc).strip().splitlines()
+        last = msg[-1] if msg else type(exc).__name__
+        raise DatasetError(f"cannot read the dataset's items: {last[:200]}") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,17 +151,33 @@ class _Labels(Dataset):
         item = self.dataset[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise DatasetError("dataset items must be (image, label) pairs")
-        return torch.as_tensor(int(item[1]))
+        return _as_labels(item[1]).reshape(())
+
+
+def _as_labels(values: Any) -> torch.Tensor:
+    """Class labels as int64; a label that is not a whole number (0.9, "cat") is an error, not
+    truncated."""
+    try:
+        t = torch.as_tensor(values)
+    except Exception:
+        raise DatasetError(f"dataset labels must be whole numbers (class indices), got {str(values)[:40]!r}") from None
+    if t.is_floating_point() or t.is_complex():
+        bad = t[t != t.round()] if not t.is_complex() else t.reshape(-1)
+        if bad.numel():
+            raise DatasetError(f"dataset labels must be whole numbers (class indices), got {bad.reshape(-1)[0].item()!r}")
+    elif t.dtype == torch.bool:
+        raise DatasetError("dataset labels must be whole numbers (class indices), got booleans")
+    return t.to(torch.int64)
 
 
 def _labels(dataset: Dataset, num_workers: int) -> np.ndarray:
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets) == len(dataset):  # type: ignore[arg-type]
-        return np.asarray(torch.as_tensor(targets), dtype=np.int64).reshape(-1)
+        return _as_labels(targets).numpy().reshape(-1)
     n = len(dataset)  # type: ignore[arg-type]
     batches = [list(range(s, min(s + 256, n))) for s in range(0, n, 256)]
     out = [b for b in loader_batches(_Labels(dataset), batches, num_workers)]
-    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+    return torch.cat([b.reshape(-1) for b in out]).numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
 
 def from_datasets(train: Dataset, val: Dataset, num_classes: int | None = None, *,
@@ -193,6 +215,7 @@ def from_datasets(train: Dataset, val: Dataset, num_classes: int | None = None, 
             raise DatasetError("give num_classes for a (train, val) dataset pair "
                                "(recommender.data.from_datasets(train, val, num_classes))")
         num_classes = len(classes)
+    limits.check("num_classes", num_classes, "num_classes of a dataset pair", error=DatasetError)
     classes = tuple(str(c) for c in getattr(train, "classes", None) or range(num_classes))
     if len(classes) != num_classes:
         classes = tuple(str(c) for c in range(num_classes))
@@ -243,6 +266,9 @@ def _to_uint8(img) -> torch.Tensor:
     """PIL image, HWC array or CHW tensor -> uint8 CHW tensor (floats scaled from [0, 1])."""
     from torchvision.transforms import v2
 
+    if not isinstance(img, (torch.Tensor, np.ndarray)) and not hasattr(img, "getbands"):  # PIL images have it
+        raise DatasetError(f"dataset items must be images (a PIL image, an HWC array or a CHW tensor), "
+                           f"got {type(img).__name__}")
     x = v2.functional.to_image(img)
     return v2.functional.to_dtype(x, torch.uint8, scale=True).as_subclass(torch.Tensor)
 

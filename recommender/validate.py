@@ -15,16 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import limits
 from .errors import RecommenderError
 
-__all__ = ["STUDY_NAME", "study_name", "seed", "port", "percent", "writable_dir"]
+__all__ = ["STUDY_NAME", "study_name", "seed", "port", "percent", "writable_dir", "spec_bounds", "jobs"]
 
 #: A study name: a letter or digit, then up to 127 letters, digits, ``.``, ``_`` or ``-``. No
 #: path separators (the name is a file under --studies-dir), no ``%`` or ``?`` (a SQLite URL
 #: would decode or cut them), no ``..``.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Seeds feed numpy (< 2**32) and the confirm stage adds one; keep them in a signed 32-bit int.
-MAX_SEED = 2**31 - 1
+MAX_SEED = limits.limit("seed").high
 
 
 def study_name(name: Any) -> str:
@@ -37,16 +38,35 @@ def study_name(name: Any) -> str:
 
 def seed(value: Any, flag: str = "--seed") -> int:
     """A seed in [0, 2**31 - 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_SEED:
-        raise RecommenderError(f"{flag} must be an integer in [0, {MAX_SEED}], got {value!r}")
-    return int(value)
+    return int(limits.check("seed", value, flag))
 
 
 def port(value: Any, flag: str = "--port") -> int:
     """A TCP port in [0, 65535] (0: pick a free one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 65535:
-        raise RecommenderError(f"{flag} must be an integer in [0, 65535] (0 picks a free port), got {value!r}")
-    return int(value)
+    return int(limits.check("port", value, flag))
+
+
+def jobs(value: Any, flag: str = "--jobs") -> int:
+    """Worker processes: 0 (auto) or within the ``jobs`` limit."""
+    return 0 if value == 0 and not isinstance(value, bool) else int(limits.check("jobs", value, flag))
+
+
+def spec_bounds(spec: Any) -> None:
+    """Every count of a study's settings (a :class:`~recommender.search.study.StudySpec`) within
+    its limit (:mod:`recommender.limits`), else a one-line error before any work."""
+    limits.check("trials", spec.trials)
+    jobs(spec.jobs)
+    limits.check("threads", spec.threads)
+    limits.check("n_confirm", spec.n_confirm)
+    limits.check("max_promoted", spec.max_promoted)
+    if spec.image_size is not None:
+        limits.check("image_size", spec.image_size)
+    # --rungs is bounded where it is parsed (recommender.search.rungs.parse_ladder)
+    for value, flag in ((spec.timeout, "--timeout"), (spec.max_trial_seconds, "--max-trial-time")):
+        if value is not None:
+            limits.check("timeout", value, flag, integer=False)
+    limits.check("heartbeat", spec.heartbeat)
+    limits.check("grace", spec.grace)
 
 
 def percent(value: Any, flag: str) -> float:

@@ -227,20 +227,21 @@ def test_resumed_study_with_another_baseline_is_refused(capsys, tmp_path, monkey
     model = resolve_model("tests.helpers:TinyCNN", num_classes=10, seed=0)  # as the run resolves it
     common = dict(model=model, max_drop=MaxDrop.parse("2%"), budgets=["5M-params"],
                   fidelity="smoke", study_name="resume-me", studies_dir=str(tmp_path / "s"), checkpoint=str(first))
-    open_study(StudySpec(**common))  # the existing study (no training needed to create it)
     if change == "checkpoint":
+        open_study(StudySpec(**common))  # the existing study (no training needed to create it)
         other = _tiny_checkpoint(tmp_path / "b.pt", scale=2.0)
         extra = ["--checkpoint", str(other)]
-    else:
-        extra = ["--checkpoint", str(first), "--baseline-accuracy", "93.5"]
+    else:  # a checkpoint and a stated accuracy are refused together: the study had neither
+        open_study(StudySpec(**{**common, "checkpoint": None}))
+        extra = ["--baseline-accuracy", "93.5"]
     code, _, err = run(capsys, "--model", "tests.helpers:TinyCNN", *BASE[2:], "--max-drop", "2%", *extra,
                        "--study-name", "resume-me", "--studies-dir", str(tmp_path / "s"))
     line = one_line_error(code, err, "already exists")
     assert change.replace("-", "_") in line
-    # The same file under another name is the same baseline: accepted.
-    same = tmp_path / "copy.pt"
-    same.write_bytes(first.read_bytes())
-    open_study(StudySpec(**{**common, "checkpoint": str(same)}))
+    if change == "checkpoint":  # the same file under another name is the same baseline: accepted
+        same = tmp_path / "copy.pt"
+        same.write_bytes(first.read_bytes())
+        open_study(StudySpec(**{**common, "checkpoint": str(same)}))
 
 
 # -- secrets (item 7) ---------------------------------------------------------------------------

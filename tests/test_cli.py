@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import json
 import subprocess
 import sys
@@ -125,3 +127,70 @@ def test_search_flags_reach_the_study_spec():
     assert spec.structure_policy == "constraint"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "resnet18", "--structure-policy", "sometimes"])
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_progress_lines_keep_the_counter_and_eta_at_narrow_widths(width):
+    """A long recipe label must not push the step counter or the ETA off a progress line."""
+    from rich.console import Console
+
+    from recommender.cli import RunProgress
+
+    console = Console(width=width, record=True, file=io.StringIO(), force_terminal=False, color_system=None)
+    bar = RunProgress(console, total_trials=20)
+    bar.started = True  # render the bars here, without a live display
+    label = "ghost-bottleneck(2x) + se(0.25) + dws-stem + width 0.5 + unstructured-l1 59% + int8-static(x86)"
+    bar.training(label, 37, 132, 1.234)
+    bar.trials_task = bar.progress.add_task("trials", total=20, info="best #12 95.1% r0")
+    bar.progress.update(bar.trials_task, completed=7)
+    console.print(bar.progress.get_renderable())
+    lines = [ln for ln in console.export_text().splitlines() if ln.strip()]
+    assert len(lines) == 2, lines  # one line per bar: nothing wrapped
+    assert "37/132" in lines[0] and "ETA" in lines[0] and "loss 1.234" in lines[0]
+    assert "7/20" in lines[1] and "ETA" in lines[1] and "best #12 95.1% r0" in lines[1]
+    assert all(len(ln) <= width for ln in lines)
+    assert all(ln.rstrip().endswith(("-:--:--", "0:00:00")) or ln.rstrip()[-1].isdigit() for ln in lines), lines
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_explanation_reads_at_narrow_widths(tmp_path, width):
+    """At 80 and 120 columns no cell of the explanation breaks inside a word, and the panel's
+    title is whole."""
+    import re
+
+    from tests.helpers import baseline, evaluation, synthetic_study
+
+    from recommender.report import recommendation_from_study
+
+    cands = {0: {0: evaluation(0.93, 50e3, 0.95, mflops=12.0, size_mb=0.2, latency_ms=1.5),
+                 1: evaluation(0.945, 50e3, 0.955)},
+             1: {0: evaluation(0.90, 20e3, 0.95, mflops=6.0, size_mb=0.1, latency_ms=1.1)}}
+    rec = recommendation_from_study(synthetic_study(tmp_path, base=0.95, max_drop="2%", budgets=["1M-params"],
+                                                    cands=cands, rungs={1: baseline(0.955)}))
+    text = rec.explain(width=width)
+    whole = set(re.findall(r"[A-Za-z]+", rec.explain(width=400)))  # every word, unbroken
+    lines = text.splitlines()
+    assert all(len(ln) <= width for ln in lines)
+    assert any("Recommended: trial 0" in ln for ln in lines)
+    broken = {w for w in re.findall(r"[A-Za-z]+", text) if w not in whole}
+    assert not broken, broken  # a word cut across two lines leaves fragments that are no words
+
+
+def test_the_fidelity_help_says_what_the_protocols_are():
+    from recommender.cli import FIDELITY_HELP
+    from recommender.protocol import describe_fidelity, list_fidelities
+
+    assert list(FIDELITY_HELP) == [describe_fidelity(f) for f in list_fidelities()]
+
+
+def test_the_command_lets_openmp_wait_passively(monkeypatch):
+    """OpenMP spin-waiting collapsed training beside another busy process: the command asks for
+    passive waiting before torch loads, unless the user set a policy of their own."""
+    from recommender.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["--version"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["--version"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -152,23 +152,19 @@ def test_exit_1_when_a_higher_rung_rejects_every_candidate(monkeypatch, capsys, 
     """A chosen recipe that is NOT FEASIBLE (feasible at the search rung, rejected on the rung it
     was promoted to) exits 1, with and without --json: the exit code follows rec.feasible."""
     import recommender.api as api
-    from recommender.report import Choice, Recommendation
-    from recommender.evaluation import Evaluation
-    from recommender.recipe import Recipe
-    from recommender.search.rungs import RungResult
+    from recommender.report import recommendation_from_study
+    from tests.helpers import baseline, evaluation, synthetic_study
 
-    ev = Evaluation(recipe=Recipe().to_dict(), accuracy=0.5, acc_low=0.45, acc_high=0.55, drop_pp=3.0,
-                    drop_low_pp=2.0, drop_high_pp=4.0, costs={"params": 1000})
-    choice = Choice(3, Recipe(), ev, rungs=[RungResult(1, "proxy+r1", ev)])
-    rec = Recommendation(study_name="s", storage="sqlite:///x.db", spec={"model": "resnet18", "budgets": []},
-                         baseline=None, chosen=choice, feasible=False, front=[choice],
-                         rungs=[{"index": 0, "label": "proxy"}, {"index": 1, "label": "proxy+r1"}],
-                         counts={"finished": 4})
+    study = synthetic_study(tmp_path, base=0.53, max_drop="2%", budgets=["5M-params"],
+                            cands={0: {0: evaluation(0.52, 1000, 0.53), 1: evaluation(0.5, 1000, 0.53)}},
+                            rungs={1: baseline(0.53)})
+    rec = recommendation_from_study(study)
+    assert not rec.feasible
     monkeypatch.setattr(api, "recommend", lambda *a, **k: rec)
     argv = ["--model", "resnet18", "--budget", "5M-params", "--studies-dir", str(tmp_path), "--quiet"]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    assert "NOT FEASIBLE" in out and "Recipe:" not in out
+    assert "Nothing feasible" in out and "Recipe:" not in out
     assert main([*argv, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["feasible"] is False
 

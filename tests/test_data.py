@@ -106,7 +106,11 @@ def test_missing_cifar_says_how_to_get_it(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_dataset("cifar10", data_dir=tmp_path)
     msg = str(err.value)
-    assert "--download" in msg and "\n" not in msg
+    # it names only what exists: --data-dir and the API's download=True (no --download flag)
+    assert "--data-dir" in msg and "download=True" in msg and "--download" not in msg and "\n" not in msg
+    from recommender.cli import build_parser
+
+    assert "--download" not in build_parser().format_help()
 
 
 def test_unknown_and_missing_specs(tmp_path):

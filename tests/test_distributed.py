@@ -122,13 +122,13 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _worker(fleet: dict[str, Any], study: str, trials: int, k: int, **env: str) -> subprocess.Popen:
+def _worker(fleet: dict[str, Any], study: str, trials: int, k: int, *extra: str, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, str(fleet["runner"]), "--model", "resnet18", "--dataset", "digits",
            "--fidelity", "smoke", "--max-drop", "50%", "--budget", "20M-params", "--trials", str(trials),
            "--storage", fleet["url"], "--study-name", study, "--confirm-fidelity", "none", "--no-latency",
            "--no-warm-start", "--space", str(fleet["space"]), "--checkpoint", str(fleet["checkpoint"]),
            "--studies-dir", str(fleet["root"] / f"w{k}"), "--cache-dir", str(fleet["root"] / f"cache-w{k}"),
-           "--quiet"]
+           "--quiet", *extra]
     path = fleet["root"] / f"{study}-w{k}.log"
     with open(path, "w") as log:
         p = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=log, stderr=subprocess.STDOUT,
@@ -240,10 +240,10 @@ def test_killed_worker_trial_is_failed_and_retried(fleet: dict[str, Any]) -> Non
     url = fleet["url"]
     name = f"kill-{uuid.uuid4().hex[:8]}"
     target = 6
-    hb = dict(RECOMMENDER_HEARTBEAT="1", RECOMMENDER_GRACE="3")
+    hb = ("--heartbeat", "1", "--grace", "3")
     t0 = time.perf_counter()
-    victim = _worker(fleet, name, target, 1, **hb)
-    survivor = _worker(fleet, name, target, 2, **hb)
+    victim = _worker(fleet, name, target, 1, *hb)
+    survivor = _worker(fleet, name, target, 2, *hb)
     try:
         # Kill the victim while both workers hold a RUNNING trial that has sampled its candidate
         # (each runs one at a time, so one of the two is the victim's). A trial killed before it

@@ -3,6 +3,7 @@ feasible front read with Optuna's own constraint handling, no global state chang
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -13,8 +14,7 @@ import optuna
 import pytest
 
 from recommender.io import atomic_write
-from recommender.report import (Recommendation, completed, feasible_pareto, is_feasible, markdown, pareto_front,
-                                recommendation_from_study, summary_line)
+from recommender.report import Recommendation, markdown, recommendation_from_study, summary_line
 
 
 # -- atomic writes ---------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_cache_and_checkpoint_use_the_one_helper():
     assert not hasattr(cache, "_suppress")
 
 
-# -- a synthetic study -----------------------------------------------------------------------------
+# -- one Pareto dominance ---------------------------------------------------------------------------
 
 def _study(seed: int = 0, n: int = 60) -> optuna.Study:
     """Random (accuracy, cost) points with constraints stored as the objective stores them (user
@@ -72,7 +72,7 @@ def _study(seed: int = 0, n: int = 60) -> optuna.Study:
             acc, cost = round(rng.uniform(0.3, 0.95), 2), float(rng.randint(1, 40) * 1000)
             cons = [rng.uniform(-1, 0.6), rng.uniform(-1, 0.6)]
         points.append((acc, cost, cons))
-        ev = {"recipe": {}, "accuracy": acc, "costs": {"params": cost}}
+        ev = {"recipe": {}, "accuracy": acc, "drop_pp": (0.95 - acc) * 100, "costs": {"params": cost}}
         study.add_trial(optuna.trial.create_trial(
             values=[acc, cost], user_attrs={"recipe": {}, "evaluation": ev, "constraints": cons},
             constraints={"max_drop": cons[0], "budget_params": cons[1]}))
@@ -80,25 +80,15 @@ def _study(seed: int = 0, n: int = 60) -> optuna.Study:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_best_trials_gives_the_same_front(seed):
+def test_one_dominance_gives_optunas_front(seed):
+    """recommender.pareto.nondominated (the one dominance of promotion, the front and the knee)
+    keeps exactly the points Optuna's own best_trials keeps among the feasible trials."""
+    from recommender.pareto import nondominated
+
     study = _study(seed)
-    ours = pareto_front([t for t in completed(study) if is_feasible(t)])
-    # Optuna 5 applies the constraints: best_trials holds the feasible non-dominated trials
-    best = study.best_trials
-    assert all(is_feasible(t) for t in best)
-    assert {tuple(t.values) for t in best} == {tuple(t.values) for t in ours}
-    front = feasible_pareto(study)
-    assert [t.number for t in front] == [t.number for t in ours]  # same ties (first trial), same order
-    costs = [t.values[1] for t in front]
-    assert costs == sorted(costs)
-
-
-def test_front_without_optuna_constraints_falls_back_to_user_attrs():
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    for acc, cost, cons in [(0.9, 10.0, [1.0]), (0.8, 5.0, [-1.0]), (0.7, 8.0, [-1.0])]:
-        study.add_trial(optuna.trial.create_trial(values=[acc, cost], user_attrs={
-            "recipe": {}, "evaluation": {"recipe": {}}, "constraints": cons}))
-    assert [t.values for t in feasible_pareto(study)] == [[0.8, 5.0]]
+    feasible = [t for t in study.trials if all(c <= 0 for c in t.user_attrs["constraints"])]
+    ours = {tuple(feasible[i].values) for i in nondominated([(t.values[0], t.values[1]) for t in feasible])}
+    assert ours == {tuple(t.values) for t in study.best_trials}
 
 
 # -- Markdown and wording --------------------------------------------------------------------------
@@ -148,18 +138,23 @@ def test_summary_counts_evaluated_candidates():
 
 
 def test_write_outputs_removes_a_stale_recipe(tmp_path):
+    from tests.helpers import evaluation, synthetic_study
+
     from recommender.api import write_outputs
 
-    study = _study(2, n=12)
-    study.set_user_attr("spec", {"model": "resnet18", "dataset": "digits", "max_drop": {"value": 2.0},
-                                 "budgets": [{"metric": "params", "limit": 1e9}]})
-    rec = recommendation_from_study(study)
+    def rec_of(drop_pct: str, name: str):
+        return recommendation_from_study(synthetic_study(
+            tmp_path, base=0.9, max_drop=drop_pct, budgets=["1M-params"], name=name,
+            cands={0: {0: evaluation(0.88, 1e3, 0.9)}, 1: {0: evaluation(0.85, 500.0, 0.9)}}))
+
+    rec = rec_of("3%", "a")
     assert rec.feasible
     files = write_outputs(rec, tmp_path, plots=False)
     assert files["recipe"].is_file() and rec.files["recipe"] == str(tmp_path / "recipe.json")
+    assert json.loads(files["recipe"].read_text())["num_classes"] == 10
 
-    infeasible = Recommendation(study_name="s", storage="", spec=rec.spec, baseline=None,
-                                chosen=rec.chosen, feasible=False, front=rec.front, counts={"finished": 12})
+    infeasible = rec_of("1%", "b")
+    assert not infeasible.feasible
     files = write_outputs(infeasible, tmp_path, plots=False)
     assert "recipe" not in files and not (tmp_path / "recipe.json").exists()
     assert "Nothing feasible was found" in (tmp_path / "report.md").read_text()
@@ -220,9 +215,13 @@ def test_plots_and_dashboard_figure(tmp_path):
     from recommender.api import _save_dashboard_note, write_outputs
     from recommender.plot import plotly_available
 
-    study = _study(3, n=25)
-    study.set_user_attr("spec", {"model": "resnet18", "dataset": "digits", "max_drop": {"value": 2.0},
-                                 "budgets": [{"metric": "params", "limit": 2e4}]})
+    from tests.helpers import baseline, evaluation, synthetic_study
+
+    cands = {i: {0: evaluation(0.80 + 0.01 * (i % 7), 1e3 * (i + 1), 0.85)} for i in range(12)}
+    for i in (3, 5):
+        cands[i][1] = evaluation(0.84, 1e3 * (i + 1), 0.86)
+    study = synthetic_study(tmp_path, base=0.85, max_drop="2%", budgets=["8k-params"], cands=cands,
+                            rungs={1: baseline(0.86)})
     rec = recommendation_from_study(study)
     files = write_outputs(rec, tmp_path)
     with Image.open(files["plot"]) as im:
@@ -271,28 +270,29 @@ def test_a_pruned_answer_says_how_settled_its_pruning_drop_is():
     checkpoint, the note says the drop follows a short recovery fine-tune, at every rung."""
     from recommender.evaluation import Baseline, Evaluation
     from recommender.recipe import PruneConfig, Recipe
-    from recommender.report import Choice
-    from recommender.search.rungs import RungResult
-
     recipe = Recipe(prune=PruneConfig("unstructured-l1", 0.5))
     ev = Evaluation(recipe=recipe.to_dict(), accuracy=0.9, acc_low=0.87, acc_high=0.93, drop_pp=1.0,
                     drop_low_pp=0.2, drop_high_pp=1.8, costs={"params": 1000})
 
     def explained(source: str, rungs: list) -> str:
+        from recommender.ledger import Ledger, RungInfo
+        from recommender.question import Question
+        from recommender.constraints import MaxDrop
+
         base = Baseline(accuracy=0.91, acc_low=0.88, acc_high=0.94, costs={"params": 1000}, source=source,
                         fidelity="proxy")
-        choice = Choice(0, recipe, ev, rungs=rungs)
-        rec = Recommendation(study_name="s", storage="", baseline=base, chosen=choice, feasible=True,
-                             spec={"model": "resnet18", "max_drop": {"value": 2.0}, "budgets": []},
-                             front=[choice], counts={"finished": 1})
+        infos = [RungInfo(k, "proxy" if k == 0 else "proxy+r1", base) for k in range(1 + len(rungs))]
+        led = Ledger.build(Question.of("resnet18", "digits", MaxDrop(2.0), ()), infos,
+                           [(0, recipe, None, {k: ev for k in range(1 + len(rungs))})])
+        rec = Recommendation(study_name="s", storage="", ledger=led, counts={"finished": 1})
+        assert rec.feasible
         return " ".join(rec.explain(width=400).split())
-
     note = "the pruning drop is measured from the baseline as this rung trains it"
     assert note in explained("trained", [])
     assert note not in explained("checkpoint", [])
-    assert note not in explained("trained", [RungResult(1, "proxy+r1", ev)])
+    assert note not in explained("trained", ["r1"])
     # from the user's checkpoint the drop follows a short recovery fine-tune: said, with what it was worth
     ckpt_note = "the pruning drop is measured from your checkpoint after the rung's short recovery"
     assert ckpt_note in explained("checkpoint", [])
-    assert ckpt_note in explained("checkpoint", [RungResult(1, "proxy+r1", ev)])
+    assert ckpt_note in explained("checkpoint", ["r1"])
     assert ckpt_note not in explained("trained", [])

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,33 +14,19 @@ import optuna
 import pytest
 import torch
 
-from tests.helpers import interruptible_child
+from tests.helpers import TINY_SPACE, interruptible_child
 
 from recommender import recommend
 from recommender.search import workers
-from recommender.search.rungs import PromotionPolicy, ladder, pareto_ranks, rung_results
+from recommender.pareto import ranks
+from recommender.search.rungs import PromotionPolicy, ladder, read_rungs
 from recommender.search.study import counted_trials
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 
-SPACE = textwrap.dedent("""
-    family: cifar-resnet
-    arch:
-      stem: {value: dws}
-      stem_width: {value: 16}
-      block: {value: ghost}
-      widths: {choices: [[16, 24, 40, 88], [10, 22, 42, 86]]}
-      inner: {value: [32, 64, 128, 256]}
-      drop_last: {value: true}
-      head: {value: nofc}
-      width_multiplier: {choices: [0.25, 0.5, 1.0]}
-    prune:
-      method: {choices: [none, unstructured-l1]}
-      sparsity: {low: 0.3, high: 0.6, step: 0.3, when: {method: unstructured-l1}}
-    quant:
-      scheme: {choices: [fp32]}
-""")
+SPACE = TINY_SPACE
+
 
 
 def common(tmp_path: Path, name: str, **kw):
@@ -64,7 +49,7 @@ def test_ladder_and_selection():
     # the older confirm stage: a second seed at the search fidelity
     two = ladder(get_protocol("proxy"), 8, "auto", confirm_fidelity="proxy")
     assert two[1].protocol == get_protocol("proxy", seed=1)
-    assert pareto_ranks([(0.9, 10), (0.7, 20), (0.85, 5)]) == [0, 1, 0]
+    assert ranks([(0.9, 10), (0.7, 20), (0.85, 5)]) == [0, 1, 0]
     assert PromotionPolicy().count(9) == 3 and PromotionPolicy().count(2) == 2 and PromotionPolicy().count(0) == 0
 
 
@@ -92,11 +77,23 @@ def test_a_checkpoint_pins_every_rung_to_the_native_size(tmp_path):
     assert ladder(get_protocol("proxy"), 32, "auto", pin_resolution=24)[1].protocol.input_resolution(32) == 24
 
 
-def test_power_line_when_validation_set_is_too_small(tmp_path):
-    rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
+def test_power_line_when_validation_set_is_too_small(tmp_path, caplog):
+    """...and a library call is quiet: no Optuna INFO line (study created, trial finished) and no
+    experimental-feature warning reaches the caller, whose settings are restored after it."""
+    import logging
+    import warnings
+
+    before = optuna.logging.get_verbosity()
+    with caplog.at_level(logging.INFO, logger="optuna"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rec = recommend(**{**common(tmp_path, "power"), "max_drop": "0.5%"}, trials=2, rungs="1")
+    assert not [r for r in caplog.records if r.name.startswith("optuna")], [r.getMessage() for r in caplog.records]
+    assert not [w for w in seen if issubclass(w.category, optuna.exceptions.ExperimentalWarning)], \
+        [str(w.message) for w in seen]
+    assert optuna.logging.get_verbosity() == before
     p = rec.to_dict()["power"]
     assert p["n_val"] == 256 and p["min_resolvable_drop_pp"] > 0.5
-    assert "Power: 256 validation images" in rec.explain(width=200)
+    assert "Power: at rung 0, 256 validation images" in rec.explain(width=200)
 
 
 class Interrupt(Exception):
@@ -104,7 +101,7 @@ class Interrupt(Exception):
 
 
 def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch):
-    kw = common(tmp_path, "promo", trials=6, rungs="auto", max_promoted=3)
+    kw = common(tmp_path, "promo", trials=6, rungs="2", max_promoted=3)
     from recommender.evaluation import Evaluator
 
     real = Evaluator.evaluate
@@ -125,14 +122,17 @@ def test_promotions_run_once_and_resume_where_they_stopped(tmp_path, monkeypatch
     study = optuna.load_study(study_name="promo", storage=storage)
     promoted = study.user_attrs["promoted_1"]
     assert 2 <= len(promoted) <= 3
-    _, before = rung_results(study._storage, "promo")
+    before = {n: per for n, (_, _, per) in read_rungs(study)[1].items() if 1 in per}
     assert len(before) == 1  # one finished, one interrupted, the rest waiting
 
     rec = recommend(**kw)  # the same command resumes: the rest of rung 1, nothing twice
     study = optuna.load_study(study_name="promo", storage=storage)
     assert study.user_attrs["promoted_1"] == promoted  # decided once
-    _, after = rung_results(study._storage, "promo")
-    assert sorted(after) == sorted(promoted) and all(len(v) == 1 for v in after.values())
+    after = {n: per for n, (_, _, per) in read_rungs(study)[1].items() if 1 in per}
+    assert sorted(after) == sorted(promoted)
+    rung1_trials = optuna.load_study(study_name="promo.rung1", storage=storage).trials
+    done = [t.user_attrs["source_trial"] for t in rung1_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(done) == sorted(promoted), "each promoted candidate evaluated once"
     rung1 = optuna.load_study(study_name="promo.rung1", storage=storage)
     assert rung1.user_attrs["baseline_evaluations"] == 1
     assert len(counted_trials(study)) == 6 and study.user_attrs["baseline_evaluations"] == 1
@@ -252,7 +252,7 @@ def test_a_rung_skipped_for_time_is_decided_by_a_later_run(tmp_path):
 
     from recommender.search.study import Search, StudySpec
 
-    kw = {k: v for k, v in common(tmp_path, "later", trials=3, rungs="auto").items() if k != "write_files"}
+    kw = {k: v for k, v in common(tmp_path, "later", trials=3, rungs="2").items() if k != "write_files"}
     search = Search(StudySpec(**kw))
     base = search.baseline()
     search.optimize(base)
@@ -264,3 +264,46 @@ def test_a_rung_skipped_for_time_is_decided_by_a_later_run(tmp_path):
     chosen = search.decide(1, base)
     assert chosen and search.study.user_attrs["promoted_1"] == chosen
     assert search._rung_study(1).user_attrs.get("skipped") is None
+
+
+def test_auto_rungs_are_sized_to_the_fidelity_and_the_data():
+    """--rungs auto: no promotion rung for a smoke dry run, nor where the derived rung would see
+    no more of the data (digits at proxy: every image at its native 8 px); one at 32 px when the
+    search trains at 16 px."""
+    from recommender.protocol import get_protocol
+    from recommender.search.rungs import auto_note, parse_ladder
+
+    smoke = ladder(get_protocol("smoke"), 32, "auto", n_train=2854, n_val=951)
+    assert len(smoke) == 1 and "dry run" in auto_note(get_protocol("smoke"), smoke, parse_ladder("auto", None, "smoke"))
+    digits = ladder(get_protocol("proxy"), 8, "auto", n_train=1347, n_val=450)
+    assert len(digits) == 1 and "more epochs alone" in auto_note(get_protocol("proxy"), digits,
+                                                                  parse_ladder("auto", None, "proxy"))
+    cifar = ladder(get_protocol("proxy"), 32, "auto", n_train=2854, n_val=951)
+    assert [r.protocol.input_resolution(32) for r in cifar] == [16, 32]
+    assert len(ladder(get_protocol("smoke"), 8, "2", n_train=1347, n_val=450)) == 2  # asked for: given
+
+
+def test_time_kept_for_promotions_that_no_longer_fit_goes_to_the_search(tmp_path, monkeypatch):
+    """The promotions' estimate grows as trials are measured; once it no longer fits the time
+    left, the search keeps going (and says so) instead of stopping to keep time for a rung that
+    cannot run; a search that ends short of --trials says why."""
+    import time as _time
+
+    from recommender.search.study import Search, StudySpec
+
+    kw = {k: v for k, v in common(tmp_path, "reserve", trials=50, rungs="2").items() if k != "write_files"}
+    lines: list[str] = []
+    search = Search(StudySpec(**kw), log=lines.append)
+    base = search.baseline()
+    estimates = iter([1.0, 1.0])
+    monkeypatch.setattr(search, "promotion_reserve", lambda: next(estimates, 1e6))
+    search.deadline = _time.monotonic() + 8.0
+    search.optimize(base, reserve=search.promotion_reserve)
+    assert any("so the search uses all of it" in ln for ln in lines), lines
+    assert not any("to leave the promotions their time" in ln for ln in lines), lines
+    assert search.study.user_attrs["search_stopped"] == "the time budget (--timeout) ended the search"
+    from recommender.report import recommendation_from_study
+
+    rec = recommendation_from_study(search.study)
+    assert any(ln.startswith("Searched ") and "of the 50 trials asked" in ln and "same command resumes" in ln
+               for ln in rec.run_lines())

@@ -11,8 +11,7 @@ import torch
 
 from recommender import recommend
 from recommender.cli import main
-from recommender.report import feasible_pareto, is_feasible
-from recommender.search.rungs import rung_results
+from recommender.search.rungs import read_rungs
 
 torch.set_num_threads(2)
 
@@ -85,36 +84,37 @@ def test_search_interrupt_resume_and_json(setup, capsys):
     # 3) The JSON answer is what the storage says.
     assert answer["study"]["name"] == "e2e"
     assert answer["study"]["n_trials"] == len(finished)
-    base = study.user_attrs["baseline"]
-    assert answer["baseline"]["accuracy"] == pytest.approx(base["accuracy"])
-    front = feasible_pareto(study)
-    assert [p["trial"] for p in answer["pareto"]] == [t.number for t in front]
+    _, evidence = read_rungs(study)
+    rung1 = optuna.load_study(study_name="e2e.rung1", storage=storage).user_attrs["baseline"]
+    assert [r["baseline"]["accuracy"] for r in answer["rungs"]] == pytest.approx(
+        [study.user_attrs["baseline"]["accuracy"], rung1["accuracy"]])
     rec = answer["recommended"]
     assert rec is not None and set(rec) >= {"recipe", "accuracy", "drop", "params", "mflops", "size_mb",
                                             "latency_ms", "feasible"}
     trial = study.trials[rec["trial"]]
-    assert is_feasible(trial)
     assert rec["recipe"] == trial.user_attrs["recipe"]
     assert rec["params"] == trial.user_attrs["evaluation"]["costs"]["params"] <= 1e6
     # the recommendation is the cheapest candidate whose drop at the highest rung (here the
-    # second-seed re-check, rung 1) is within 50 pp; every rung it ran is listed, lowest first
-    _, per_trial = rung_results(study._storage, "e2e")
-    confirmed = {n: rs[-1].evaluation for n, rs in per_trial.items()}
-    assert rec["trial"] in confirmed and rec["rung"] == 1
-    assert rec["confirmed"] and rec["drop"] == pytest.approx(confirmed[rec["trial"]].drop_pp)
+    # second-seed re-check, rung 1) is within 50 pp, beside that rung's baseline; every rung it
+    # ran is listed, lowest first
+    confirmed = {n: per[1] for n, (_, _, per) in evidence.items() if 1 in per and per[1]["ok"]}
+    assert rec["trial"] in confirmed and rec["rung"] == 1 and answer["baseline"]["rung"] == 1
+    assert answer["baseline"]["accuracy"] == pytest.approx(rung1["accuracy"])
+    assert rec["confirmed"] and rec["drop"] == pytest.approx(confirmed[rec["trial"]]["drop_pp"])
     assert [r["rung"] for r in rec["rungs"]] == [0, 1]
     assert rec["rungs"][0]["drop"] == pytest.approx(trial.user_attrs["evaluation"]["drop_pp"])
     assert rec["drop"] <= 50
-    cheaper = [n for n, e in confirmed.items() if e.costs["params"] < rec["params"]]
-    assert all(confirmed[n].drop_pp > 50 for n in cheaper)
-    assert answer["power"]["min_resolvable_drop_pp"] > 0
+    cheaper = [n for n, e in confirmed.items() if e["costs"]["params"] < rec["params"]]
+    assert all(confirmed[n]["drop_pp"] > 50 for n in cheaper)
+    assert all(p["holds"] for p in answer["pareto"]) and rec["trial"] in [p["trial"] for p in answer["pareto"]]
+    assert answer["power"]["min_resolvable_drop_pp"] > 0 and answer["power"]["rung"] == 1
 
     # 4) Files for follow-through, and `recommend show` renders from storage alone.
     recipe_file = root / "studies" / "e2e" / "recipe.json"
     assert json.loads(recipe_file.read_text())["recipe"] == rec["recipe"]
     assert main(["show", "e2e", "--studies-dir", common["studies_dir"]]) == 0
     shown = capsys.readouterr().out
-    assert "Recommended recipe" in shown and f"trial {rec['trial']}" in shown
+    assert "Recommended: trial" in shown and f"trial {rec['trial']}" in shown
 
     # 5) Running the finished study again does no new work.
     assert main(argv) == 0
@@ -130,7 +130,14 @@ def test_python_api_objects(setup):
     df = rec.pareto
     assert {"trial", "accuracy_pct", "params"} <= set(df.columns)
     assert len(df) == len(rec.front) >= 1
-    assert "Recommended recipe" in rec.explain()
-    model = rec.build_model()
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert "Recommended: trial" in rec.explain()
+    arch = rec.build_architecture()
+    assert arch(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # the model as recommended: compressed, its weights from the cache, measured again alike
+    from recommender.measure import count_nonzero_params, count_params
+
+    model, again = rec.load_model(return_evaluation=True)
+    assert count_params(model) == rec.evaluation.costs["params"]
+    assert count_nonzero_params(model) == rec.evaluation.costs["nonzero_params"]
+    assert rec.evaluation.acc_low <= again.accuracy <= rec.evaluation.acc_high
     assert rec.study.study_name == "e2e"

@@ -440,3 +440,19 @@ def test_blockwise_distillation_pulls_stages_towards_the_teacher(digits, trained
     train_model(a, digits, on.replace(epochs=1), teacher_features=feats, stages=("layer1",))
     train_model(b, digits, on.replace(epochs=1, feature_distill_alpha=0.0))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_training_far_slower_than_its_estimate_is_said(digits, monkeypatch):
+    """The baseline's pace is estimated from timed steps before it trains; a training that takes
+    SLOW_FACTOR times that says so in the log (another process on the CPUs)."""
+    import recommender.evaluation as evaluation
+    from recommender.evaluation import Evaluator, pace_note
+    from recommender.models import register_module
+
+    assert pace_note("x", 10.0, 5.0) is None and "2.0x" not in (pace_note("x", 10.0, 5.0) or "")
+    assert "4.0x its estimate" in pace_note("baseline", 40.0, 10.0)
+    monkeypatch.setattr(evaluation, "step_seconds", lambda *a, **k: 1e-6)  # an estimate no training can meet
+    lines: list[str] = []
+    ev = Evaluator(register_module(TinyCNN()), digits, SMOKE, latency=False, log=lines.append)
+    ev.evaluate_baseline()
+    assert any("its estimate from timed steps" in ln for ln in lines), lines

@@ -13,6 +13,8 @@ refuse; store the float state dict plus the recipe and re-apply the quantization
 from __future__ import annotations
 
 import hashlib
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,13 @@ def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
+    if not zipfile.is_zipfile(p):  # a plain pickle or another format: torch.load would not say so
+        raise CheckpointError(f"checkpoint {p} is not a PyTorch weights file (torch.save's zip format); "
+                              "save the state dict with torch.save")
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns (with its own path) about legacy files first
+            warnings.simplefilter("ignore")
+            data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors, zip errors, EOF, weights_only refusals
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {p} is corrupt or not a weights file: {first[:160]}") from None
@@ -55,7 +62,31 @@ def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"checkpoint {p} does not contain a state dict")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {p} does not contain a state dict of tensors")
+    for k, v in sd.items():
+        why = _unusable(v)
+        if why:
+            raise CheckpointError(f"checkpoint {p}: tensor {k} is {why}; weights must be dense CPU tensors of "
+                                  "float32, float16, bfloat16 or float64 (integers for counters)")
     return sd, meta
+
+
+#: Tensor dtypes a weights file may hold: floats a model computes with, integers and booleans for
+#: counters and masks (float8 and complex tensors are not weights of these networks).
+_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool}
+
+
+def _unusable(t: torch.Tensor) -> str:
+    """Why ``t`` cannot be a weight ('' when it can): no data (meta), sparse, another dtype."""
+    if t.is_meta or t.device.type != "cpu":
+        return f"on the {t.device.type} device (it holds no values)" if t.is_meta else f"on {t.device}"
+    if t.layout != torch.strided:
+        return f"sparse ({t.layout})"
+    if t.is_quantized:
+        return "quantized"
+    if t.dtype not in _DTYPES:
+        return f"of dtype {t.dtype}"
+    return ""
 
 
 def load_into(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, Any]:

@@ -10,7 +10,10 @@ itself (in the module that implements it) with
 - ``apply(model, cfg, ctx) -> (model, report)``,
 - optionally ``estimate(model, cfg, costs, ctx) -> (model, costs)``: the best case it can reach
   from the *structure* alone (an untrained build), in milliseconds to seconds, so a candidate
-  whose structure breaks a budget that its methods cannot bring down is never trained.
+  whose structure breaks a budget that its methods cannot bring down is never trained,
+- optionally ``bound(model, cfg, costs, ctx) -> (model, costs)``: a lower bound of that best
+  case that needs no weights (the model may live on the meta device) and takes milliseconds;
+  the estimate itself when it needs none. A method without one is judged by its estimate only.
 
 Adding a method (low-rank factorisation, quantization-aware training) means one module that
 registers it (imported in :func:`_ensure_builtin`) and its keys in a search-space YAML.
@@ -122,14 +125,17 @@ class CompressionMethod:
     apply: Apply
     estimate: Estimate | None = None
     description: str = ""
+    bound: Estimate | None = None
 
 
 _METHODS: dict[str, dict[str, CompressionMethod]] = {s: {} for s in STAGES}
 
 
 def register_method(name: str, stage: str, config: type[MethodConfig], *, lowers: set[str] | frozenset[str],
-                    apply: Apply, estimate: Estimate | None = None, description: str = "") -> CompressionMethod:
-    """Register a method (idempotent for the same name and config class)."""
+                    apply: Apply, estimate: Estimate | None = None, description: str = "",
+                    bound: Estimate | None = None) -> CompressionMethod:
+    """Register a method (idempotent for the same name and config class); see the module
+    docstring for ``estimate`` and ``bound``."""
     from ..constraints import METRICS
 
     if stage not in STAGES:
@@ -138,7 +144,7 @@ def register_method(name: str, stage: str, config: type[MethodConfig], *, lowers
     if bad:
         raise RecommenderError(f"method {name!r} declares unknown metrics {sorted(bad)}; valid: {', '.join(METRICS)}")
     config.method, config.stage = name, stage
-    m = CompressionMethod(name, stage, config, frozenset(lowers), apply, estimate, description)
+    m = CompressionMethod(name, stage, config, frozenset(lowers), apply, estimate, description, bound)
     _METHODS[stage][name] = m
     return m
 
@@ -219,6 +225,12 @@ def check_fraction(name: str, value: Any, lo: float = 0.0, hi: float = 1.0, *, l
 
 
 def check_int(name: str, value: Any, lo: int = 0) -> int:
+    """``value`` as an integer >= ``lo`` and within the limit called ``name`` where
+    :mod:`recommender.limits` has one, else a one-line RecommenderError (configs use it)."""
+    from .. import limits
+
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise RecommenderError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if name in limits.LIMITS:
+        limits.check(name, value, name)
     return value

@@ -711,11 +711,33 @@ def _estimate_dynamic(model: nn.Module, cfg: MethodConfig, costs: StructureCosts
                                  max(0.0, costs.size_mb - 0.75 * _linear_weight_mb(model)), costs.notes)
 
 
-register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_scaled_size(1.0),
+def _bn_params(model: nn.Module) -> int:
+    return sum(p.numel() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for p in (m.weight, m.bias) if p is not None)
+
+
+def _estimate_static(model: nn.Module, cfg: MethodConfig, costs: StructureCosts, ctx: CompressContext
+                     ) -> tuple[nn.Module, StructureCosts]:
+    # a lower bound: every float32 tensor shrinks to a quarter at best, and conv-BN fusion removes
+    # the BN parameters (a fused conv gains a bias, so fewer than these disappear). After a
+    # pruning bound that scaled every parameter of the unpruned ``model`` alike, its BN share is
+    # scaled alike: BN, linear in the channels, shrinks less than that quadratic bound assumes,
+    # and the slack the bound left covers the difference. Shapes only (meta builds).
+    total = sum(p.numel() for p in model.parameters())
+    bn = _bn_params(model) * (min(1.0, costs.params / total) if total else 1.0)
+    return model, StructureCosts(max(0, int(costs.params - bn)), max(0, int(costs.nonzero_params - bn)),
+                                 costs.mflops, costs.size_mb * 0.25, costs.notes)
+
+
+# every estimate here reads shapes only: each is its own quick bound (on a meta-device build)
+_fp32, _fp16 = _scaled_size(1.0), _scaled_size(0.5)
+register_method("fp32", "quant", Fp32Config, lowers=set(), apply=_apply, estimate=_fp32, bound=_fp32,
                 description="no quantization")
-register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_scaled_size(0.5),
+register_method("fp16", "quant", Fp16Config, lowers={"size"}, apply=_apply, estimate=_fp16, bound=_fp16,
                 description="half-precision weights and activations")
 register_method("int8-dynamic", "quant", Int8DynamicConfig, lowers={"size", "latency"}, apply=_apply,
-                estimate=_estimate_dynamic, description="int8 nn.Linear weights, dynamic activations")
-register_method("int8-static", "quant", Int8StaticConfig, lowers={"size", "latency"}, apply=_apply,
-                estimate=_scaled_size(0.25), description="post-training static int8 (FX graph mode)")
+                estimate=_estimate_dynamic, bound=_estimate_dynamic,
+                description="int8 nn.Linear weights, dynamic activations")
+register_method("int8-static", "quant", Int8StaticConfig, lowers={"size", "latency", "params", "nonzero-params"},
+                apply=_apply, estimate=_estimate_static, bound=_estimate_static,
+                description="post-training static int8 (FX graph mode; conv-BN fusion removes BN parameters)")

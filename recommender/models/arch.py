@@ -136,11 +136,23 @@ class ArchConfig:
         for name in ("se", "drop_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ArchError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._check_bounds()
         for name, lo, hi in (("se_ratio", 0.0, 1.0), ("width_multiplier", 0.0, 4.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi:
                 raise ArchError(f"{name} must be a number in ({lo:g}, {hi:g}], got {value!r}")
             object.__setattr__(self, name, float(value))
+
+    def _check_bounds(self) -> None:
+        """Widths and groups within their limits (:mod:`recommender.limits`): a recipe asking for
+        1e11 channels fails here, not allocating."""
+        from .. import limits
+
+        for name in ("stem_width", "pre_gap", "last_width", *_TUPLES):
+            value = getattr(self, name)
+            for v in value if isinstance(value, tuple) else () if value is None else (value,):
+                limits.check("width", v, name, error=ArchError)
+        limits.check("groups", self.groups, "groups", error=ArchError)
 
     # -- serialisation -----------------------------------------------------------------------
 

@@ -201,6 +201,8 @@ def _import_factory(spec: str) -> Callable[..., Any]:
         sys.path.insert(0, cwd)
     try:
         mod = importlib.import_module(mod_name)
+    except SystemExit as exc:  # a module that exits at import: not the command's exit
+        raise RecommenderError(f"cannot import {mod_name!r} for --model {spec}: it called exit({exc.code!r})") from None
     except Exception as exc:  # ImportError, or the user's module failing at import
         raise RecommenderError(f"cannot import {mod_name!r} for --model {spec}: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -249,6 +251,9 @@ def resolve_model(model: str | nn.Module, num_classes: int | None = None, seed: 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = fn(num_classes=num_classes) if num_classes and "num_classes" in params else fn()
+    except SystemExit as exc:  # the factory exited (builtins:exit): not the command's exit
+        raise RecommenderError(f"--model {model}: the factory called exit({exc.code!r}) instead of returning "
+                               "an nn.Module") from None
     except Exception as exc:
         raise RecommenderError(f"--model {model}: the factory failed: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock
@@ -50,9 +52,44 @@ def study_lock(storage_url: str | None, study_name: str, what: str = "baseline")
         safe = hashlib.sha256(f"{study_name}/{what}".encode()).hexdigest()[:16]
         lock_path = db.with_name(f".{db.name}.{safe}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        # The lock file stays in place: deleting it while another process waits on it would let
-        # two processes hold "the" lock at once.
+        if os.name == "posix":
+            with _removed_when_released(lock_path):
+                yield
+            return
+        # elsewhere the lock file stays: deleting it while another process waits on it would let
+        # two processes hold "the" lock at once
         with FileLock(str(lock_path)):
             yield
         return
     yield
+
+
+@contextlib.contextmanager
+def _removed_when_released(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``, whose file is removed by its holder before it lets
+    go, so lock files do not pile up beside the database. A waiter that then gets the lock on the
+    removed file sees that the path no longer names it and takes the lock again on the new file:
+    two processes never hold it at once."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            break
+        os.close(fd)  # its last holder removed it: lock the file the path names now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # closing releases the lock

@@ -26,6 +26,7 @@ Measured in ``benchmarks/search_efficiency.py`` (docs/measurements.md): see ther
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ import optuna
 from ..constraints import Budget, MaxDrop
 from ..errors import ArchError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
+from ..feasibility import Feasibility
 from ..models.arch import ArchConfig
 from ..recipe import Recipe
 from .sampling import FeasibleSampler
@@ -56,6 +58,9 @@ INVALID_EXCESS = 1.0
 HARD_LIMIT_FACTOR = 1.5
 
 _ATTACH_LOCK = threading.Lock()
+#: User attribute of a trial whose every draft was rejected before training (what the closest
+#: drafts were); a few such trials in a row stop the search (Search.optimize).
+NO_FIT_ATTR = "no_draft_fits"
 
 
 class TrialFailed(Exception):
@@ -147,6 +152,7 @@ class Objective:
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("describe", recipe.describe())
         sampler = trial.study.sampler
+        rejected: list[str] = []
         if isinstance(sampler, FeasibleSampler):
             rejected = sampler.pop_rejections(trial.number)
             if rejected:
@@ -167,9 +173,25 @@ class Objective:
         if verdict.kind == "invalid":  # a combination the builder rejects: recorded, the study goes on
             trial.set_user_attr("fail_reason", verdict.reason)
             raise TrialFailed(verdict.reason)
-        # Under resample: every draft was rejected, or the parameters were enqueued (a preset).
+        enqueued = "fixed_params" in trial.study._storage.get_trial_system_attrs(trial._trial_id)
+        if rejected and not enqueued:
+            # Every draft was rejected: a trial the user sees, counted towards --trials, and a
+            # sign that the budget may be out of reach (Search stops after a few in a row).
+            why = f"none of {len(rejected)} drafts fits ({verdict.reason})"
+            trial.set_user_attr(NO_FIT_ATTR, {"drafts": len(rejected), "closest": self.closest_drafts()})
+            trial.set_user_attr("fail_reason", why)
+            raise TrialFailed(why)
+        # Under resample: the parameters were enqueued (a preset) and are not worth training.
         trial.set_user_attr("pruned_reason", verdict.reason)
         raise optuna.TrialPruned(verdict.reason)
+
+    def closest_drafts(self, n: int = 3) -> list[dict]:
+        """The ``n`` drafts seen so far whose structure missed the budgets least (the sum of
+        their relative excesses): recipe, best-case costs, excess per budget."""
+        seen = [(key, v) for key, v in self._verdicts.items() if v is not None and v.kind == "structure" and v.check]
+        seen.sort(key=lambda kv: sum(max(0.0, x) for x in kv[1].check.excess.values()))
+        return [{"recipe": json.loads(key), "describe": Recipe.from_json(key).describe(),
+                 "costs": v.check.costs.as_costs(), "excess": dict(v.check.violations)} for key, v in seen[:n]]
 
     def out_of_time(self, trial: optuna.Trial) -> None:
         """The run's time budget ended this trial's evaluation: interrupted and queued again
@@ -179,13 +201,19 @@ class Objective:
         raise TrialFailed(why)
 
     def record(self, trial: optuna.Trial, ev: Evaluation) -> tuple[float, float]:
+        if ev.ok:  # constraints before the evaluation: a stored evaluation is a finished trial
+            self._set_constraints(trial, self.feasibility.constraint_values(ev.drop_pp, ev.costs,
+                                                                           self.baseline.accuracy))
         trial.set_user_attr("evaluation", ev.to_dict())
         if not ev.ok:
             trial.set_user_attr("fail_reason", ev.reason)
             raise TrialFailed(ev.reason)
-        cons = ev.constraint_values(self.max_drop, self.budgets, self.baseline.accuracy)
-        self._set_constraints(trial, cons)
         return self.values(ev)
+
+    @cached_property
+    def feasibility(self) -> Feasibility:
+        """The question's one feasibility predicate (its constraint values go to Optuna)."""
+        return Feasibility(self.max_drop, tuple(self.budgets))
 
     def values(self, ev: Evaluation) -> tuple[float, float]:
         """The objective values of a successful evaluation: (accuracy, primary cost)."""

@@ -230,7 +230,9 @@ def _finish_from_result(study: optuna.Study, t: FrozenTrial, values: ValuesFn | 
     storage, tid, ua = study._storage, t._trial_id, t.user_attrs
     ev = ua.get("evaluation")
     try:
-        if ev is not None and ev.get("ok") and "constraints" in ua and values is not None:
+        # an objective stores its constraints before its evaluation: a stored successful
+        # evaluation is a finished one (a promotion rung's trial has no constraints at all)
+        if ev is not None and ev.get("ok") and values is not None:
             return storage.set_trial_state_values(tid, TrialState.COMPLETE, list(values(ev)))
         if ev is not None:  # evaluated, failed: its own reason stands
             if "fail_reason" not in ua:

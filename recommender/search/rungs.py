@@ -1,10 +1,11 @@
-"""Multi-fidelity promotion: the rung ladder, who is promoted, and where rung results live.
+"""Multi-fidelity promotion: the rung ladder and where rung results live.
 
 Every candidate of a study is scored on the cheapest rung (the search fidelity). The best
-fraction, by Pareto rank under the constraints, is promoted to the next rung and trained again
-there, against a baseline trained under that rung's protocol (paired drop, apples to apples);
-the best fraction of those goes up again (successive halving over fidelities). The
-recommendation is chosen at the highest rung reached.
+fraction is promoted to the next rung and trained again there, against a baseline trained under
+that rung's protocol (paired drop, apples to apples); the best fraction of those goes up again
+(successive halving over fidelities). Who goes up, and what the answer is, the ledger decides
+(:meth:`recommender.ledger.Ledger.promotion`, :meth:`~recommender.ledger.Ledger.answer`) from
+what :func:`read_rungs` reads back.
 
 Storage: rung k >= 1 of study ``S`` is the Optuna study ``S.rung<k>`` in the same storage. Its
 user attrs hold the rung's protocol, its baseline and the promoted source trials (decided once,
@@ -21,15 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from ..constraints import Budget, MaxDrop
 from ..errors import RecommenderError
-from ..evaluation import Evaluation
+from ..limits import check as limits_check, limit
+from ..evaluation import Baseline
+from ..ledger import RungInfo
 from ..protocol import ProxyProtocol, get_protocol
 
-__all__ = ["PromotionPolicy", "Rung", "ladder", "rung_study_name", "select_for_promotion", "pareto_ranks",
-           "rung_results", "RungResult"]
+__all__ = ["PromotionPolicy", "Rung", "LadderSpec", "parse_ladder", "ladder", "rung_study_name", "read_rungs",
+           "MAX_RUNGS"]
 
 
 @dataclass(frozen=True)
@@ -93,50 +95,145 @@ def derived(p: ProxyProtocol, native: int, k: int, policy: PromotionPolicy) -> P
                      augment=True, train_size=0 if not p.train_size else 2 * p.train_size, val_size=0)
 
 
-def ladder(search: ProxyProtocol, native: int, rungs: str | int | list[str] | None = "auto",
+#: The rungs ``--rungs auto`` may give each fidelity (the search rung included). ``smoke`` is a
+#: dry run (a derived rung cost it 20x its search) and ``paper`` is the reference protocol itself;
+#: ``proxy`` and ``confirm`` get one derived rung when it sees more of the data (see
+#: :func:`sees_more`).
+AUTO_RUNGS = {"smoke": 1, "proxy": 2, "confirm": 2, "paper": 1}
+
+#: The most rungs a ladder may have, the search rung included (:mod:`recommender.limits`).
+MAX_RUNGS = limit("rungs").high
+
+
+@dataclass(frozen=True)
+class LadderSpec:
+    """The ladder the user asked for, parsed once (:func:`parse_ladder`).
+
+    derived: rungs in all when they are derived from the search rung.
+    names: fidelity names of the rungs above the search rung, when named.
+    confirm: the older single re-check: a fidelity name (a second seed of the search's own
+        fidelity when it is the search's), or ``none`` for no re-check.
+    auto: ``--rungs auto``: up to :data:`AUTO_RUNGS` of the search fidelity, a derived rung only
+        where it sees more of the data than the rung below.
+    """
+
+    derived: int = 2
+    names: tuple[str, ...] = ()
+    confirm: str | None = None
+    auto: bool = False
+
+
+def parse_ladder(rungs: str | int | LadderSpec | None = "auto", confirm_fidelity: str | None = None,
+                 search_fidelity: str | None = None) -> LadderSpec:
+    """``--rungs`` (``auto``, a count, or comma-separated fidelity names) and
+    ``--confirm-fidelity`` (overrides it; ``search`` = the search's own fidelity) as a
+    :class:`LadderSpec`; unknown fidelities and counts out of [1, :data:`MAX_RUNGS`] are a
+    one-line error (the bound is :mod:`recommender.limits`' ``rungs``)."""
+    if isinstance(rungs, LadderSpec):
+        return rungs
+    spec = _parse_rungs("auto" if rungs is None else str(rungs).strip(), search_fidelity)  # checked even when
+    if confirm_fidelity is None:                                                          # overridden below
+        return spec
+    name = search_fidelity if confirm_fidelity == "search" else confirm_fidelity
+    if name in ("none", ""):
+        return LadderSpec(derived=1, confirm="none")
+    get_protocol(name)
+    return LadderSpec(confirm=name)
+
+
+def _parse_rungs(text: str, search_fidelity: str | None) -> LadderSpec:
+    if text in ("auto", ""):
+        return LadderSpec(derived=AUTO_RUNGS.get(search_fidelity or "", 2), auto=True)
+    if text.lstrip("-").isdigit():
+        n = int(text)
+        limits_check("rungs", n)
+        return LadderSpec(derived=n)
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if names and search_fidelity is not None and names[0] == search_fidelity:
+        names = names[1:]
+    for name in names:
+        get_protocol(name)  # an unknown fidelity is a one-line error
+    limits_check("rungs", len(names) + 1, "--rungs (the search and the fidelities named)")
+    return LadderSpec(derived=0, names=tuple(names))
+
+
+def sees_more(lo: ProxyProtocol, hi: ProxyProtocol, native: int, n_train: int | None = None,
+              n_val: int | None = None) -> bool:
+    """Whether protocol ``hi`` sees more of the data than ``lo``: a larger input, or more
+    training or validation images (``n_train``/``n_val``: what the data has; None: unknown,
+    counted as more). Measured on digits, where ``proxy`` already uses every image at the native
+    8 px: 3x the epochs with augmentation alone was not more faithful to long reference trainings
+    (docs/measurements.md), so such a rung is not added by ``auto``."""
+    if hi.input_resolution(native) > lo.input_resolution(native):
+        return True
+
+    def used(size: int, total: int | None) -> float:
+        if total is None:
+            return math.inf if not size else float(size)
+        return float(min(size, total) if size else total)
+
+    return used(hi.train_size, n_train) > used(lo.train_size, n_train) or used(hi.val_size, n_val) > used(
+        lo.val_size, n_val)
+
+
+def ladder(search: ProxyProtocol, native: int, rungs: str | int | LadderSpec | None = "auto",
            confirm_fidelity: str | None = None, policy: PromotionPolicy | None = None,
-           pin_resolution: int = 0) -> list[Rung]:
+           pin_resolution: int = 0, n_train: int | None = None, n_val: int | None = None) -> list[Rung]:
     """The rungs of a study, lowest first.
 
-    ``rungs``: ``auto`` (the search rung and one derived rung), an integer count of derived rungs
-    in all, or a list of fidelity names (``proxy,confirm``). ``confirm_fidelity`` (the older
-    single re-check) overrides it: ``none`` = one rung; the search fidelity's own name = the same
-    protocol with the next seed (a second-seed re-check); another fidelity = that protocol.
-    ``pin_resolution`` (px, 0 = off): every rung runs at that input size (a given trained
-    baseline is evaluated, and its weights inherited, at the size it was trained at).
+    ``rungs``: a :class:`LadderSpec`, or what :func:`parse_ladder` reads: ``auto`` (the search
+    rung and one derived rung), an integer count of derived rungs in all, or a list of fidelity
+    names (``proxy,confirm``). ``confirm_fidelity`` (the older single re-check) overrides it:
+    ``none`` = one rung; the search fidelity's own name = the same protocol with the next seed
+    (a second-seed re-check); another fidelity = that protocol. ``pin_resolution`` (px, 0 =
+    off): every rung runs at that input size (a given trained baseline is evaluated, and its
+    weights inherited, at the size it was trained at). ``n_train``/``n_val``: the data's image
+    counts, for ``auto`` (:func:`sees_more`).
     """
-    out = _ladder(search, native, rungs, confirm_fidelity, policy or PromotionPolicy())
+    spec = parse_ladder(rungs, confirm_fidelity, search.fidelity)
+    out = _ladder(search, native, spec, policy or PromotionPolicy())
     if pin_resolution:
         out = [Rung(r.index, q, _label(q, native))
                for r in out for q in [r.protocol.replace(resolution=pin_resolution)]]
+    if spec.auto:
+        keep = [out[0]]
+        for r in out[1:]:
+            if not sees_more(keep[-1].protocol, r.protocol, native, n_train, n_val):
+                break
+            keep.append(r)
+        out = keep
     return out
 
 
-def _ladder(search: ProxyProtocol, native: int, rungs: str | int | list[str] | None,
-            confirm_fidelity: str | None, policy: PromotionPolicy) -> list[Rung]:
+def auto_note(search: ProxyProtocol, rungs: list[Rung], spec: LadderSpec) -> str:
+    """Why ``--rungs auto`` added no promotion rung (empty when it added one or was not auto)."""
+    if not spec.auto or len(rungs) > 1:
+        return ""
+    if spec.derived <= 1:
+        return (f"no promotion rung: --rungs auto does not promote at the {search.fidelity} fidelity "
+                f"({'a dry run' if search.fidelity == 'smoke' else 'the reference protocol'}); "
+                "--rungs 2 adds one")
+    return (f"no promotion rung: {search.fidelity} already trains on all of this data at its full size, and "
+            "more epochs alone were measured not to be more faithful (docs/measurements.md); --rungs 2 adds one")
+
+
+def _ladder(search: ProxyProtocol, native: int, spec: LadderSpec, policy: PromotionPolicy) -> list[Rung]:
     out = [Rung(0, search, _label(search, native))]
-    if confirm_fidelity is not None:
-        if confirm_fidelity in ("none", ""):
+    if spec.confirm is not None:
+        if spec.confirm == "none":
             return out
-        if confirm_fidelity == search.fidelity:
+        if spec.confirm == search.fidelity:
             p = search.replace(seed=search.seed + 1)
         else:
-            p = get_protocol(confirm_fidelity, seed=search.seed + 1, threads=search.threads,
-                             device=search.device)
+            p = get_protocol(spec.confirm, seed=search.seed + 1, threads=search.threads, device=search.device)
         return out + [Rung(1, p, _label(p, native))]
-    if isinstance(rungs, str) and rungs not in ("auto", "") and not rungs.isdigit():
-        names = [r.strip() for r in rungs.split(",") if r.strip()]
-        if names and names[0] == search.fidelity:
-            names = names[1:]
-        for name in names:
+    if spec.names:
+        for name in spec.names:
             p = get_protocol(name, seed=search.seed, threads=search.threads, device=search.device)
             out.append(Rung(len(out), p, _label(p, native)))
         return out
-    count = 2 if rungs in (None, "auto", "") else int(rungs)
-    if count < 1:
-        raise RecommenderError(f"--rungs must be at least 1, got {count}")
     p = search
-    for k in range(1, count):
+    for k in range(1, spec.derived):
         p = derived(p, native, k, policy)
         out.append(Rung(k, p, _label(p, native)))
     return out
@@ -146,73 +243,7 @@ def rung_study_name(study_name: str, k: int) -> str:
     return study_name if k == 0 else f"{study_name}.rung{k}"
 
 
-# -- promotion ---------------------------------------------------------------------------------
-
-@dataclass
-class Candidate:
-    """A candidate at a rung: its source trial, recipe and evaluation there."""
-
-    trial: int
-    recipe: dict[str, Any]
-    evaluation: Evaluation
-    params: dict[str, Any]
-
-
-def pareto_ranks(points: list[tuple[float, float]]) -> list[int]:
-    """Non-dominated sorting of (accuracy up, cost down): rank 0 is the Pareto front."""
-    n = len(points)
-    ranks = [-1] * n
-    remaining = set(range(n))
-    r = 0
-    while remaining:
-        front = [i for i in remaining if not any(
-            points[j][0] >= points[i][0] and points[j][1] <= points[i][1]
-            and (points[j][0] > points[i][0] or points[j][1] < points[i][1]) for j in remaining)]
-        for i in front:
-            ranks[i] = r
-        remaining -= set(front)
-        r += 1
-    return ranks
-
-
-def eligible(c: Candidate, max_drop: MaxDrop, budgets: list[Budget], baseline_acc: float) -> bool:
-    """Worth training again: it ran, every budget holds (costs do not change with the fidelity),
-    and its drop's interval reaches into the tolerance."""
-    e = c.evaluation
-    if not e.ok or e.accuracy is None:
-        return False
-    if any(b.violation(e.costs) > 0 for b in budgets):
-        return False
-    low = e.drop_low_pp if e.drop_low_pp is not None else e.drop_pp
-    return low is None or low <= max_drop.allowed_pp(baseline_acc)
-
-
-def select_for_promotion(cands: list[Candidate], max_drop: MaxDrop, budgets: list[Budget],
-                         baseline_acc: float, policy: PromotionPolicy, limit: int | None = None
-                         ) -> list[Candidate]:
-    """The best ``policy.fraction`` of the eligible candidates by Pareto rank on (accuracy,
-    primary cost), cheaper first within a rank; at most ``limit`` (what the time budget allows)."""
-    pool = [c for c in cands if eligible(c, max_drop, budgets, baseline_acc)]
-    primary = budgets[0]
-    pts = [(c.evaluation.accuracy or 0.0, primary.value(c.evaluation.costs)) for c in pool]
-    ranks = pareto_ranks(pts)
-    order = sorted(range(len(pool)), key=lambda i: (ranks[i], pts[i][1], -pts[i][0], pool[i].trial))
-    k = policy.count(len(pool))
-    if limit is not None:
-        k = min(k, max(0, limit))
-    return [pool[i] for i in order[:k]]
-
-
-# -- reading results back ----------------------------------------------------------------------
-
-@dataclass
-class RungResult:
-    """One candidate's evaluation at one rung (index >= 1), read back from a rung study."""
-
-    rung: int
-    label: str
-    evaluation: Evaluation
-
+# -- reading rungs back --------------------------------------------------------------------------
 
 def load_rung_study(storage: Any, study_name: str, k: int) -> optuna.Study | None:
     """Rung ``k``'s study, or None when promotions never reached it."""
@@ -222,35 +253,73 @@ def load_rung_study(storage: Any, study_name: str, k: int) -> optuna.Study | Non
         return None
 
 
-def rung_results(storage: Any, study_name: str, max_rungs: int = 16
-                 ) -> tuple[list[dict[str, Any]], dict[int, list[RungResult]]]:
-    """Every rung's attributes (index >= 1: label, protocol, baseline) and, per source trial,
-    its evaluations at rungs >= 1 (lowest first)."""
-    infos: list[dict[str, Any]] = []
-    per_trial: dict[int, list[RungResult]] = {}
+def _baseline(attr: Any) -> Baseline | None:
+    if attr is None:
+        return None
+    if not isinstance(attr, dict):  # written by hand or by another tool: not an answer to trust
+        raise ValueError(f"a baseline stored as {type(attr).__name__}")
+    return Baseline.from_dict(attr)
+
+
+def _evaluation(attr: Any) -> dict[str, Any] | None:
+    if attr is not None and not isinstance(attr, dict):
+        raise ValueError(f"an evaluation stored as {type(attr).__name__}")
+    return attr
+
+
+def _rung0_label(attrs: dict[str, Any]) -> str:
+    for r in attrs.get("rungs") or []:
+        if isinstance(r, dict) and r.get("index") == 0 and r.get("label"):
+            return str(r["label"])
+    spec = attrs.get("spec") or {}
+    return str(spec.get("fidelity", "search"))
+
+
+Evidence = dict[int, tuple[dict[str, Any], "str | None", dict[int, dict[str, Any]]]]
+
+
+def read_rungs(study: optuna.Study, max_rungs: int = MAX_RUNGS + 1) -> tuple[list[RungInfo], Evidence]:
+    """Every rung of ``study`` (label, baseline, promotion decision) and every candidate's
+    stored evaluations: ``{source trial: (recipe, preset, {rung: evaluation dict})}``.
+
+    Rung 0: the study's completed trials that were evaluated (untrained ``constraint``-policy
+    trials are not candidates). Rung k: the promoted candidates' trials in ``S.rung<k>`` that
+    stored an evaluation (a trial whose worker died after its evaluation finished is evidence
+    too); a candidate evaluated twice there (an interrupted run queued it again) keeps its last
+    successful evaluation. Attributes of another shape than the search writes (a study changed
+    by hand) are a ValueError.
+    """
+    from .recovery import SKIPPED_ATTR
+
+    attrs = study.user_attrs
+    rungs = [RungInfo(0, _rung0_label(attrs), _baseline(attrs.get("baseline")))]
+    evidence: Evidence = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        ua = t.user_attrs
+        ev = _evaluation(ua.get("evaluation"))
+        if ev is None or "recipe" not in ua or ua.get(SKIPPED_ATTR) or t.values is None:
+            continue
+        evidence[t.number] = (ua["recipe"], ua.get("preset"), {0: ev})
     for k in range(1, max_rungs):
-        st = load_rung_study(storage, study_name, k)
+        st = load_rung_study(study._storage, study.study_name, k)
         if st is None:
             break
-        attrs = st.user_attrs
-        infos.append({"index": k, **{a: attrs.get(a) for a in ("label", "protocol", "baseline", "promoted",
-                                                               "skipped")}})
-        for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            d = t.user_attrs.get("evaluation")
-            src = t.user_attrs.get("source_trial")
-            if d is None or src is None:
+        ra = st.user_attrs
+        promoted = ra.get("promoted")
+        rungs.append(RungInfo(k, str(ra.get("label") or f"rung {k}"), _baseline(ra.get("baseline")),
+                              tuple(int(n) for n in promoted) if isinstance(promoted, list) else None,
+                              ra.get("skipped") or None, ra.get("protocol")))
+        best: dict[int, dict[str, Any]] = {}
+        for t in sorted(st.get_trials(deepcopy=False), key=lambda t: t.number):
+            d, src = _evaluation(t.user_attrs.get("evaluation")), t.user_attrs.get("source_trial")
+            if not isinstance(d, dict) or src is None or t.state not in (TrialState.COMPLETE, TrialState.FAIL):
                 continue
-            per_trial.setdefault(int(src), []).append(RungResult(k, attrs.get("label", f"rung {k}"),
-                                                                 Evaluation.from_dict(d)))
-    return infos, per_trial
-
-
-def candidates_from(trials: list[FrozenTrial]) -> list[Candidate]:
-    """Rung-0 candidates from the main study's completed trials."""
-    out = []
-    for t in trials:
-        d = t.user_attrs.get("evaluation")
-        if d is None or t.state != TrialState.COMPLETE or "recipe" not in t.user_attrs:
-            continue
-        out.append(Candidate(t.number, t.user_attrs["recipe"], Evaluation.from_dict(d), dict(t.params)))
-    return out
+            src = int(src)
+            if src not in evidence:
+                continue
+            prev = best.get(src)
+            if prev is None or d.get("ok", True) or not prev.get("ok", True):
+                best[src] = d  # the last successful evaluation, else the last failed one
+        for src, d in best.items():
+            evidence[src][2][k] = d
+    return rungs, evidence

@@ -17,6 +17,8 @@ only. Why a draft was rejected is kept per trial (:meth:`FeasibleSampler.pop_rej
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import threading
 from dataclasses import dataclass
@@ -133,6 +135,13 @@ Propose = Callable[[Draft], Any]
 Check = Callable[[Any], "str | None"]
 
 
+def _fallback_seed(seed: int | None) -> int | None:
+    """The random fallback's seed, derived from ``seed`` (None: unseeded)."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"fallback/{seed}".encode()).digest()[:4], "big")
+
+
 class FeasibleSampler(BaseSampler):
     """Proposes only drafts that ``check`` accepts (see the module docstring).
 
@@ -162,7 +171,8 @@ class FeasibleSampler(BaseSampler):
         self.check = check
         self.max_draws = max_draws
         self.base_draws = min(base_draws, max_draws)
-        self._random = optuna.samplers.RandomSampler(seed=seed)
+        # a seed of its own: seeded like the base sampler, it would replay the base's drafts
+        self._random = optuna.samplers.RandomSampler(seed=_fallback_seed(seed))
         self._rejections: dict[int, list[str]] = {}
         self._lock = threading.Lock()
 

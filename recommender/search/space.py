@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from .. import limits
 from ..compress.methods import STAGES, stage_fields
 from ..errors import SearchSpaceError
 from ..models.arch import ArchConfig
@@ -182,11 +183,10 @@ class SearchSpace:
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
         """Read and validate a space file; any problem is a one-line :class:`SearchSpaceError`."""
+        from ..io import read_text
+
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise SearchSpaceError(f"cannot read search space {p}: {exc.strerror}") from None
+        text = read_text(p, "search space", "space_bytes", error=SearchSpaceError)
         return cls.parse(text, str(p))
 
     @classmethod
@@ -196,11 +196,21 @@ class SearchSpace:
 
     @classmethod
     def parse(cls, text: str, source: str) -> "SearchSpace":
+        """A space from YAML text; its size (aliases expanded) is bounded before it is built."""
+        loader = yaml.SafeLoader(text)
         try:
-            raw = yaml.safe_load(text)
+            node = loader.get_single_node()
+            if node is not None:
+                limits.check("space_nodes", _expanded_nodes(node), f"search space {source}: YAML nodes",
+                             error=SearchSpaceError)
+            raw = loader.construct_document(node) if node is not None else None
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "syntax error"
             raise SearchSpaceError(f"search space {source} is not valid YAML: {first}") from None
+        except RecursionError:
+            raise SearchSpaceError(f"search space {source} is nested too deeply") from None
+        finally:
+            loader.dispose()
         return cls.from_dict(raw, source=source)
 
     @classmethod
@@ -229,7 +239,10 @@ class SearchSpace:
         warm = raw.get("warm_start") or []
         if not isinstance(warm, list) or not all(isinstance(w, str) for w in warm):
             raise bad("warm_start must be a list of preset names")
-        return cls(str(raw.get("family", "")), tuple(dims), tuple(warm), source)
+        limits.check("space_dimensions", len(dims), f"search space {source}: dimensions", error=SearchSpaceError)
+        space = cls(str(raw.get("family", "")), tuple(dims), tuple(warm), source)
+        space.check_draws()
+        return space
 
     @classmethod
     def for_model(cls, model: str, path: str | Path | None = None) -> "SearchSpace":
@@ -254,6 +267,48 @@ class SearchSpace:
         if not dropped:
             return self
         return SearchSpace(self.family, tuple(keep), self.warm_start, self.source, self.fixed_defaults)
+
+    # -- validation --------------------------------------------------------------------------
+    #: Most combinations of the compression dimensions enumerated by :meth:`check_draws`.
+    MAX_CHECKED = 20_000
+
+    def check_draws(self) -> None:
+        """Every draw of this space builds a valid recipe, else a one-line
+        :class:`SearchSpaceError` naming a draw that does not (a ``prune.step`` without
+        ``when: {method: unstructured-l1}`` draws ``{method: none, step: 0.35}``). The
+        compression dimensions are enumerated together (their choices, a range's ends), each
+        architecture value is checked alone (whether a model can build a combination is known
+        when it is built)."""
+        def bad(msg: str) -> SearchSpaceError:
+            return SearchSpaceError(f"search space {self.source}: {msg}")
+
+        for d in self.dimensions:
+            if d.section != "arch":
+                continue
+            for v in _ends(d):
+                try:
+                    ArchConfig.from_dict({d.name: v})
+                except Exception as exc:
+                    raise bad(f"{d.key} = {v!r} is not a valid value: {exc}") from None
+        stage_dims = [d for d in self.dimensions if d.section != "arch"]
+        count = 0
+        for assigned in _assignments(stage_dims, {}):
+            count += 1
+            if count > self.MAX_CHECKED:
+                return
+            parts: dict[str, dict[str, Any]] = {s: {} for s in STAGES}
+            for key, value in assigned.items():
+                section, name = key.split(".", 1)
+                parts[section][name] = value
+            for stage, body in parts.items():
+                try:
+                    from ..compress.methods import make_config
+
+                    make_config(stage, body)
+                except Exception as exc:
+                    shown = ", ".join(f"{k}: {v}" for k, v in assigned.items() if k.startswith(stage + "."))
+                    raise bad(f"a draw builds an invalid {stage} stage ({{{shown}}}): {exc} "
+                              "(make the dimension depend on its method with when:)") from None
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, trial: Any) -> Recipe:
@@ -303,6 +358,63 @@ class SearchSpace:
         return {d.key: dist for d in self.dimensions if (dist := d.distribution()) is not None}
 
 
+def _ends(dim: Dimension) -> list[Any]:
+    """The values :meth:`SearchSpace.check_draws` tries: every choice, a range's two ends."""
+    if dim.fixed:
+        return [dim.value]
+    if dim.choices is not None:
+        return list(dim.choices)
+    if dim.is_int:
+        return [int(dim.low), int(dim.high)]
+    return [float(dim.low), float(dim.high)]
+
+
+def _assignments(dims: list[Dimension], assigned: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """Every active assignment of ``dims`` (in order) with the values of :func:`_ends`."""
+    for i, d in enumerate(dims):
+        if d.active(assigned):
+            for v in _ends(d):
+                yield from _assignments(dims[i + 1:], {**assigned, d.key: v})
+            return
+    yield assigned
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """Nodes of a composed YAML document with every alias expanded (an alias repeats a shared
+    subtree: counted once per use), computed over the shared graph without expanding it; a
+    recursive alias counts as unbounded."""
+    cap = 10 * limits.limit("space_nodes").high  # enough to refuse: sums grow exponentially
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # post-order without recursion: a deep document must not overflow the stack
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if done:
+            open_.discard(id(node))
+            sizes[id(node)] = min(cap, 1 + sum(sizes[id(c)] for c in _children(node)))
+            continue
+        if id(node) in open_:
+            return cap  # a recursive alias: the document is infinite
+        open_.add(id(node))
+        stack.append((node, True))
+        for c in _children(node):
+            if id(c) in open_:
+                return cap
+            if id(c) not in sizes:
+                stack.append((c, False))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    return []
+
+
 def _diff(want: Recipe, got: Recipe) -> str:
     out = []
     for section in SECTIONS:
@@ -347,6 +459,7 @@ def _dimension(section: str, name: str, spec: Any, seen: set[str], bad: Any) -> 
         ch = spec["choices"]
         if not isinstance(ch, list) or not ch:
             raise bad(f"{key}.choices must be a non-empty list")
+        limits.check("space_choices", len(ch), f"{key}.choices: their number", error=SearchSpaceError)
         return Dimension(section, name, choices=tuple(tuple(c) if isinstance(c, list) else c for c in ch),
                          when=tuple(when))
     low, high, step = spec.get("low"), spec.get("high"), spec.get("step")

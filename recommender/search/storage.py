@@ -41,6 +41,10 @@ _SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
 _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^\s]*@")
 _QUERY_SECRET = re.compile(r"([?&;][^=&\s]*(?:pass|secret|token|key|credential)[^=&\s]*=)[^&\s]*", re.IGNORECASE)
 _ANY_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+#: What looks like ``user:secret@`` in any text, also in a malformed URL (``postgresql:/u:pw@h``,
+#: ``u:pw@h``): the secret up to the last ``@`` before a space is hidden.
+_LOOSE_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*:/{0,3}[^\s:/?#@'\"]*:|(?<![\w:/])[^\s:/?#@'\"]+:)"
+                             r"(?!/)[^\s'\"<>]*@(?=[\w\[])")
 
 
 def _driver() -> str | None:
@@ -93,11 +97,13 @@ def redact(url: str | None) -> str:
         if _ambiguous(text):
             raise ValueError("ambiguous userinfo")
         u = make_url(text)
+        if u.password is None and not any(_SECRET_KEY.search(k) for k in u.query):
+            return text  # nothing secret: shown as written (re-rendering would %-encode it)
         if u.query:
             u = u.set(query={k: ("***" if _SECRET_KEY.search(k) else v) for k, v in u.query.items()})
         out = u.render_as_string(hide_password=True)
-    except Exception:  # unparsable: the conservative pattern
-        out = _USERINFO.sub(r"\1***@", text)
+    except Exception:  # unparsable: the conservative patterns
+        out = _LOOSE_USERINFO.sub(r"\1***@", _USERINFO.sub(r"\1***@", text))
     return _QUERY_SECRET.sub(r"\1***", out)
 
 
@@ -106,7 +112,8 @@ def _secrets(url: str) -> list[str]:
     from urllib.parse import unquote
 
     found: set[str] = set()
-    m = re.search(r"://[^:/?#@\s]*:(.*)@", url)  # to the last @: the widest reading
+    m = re.search(r"://[^:/?#@\s]*:(.*)@", url) or re.search(r"^[^:/?#@\s]*:/*[^:/?#@\s]*:(.*)@", url)
+    # to the last @: the widest reading (the second form: a malformed URL, one slash or none)
     if m and m.group(1):
         found |= {m.group(1), unquote(m.group(1))}
         found |= set(m.group(1).split("@"))  # each piece an ambiguous parse could print
@@ -135,7 +142,15 @@ def scrub(text: str, url: str | None = None) -> str:
         out = out.replace(url, redact(url))
         for s in _secrets(url):
             out = out.replace(s, "***")
-    return _ANY_URL.sub(lambda m: redact(m.group(0)), out)
+    out = _ANY_URL.sub(_redact_match, out)
+    return _LOOSE_USERINFO.sub(r"\1***@", out)
+
+
+def _redact_match(m: re.Match) -> str:
+    # a URL quoted in a sentence ends before its punctuation ("... x.db: no such table")
+    url = m.group(0)
+    core = url.rstrip(".,:;!?)")
+    return redact(core) + url[len(core):]
 
 
 def error_text(exc: BaseException, root: bool = False) -> str:
@@ -148,9 +163,14 @@ def error_text(exc: BaseException, root: bool = False) -> str:
         e = e.__cause__ or e.__context__
     for c in (reversed(chain) if root else chain):
         s = str(c).strip()
-        if s:
+        if s and not s.startswith(_GENERIC):
             return s.splitlines()[0]
     return type(exc).__name__
+
+
+#: Optuna's wrapper of any failed commit (its guess: "invalid data ... exceeding max length"): the
+#: cause below it says what happened (a read-only database, a full disk).
+_GENERIC = "An exception is raised during the commit"
 
 
 def sqlite_url(path: str | Path) -> str:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,21 +33,28 @@ from optuna.trial import TrialState
 
 from .. import interrupts, validate
 from ..cache import WeightsCache
-from ..constraints import Budget, MaxDrop, parse_budgets
+from ..constraints import Budget, MaxDrop, format_quantity, parse_budgets
 from ..export import onnx_available
 from ..data import ImageData, load_dataset
 from ..devices import available_cpus, cuda_available
 from ..errors import ArchError, RecommenderError, StorageError, UnknownNameError
 from ..evaluation import Baseline, Evaluation, Evaluator
 from ..models import get_family, get_preset
+from ..models.registry import is_registered
 from ..protocol import ProxyProtocol, get_protocol
+from ..feasibility import Power, chance_level
+from ..ledger import Ledger
+from ..question import Question
 from ..recipe import Recipe
 from . import storage as storage_mod
 from .lock import study_lock
-from .objective import DEFAULT_STRUCTURE_POLICY, STRUCTURE_POLICIES, Objective, TrialFailed, objective_values
+from .plan import Plan
+from .floor import Floor, refuse_below_floor, space_floor
+from .objective import (DEFAULT_STRUCTURE_POLICY, NO_FIT_ATTR, STRUCTURE_POLICIES, Objective, TrialFailed,
+                        objective_values)
 from .recovery import (RequeueStale, counted_trials, counts_toward_target, guard_trial_creation, interruptible,
                        reap_dead_trials, release_own_trials)
-from .rungs import PromotionPolicy, Rung, candidates_from, ladder, rung_study_name, select_for_promotion
+from .rungs import LadderSpec, PromotionPolicy, Rung, auto_note, ladder, parse_ladder, rung_study_name
 from .sampling import SAMPLERS, make_sampler
 from .space import SearchSpace
 from .storage import redact
@@ -59,7 +65,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEFAULT_STUDIES_DIR = Path("studies")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudySpec:
     """Everything that defines a recommendation study (CLI flags map one to one).
 
@@ -109,6 +115,9 @@ class StudySpec:
             this process may use).
         image_size: image folders and dataset pairs: side (px) the images are decoded to
             (None: their native size when square and at most 64 px, else 32).
+        heartbeat, grace: seconds between a running trial's heartbeats, and the age of its last
+            heartbeat at which another worker of the study takes it for dead (fails it and
+            queues it again).
     """
 
     model: str
@@ -126,7 +135,6 @@ class StudySpec:
     timeout: float | None = None
     jobs: int = 1
     threads: int = 0
-    model_source: str | None = None
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
@@ -143,22 +151,34 @@ class StudySpec:
     cache_dir: str | None = None
     device: str = "auto"
     image_size: int | None = None
+    heartbeat: int = 20
+    grace: int = 60
+
+    ladder: LadderSpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # A frozen question: every field is normalised here, once, and never changed after
+        # (the search reads it; worker processes receive it as it is).
         from ..models import register_module, resolve_model
-        from ..models.registry import is_registered
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
 
         if isinstance(self.model, nn.Module):
-            self.model = register_module(self.model)
+            put("model", register_module(self.model))
         elif not is_registered(self.model):
             resolve_model(self.model, check_only=True)  # an unknown name fails before any work
         if self.checkpoint and self.weights:
             raise RecommenderError("give --checkpoint (a trained baseline) or --weights (initial weights), not both")
+        if self.checkpoint and self.baseline_accuracy is not None:
+            raise RecommenderError("give --checkpoint (a trained baseline, evaluated here) or --baseline-accuracy "
+                                   "(a stated figure), not both: the stated figure would never be checked against it")
         # an unknown fidelity, device (or cuda without a GPU) fails before any storage is touched
         get_protocol(self.fidelity, device=self.device, threads=self.threads).resolved_device()
-        if isinstance(self.max_drop, str):
-            self.max_drop = MaxDrop.parse(self.max_drop)
-        self.budgets = parse_budgets(self.budgets)
+        if isinstance(self.max_drop, (str, int, float)):
+            put("max_drop", MaxDrop.parse(self.max_drop))
+        put("budgets", tuple(parse_budgets(list(self.budgets) if isinstance(self.budgets, (list, tuple))
+                                           else self.budgets)))
         if not self.budgets:
             raise RecommenderError("give at least one budget, e.g. --budget 5M-params")
         for b in self.budgets:
@@ -182,18 +202,18 @@ class StudySpec:
             raise RecommenderError("--timeout must be positive")
         validate.seed(self.seed)
         if self.baseline_accuracy is not None:
-            self.baseline_accuracy = validate.percent(self.baseline_accuracy, "--baseline-accuracy")
-        if self.study_name is not None:
-            validate.study_name(self.study_name)
+            put("baseline_accuracy", validate.percent(self.baseline_accuracy, "--baseline-accuracy"))
         if self.confirm_fidelity == "search":
-            self.confirm_fidelity = self.fidelity
-        elif self.confirm_fidelity not in (None, "none", ""):
-            get_protocol(self.confirm_fidelity)
+            put("confirm_fidelity", self.fidelity)
+        put("ladder", parse_ladder(self.rungs, self.confirm_fidelity, self.fidelity))  # parsed once
         self.policy()  # validates the promotion settings
-        if isinstance(self.rungs, str) and self.rungs not in ("auto", "") and not self.rungs.isdigit():
-            for name in self.rungs.split(","):
-                if name.strip():
-                    get_protocol(name.strip())
+        validate.spec_bounds(self)  # every count within its limit (recommender/limits.py)
+        try:  # the study's name, also when derived from the flags: it becomes a file and a folder
+            validate.study_name(self.name)
+        except RecommenderError as exc:
+            if self.study_name is not None:
+                raise
+            raise RecommenderError(f"{exc} (derived from the flags: pass --study-name)") from None
 
     def policy(self) -> PromotionPolicy:
         """The promotion policy (the older confirm stage re-checks exactly ``n_confirm``)."""
@@ -201,20 +221,16 @@ class StudySpec:
             n = max(1, self.n_confirm)
             return PromotionPolicy(fraction=1.0, min_promoted=n, max_promoted=n)
         return PromotionPolicy(fraction=self.promote_fraction, max_promoted=max(2, self.max_promoted))
-        try:  # a derived name too: it becomes a file and a folder
-            validate.study_name(self.name)
-        except RecommenderError as exc:
-            if self.study_name:
-                raise
-            raise RecommenderError(f"{exc} (derived from the flags: pass --study-name)") from None
 
     @property
     def name(self) -> str:
-        if self.study_name:
+        if self.study_name is not None:
             return self.study_name
         ds = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.dataset.split(":", 1)[-1]).name if ":" in self.dataset
                     else self.dataset).strip("-")
-        parts = [self.model, ds, *(b.text or b.metric for b in self.budgets if b.text),
+        # a factory (package.module:factory) names its study after itself
+        model = self.model if is_registered(self.model) else self.model.replace(":", "-")
+        parts = [model, ds, *(b.text or b.metric for b in self.budgets if b.text),
                  f"drop{self.max_drop.text or self.max_drop.value}", self.fidelity]
         return re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(parts).replace("%", "pct"))
 
@@ -228,13 +244,15 @@ class StudySpec:
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.studies_dir) / "cache"
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, model: str | None = None) -> dict[str, Any]:
         """What must match when a study is resumed: the question (model, dataset, fidelity,
         tolerance, budgets, seed) and the baseline it is measured against (a checkpoint or
-        initial weights by the sha256 of their bytes, a stated accuracy)."""
+        initial weights by the sha256 of their bytes, a stated accuracy). ``model``: the model
+        as resolved (a factory's registered name carries a hash of its architecture and initial
+        weights), default the spec's own."""
         from ..compress.checkpoint import file_digest
 
-        return {"model": self.model, "dataset": self.dataset, "fidelity": self.fidelity,
+        return {"model": model or self.model, "dataset": self.dataset, "fidelity": self.fidelity,
                 "max_drop": asdict(self.max_drop), "budgets": [b.to_dict() for b in self.budgets],
                 "seed": self.seed, "checkpoint": file_digest(self.checkpoint) if self.checkpoint else None,
                 "weights": file_digest(self.weights) if self.weights else None,
@@ -274,24 +292,16 @@ def claim_run(study: optuna.Study, storage_url: str) -> int:
     return n
 
 
-def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (a RUNNING trial of a dead worker is failed and queued
-    again: :class:`~recommender.search.recovery.RequeueStale`); unreachable or unusable storage
+def open_storage(url: str, heartbeat: bool = True, *, heartbeat_interval: int = 20,
+                 grace_period: int = 60) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats every ``heartbeat_interval`` seconds (a RUNNING trial whose
+    heartbeat is ``grace_period`` seconds old belongs to a dead worker: it is failed and queued
+    again, :class:`~recommender.search.recovery.RequeueStale`); unreachable or unusable storage
     is a one-line :class:`StorageError`."""
     if not heartbeat:
         return storage_mod.open_storage(url, heartbeat=False)
-    return storage_mod.open_storage(url, heartbeat_interval=_env_seconds("RECOMMENDER_HEARTBEAT", 20),
-                                    grace_period=_env_seconds("RECOMMENDER_GRACE", 60),
+    return storage_mod.open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                     stale_callback=RequeueStale())
-
-
-def _env_seconds(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise RecommenderError(f"{name} must be a positive whole number of seconds, got {raw!r}")
-    return int(raw)
 
 
 def space_note(model: str) -> str:
@@ -304,16 +314,18 @@ def space_note(model: str) -> str:
             "the search space is pruning x quantization only.")
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0) -> optuna.Study:
-    """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`)
-    with its sampler seeded by :func:`sampler_seed` for ``worker``."""
-    return _open_study(spec, storage, worker)[0]
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None, worker: int = 0,
+               model: str | None = None) -> optuna.Study:
+    """Create or resume ``spec``'s study (a resumed one must have the same :meth:`StudySpec.identity`,
+    ``model`` being the model as resolved) with its sampler seeded by :func:`sampler_seed` for
+    ``worker``."""
+    return _open_study(spec, storage, worker, model)[0]
 
 
 def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
-                worker: int) -> tuple[optuna.Study, int]:
+                worker: int, model: str | None = None) -> tuple[optuna.Study, int]:
     """:func:`open_study`, and the sampler seed it chose."""
-    storage = storage or open_storage(spec.storage_url)
+    storage = storage or open_storage(spec.storage_url, heartbeat_interval=spec.heartbeat, grace_period=spec.grace)
     primary = spec.budgets[0]
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
@@ -321,8 +333,11 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage | None,
     except Exception as exc:
         raise StorageError(f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: "
                            f"{storage_mod.scrub(storage_mod.error_text(exc), spec.storage_url)}") from None
+    if len(study.directions) != 2:  # a study of that name written by something else
+        raise StorageError(f"study {spec.name!r} in {redact(spec.storage_url)} was not created by recommend "
+                           f"(it has {len(study.directions)} objective(s), not 2); pass --study-name to start a new one")
     ident = study.user_attrs.get("spec")
-    mine = spec.identity()
+    mine = spec.identity(model)
     if ident is None:
         study.set_user_attr("spec", mine)
         names = ["accuracy", f"{primary.metric} ({primary.unit})"]
@@ -373,6 +388,8 @@ LATENCY_FIELDS = ("latency_ms", "latency_iqr_ms", "latency_cuda_ms", "latency_cu
 
 #: A study stops drawing after this many trials per requested trial, however many were skipped.
 MAX_DRAWS_PER_TRIAL = 5
+#: The search stops after this many trials in a row whose every draft broke a budget.
+NO_FIT_STREAK = 3
 
 
 class Search:
@@ -395,13 +412,13 @@ class Search:
         self.data: ImageData = load_dataset(spec.dataset, data_dir=spec.data_dir, seed=spec.seed,
                                             image_size=spec.image_size)
         from ..models import resolve_model
-        from ..models.registry import is_registered
 
-        source = spec.model_source or spec.model
-        spec.model = resolve_model(source, num_classes=self.data.num_classes, seed=spec.seed)
-        if isinstance(source, str) and not is_registered(source.split("#")[0]) and spec.model != source:
-            spec.model_source = source  # a factory: worker processes import and call it again
-        self.space = SearchSpace.for_model(spec.model, spec.space)
+        # the model as measured: a factory (package.module:factory) is imported and called here,
+        # and again in each worker process, under the same seed (the spec keeps its text)
+        self.model: str = resolve_model(spec.model, num_classes=self.data.num_classes, seed=spec.seed)
+        self.question = Question.of(self.model, spec.dataset, spec.max_drop, spec.budgets, self.data.num_classes,
+                                    int(self.data.native_resolution))  # the size the data was decoded at
+        self.space = SearchSpace.for_model(self.model, spec.space)
         for b in spec.budgets:  # recipes a device profile cannot predict: refused before any training
             if b.predicted:
                 from ..latency_predict import check_space
@@ -414,12 +431,9 @@ class Search:
                 from ..compress.checkpoint import check_file
 
                 check_file(path)
-        self.study, self.sampler_seed = _open_study(spec, None, worker)
         if not worker:
-            self.log(f"study {spec.name} in {redact(spec.storage_url)}")
-            note = space_note(spec.model)
-            if note and self.study.user_attrs.get("space_note") != note:
-                self.study.set_user_attr("space_note", note)  # the explanation says it
+            self.check_reachable()  # a budget below what the space can reach: refused before any work
+        self.study, self.sampler_seed = _open_study(spec, None, worker, self.model)
         # A user's trained checkpoint is evaluated, and its weights inherited, at the size it was
         # trained at: the data's native size pins every rung (off the size it loses accuracy
         # that no candidate lost)
@@ -432,17 +446,104 @@ class Search:
                          f"checkpoint is evaluated at (set by --image-size), instead of the "
                          f"{spec.fidelity} fidelity's {own} px")
         self.evaluator = self._evaluator(self.protocol, latency=spec.latency)
-        self.rungs: list[Rung] = ladder(self.evaluator.protocol, self.data.native_resolution, spec.rungs,
-                                        spec.confirm_fidelity, spec.policy(), pin_resolution=pinned)
+        rungs = ladder(self.evaluator.protocol, self.data.native_resolution, spec.ladder, policy=spec.policy(),
+                       pin_resolution=pinned, n_train=self.data.n_train, n_val=self.data.n_val)
+        self.plan = Plan(rungs=tuple(rungs), policy=spec.policy(), jobs=self._jobs(), sampler=spec.sampler,
+                         structure_policy=spec.structure_policy, trials=spec.trials, timeout=spec.timeout,
+                         pinned_resolution=pinned, note=auto_note(self.evaluator.protocol, rungs, spec.ladder))
+        self.rungs: tuple[Rung, ...] = self.plan.rungs
+        if not worker:
+            self.log(f"study {spec.name} in {redact(spec.storage_url)}")
+            self._store_question()
         self.trials_run = 0
         self.deadline: float | None = None
         self._rung_evaluators: dict[int, Evaluator] = {}
+
+    @property
+    def worker_spec(self) -> StudySpec:
+        """The spec worker processes get: this one with the resolved number of jobs (each worker
+        takes ``threads / jobs`` CPU threads)."""
+        return replace(self.spec, jobs=self.plan.jobs)
+
+    def _store_question(self) -> None:
+        """The question, the plan's rungs and the space note, on the study for the report."""
+        attrs = self.study.user_attrs
+        for key, value in (("question", self.question.to_dict()), ("rungs", [r.to_dict() for r in self.rungs]),
+                           ("plan", self.plan.to_dict()), ("space_note", space_note(self.model) or None)):
+            if value is not None and attrs.get(key) != value:
+                self.study.set_user_attr(key, value)
+
+    def _jobs(self) -> int:
+        """Worker processes to use (1: this process). ``jobs=0`` (auto): one per CPU up to
+        ``MAX_AUTO_JOBS`` (:func:`default_jobs`), except at the ``smoke`` fidelity, whose trainings
+        take seconds, less than starting a worker process. A user module passed as an object
+        cannot be rebuilt in another process: it runs in this one."""
+        from ..models.registry import is_registered
+
+        spec = self.spec
+        jobs = spec.jobs or (1 if spec.fidelity == "smoke" else default_jobs(self.protocol.device))
+        if jobs > 1 and is_registered(spec.model) and get_family(spec.model).style == "custom":
+            if not self.worker:
+                self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
+            return 1
+        return jobs
+
+    def _deploy_input(self) -> tuple[int, int, int, int]:
+        """The input size at which candidates' costs are measured (the evaluator's)."""
+        side = get_family(self.model).deploy_size(self.data.native_resolution)
+        return (1, 3, side, side)
+
+    def check_reachable(self) -> list[Floor]:
+        """The smallest cost the search space reaches for each structural budget
+        (:mod:`recommender.search.floor`), stopping at the first point within the budget; a
+        budget well below it is a :class:`~recommender.search.floor.BudgetBelowFloor` (exit 1)."""
+        t0 = time.perf_counter()
+        floors = space_floor(self.space, self.model, self.data.num_classes, self._deploy_input(), self.spec.budgets)
+        refuse_below_floor(floors)
+        if floors and not all(f.reached for f in floors):
+            self.log(f"budget floor: {'; '.join(f.describe() for f in floors)} "
+                     f"({sum(f.points for f in floors)} points, {time.perf_counter() - t0:.1f} s)")
+        return floors
+
+    def _no_fit_streak(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        """The last trials of ``study`` if the :data:`NO_FIT_STREAK` last finished ones all found
+        no draft that fits the budgets, else []."""
+        done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED and not t.user_attrs.get("preset")
+                and "pruned_reason" not in t.user_attrs]
+        last = sorted(done, key=lambda t: t.number)[-NO_FIT_STREAK:]
+        return last if len(last) == NO_FIT_STREAK and all(NO_FIT_ATTR in t.user_attrs for t in last) else []
+
+    def stop_unreachable(self, study: optuna.Study, streak: list[optuna.trial.FrozenTrial]) -> None:
+        """Record why the search stopped (``budget_unreachable``: the floor of every structural
+        budget, the closest drafts, one line for the answer) and stop it."""
+        if study.user_attrs.get("budget_unreachable"):
+            study.stop()
+            return
+        floors = space_floor(self.space, self.model, self.data.num_classes, self._deploy_input(),
+                             self.spec.budgets, stop_when_reached=False)
+        closest: dict[str, dict] = {}
+        for t in streak:
+            for d in t.user_attrs[NO_FIT_ATTR].get("closest", []):
+                closest.setdefault(d["describe"], d)
+        ranked = sorted(closest.values(), key=lambda d: sum(max(0.0, x) for x in d["excess"].values()))[:3]
+        drafts = sum(int(t.user_attrs[NO_FIT_ATTR].get("drafts", 0)) for t in streak)
+        floor_text = "; ".join(f"{f.budget.metric} >= {format_quantity(f.value, f.budget.unit)}" for f in floors)
+        near = (f"; closest draft: {ranked[0]['describe']} "
+                f"({', '.join(f'{k} {v:+.0%}' for k, v in ranked[0]['excess'].items())})") if ranked else ""
+        line = (f"No candidate fits the budgets: none of the {drafts} drafts of the last {len(streak)} trials did, "
+                f"so the search stopped. The smallest best case found in this search space: "
+                f"{floor_text or 'unknown'}{near}.")
+        study.set_user_attr("budget_unreachable", {"line": line, "trials": [t.number for t in streak],
+                                                   "drafts": drafts, "floor": [f.to_dict() for f in floors],
+                                                   "closest": ranked})
+        self.log(line)
+        study.stop()
 
     def _evaluator(self, protocol: ProxyProtocol, *, latency: bool, teacher: ProxyProtocol | None = None
                    ) -> Evaluator:
         spec = self.spec
         profile = next((b.profile for b in spec.budgets if b.predicted), None)
-        return Evaluator(spec.model, self.data, protocol, cache=self.cache, latency=latency,
+        return Evaluator(self.model, self.data, protocol, cache=self.cache, latency=latency,
                          latency_profile=profile if latency else None,
                          ort_latency=latency and any(b.metric == "latency-ort" for b in spec.budgets),
                          checkpoint=spec.checkpoint, weights=spec.weights,
@@ -468,26 +569,25 @@ class Search:
                     base = ev.evaluate_baseline(stated)
                     st.set_user_attr("baseline", base.to_dict())
                     st.set_user_attr("baseline_evaluations", int(st.user_attrs.get("baseline_evaluations", 0)) + 1)
-                    if rung == 0:
-                        self._record_power(base)
+                    self._warn_if_unresolvable(base, rung)
                     return base
         return Baseline.from_dict(attr)
 
-    def _record_power(self, base: Baseline) -> None:
-        from ..stats import min_resolvable_drop
-
-        n = len(base.correct) if base.correct is not None else 0
-        if not n:
+    def _warn_if_unresolvable(self, base: Baseline, rung: int) -> None:
+        """Say at once when a rung's baseline is at chance level or its validation set cannot
+        resolve the tolerance (the answer will be marked uncertain; the same predicates decide
+        it in the ledger)."""
+        if base.correct is None or not len(base.correct):
             return
-        mrd = min_resolvable_drop(n, base.accuracy)
-        tol = self.spec.max_drop.allowed_pp(base.accuracy)
-        self.study.set_user_attr("power", {"n_val": n, "baseline_accuracy": base.accuracy,
-                                           "min_resolvable_drop_pp": round(mrd, 3), "tolerance_pp": tol,
-                                           "assumption": "errors independent of the baseline's"})
-        if mrd > tol:
-            self.log(f"power: {n} validation images at {100 * base.accuracy:.1f}% resolve drops of about "
-                     f"±{mrd:.1f} pp, wider than the {tol:g} pp tolerance: 'within tolerance' cannot be "
-                     "established from this data alone (answers are marked uncertain)")
+        chance = chance_level(base.accuracy, base.acc_low, self.data.num_classes)
+        if chance:
+            self.log(f"rung {rung}: {chance}; answers at this rung are marked uncertain")
+        power = Power.at(len(base.correct), base.accuracy, self.question.feasibility.allowed_pp(base.accuracy),
+                         rung=rung)
+        if not power.resolves:
+            self.log(f"power: at rung {rung}, {power.n_val} validation images at {100 * base.accuracy:.1f}% resolve "
+                     f"drops of about ±{power.min_resolvable_drop_pp:.1f} pp, wider than the "
+                     f"{power.tolerance_pp:g} pp tolerance: answers at this rung are marked uncertain")
 
     def warm_start(self) -> int:
         """Enqueue the paper's presets once per study, except those whose structure already breaks
@@ -533,14 +633,9 @@ class Search:
         """Run trials until the study has ``trials`` counted ones (or the draw cap, or the time
         left minus what ``reserve()`` keeps for the promotions)."""
         target, cap = self.spec.trials, self._draw_cap()
-        if reserve is not None and self.deadline is not None:
-            need, left = reserve(), self._time_left()
-            if need >= left:
-                # the promotions cannot fit whatever the search does: keeping their time back would
-                # only stop every trial at once; the search uses the whole budget instead
-                self.log(f"time budget: the promotions need an estimated {need:.0f} s of the {max(0.0, left):.0f} s "
-                         "left, so the search uses all of it")
-                reserve = None
+        said: set[str] = set()
+        why_stopped = {"reason": ""}
+        durations: list[float] = []
 
         def gate(trial: optuna.Trial) -> str | None:
             # Workers that start a trial at the same moment would overshoot the target: the
@@ -552,7 +647,19 @@ class Search:
             return None
 
         def keep() -> float:
-            return reserve() if reserve else 0.0  # seconds kept back for the promotions
+            """Seconds kept back for the promotions: their estimate while it fits the time left;
+            once it no longer fits, nothing (the search uses the whole budget: keeping time for
+            promotions that cannot run would only stop the search early)."""
+            if reserve is None or self.deadline is None:
+                return 0.0
+            need, left = reserve(), self._time_left()
+            if need < left:
+                return need
+            if "no-fit" not in said:
+                said.add("no-fit")
+                self.log(f"time budget: the promotions need an estimated {need:.0f} s of the {max(0.0, left):.0f} s "
+                         "left, so the search uses all of it")
+            return 0.0
 
         def stop_at() -> float | None:
             # the search's share of the time budget
@@ -578,12 +685,30 @@ class Search:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            if sum(counts_toward_target(t) for t in trials) + running >= target or len(trials) >= cap:
+            if trial is not None and trial.duration is not None:
+                durations.append(trial.duration.total_seconds())
+            streak = self._no_fit_streak(study)
+            if streak:
+                why_stopped["reason"] = "no draft of the last trials fitted the budgets"
+                self.stop_unreachable(study, streak)
+            elif sum(counts_toward_target(t) for t in trials) + running >= target:
                 study.stop()
-            elif self._time_left() <= (kept := keep()):
-                self.log("time budget: the search stops here to leave the promotions their time" if kept > 0
-                         else "time budget: the search stops here (the time is up)")
+            elif len(trials) >= cap:
+                why_stopped["reason"] = (f"the study drew {cap} trials ({MAX_DRAWS_PER_TRIAL} per trial asked) "
+                                         "without reaching its target")
                 study.stop()
+            elif self.deadline is not None:
+                kept, left = keep(), self._time_left()
+                # with time kept for the promotions, stop when the next trial (as long as the
+                # median so far) would eat into it
+                margin = sorted(durations)[len(durations) // 2] if durations and kept > 0 else 0.0
+                if left <= kept + margin:
+                    why_stopped["reason"] = ("the time budget (--timeout) ended the search, keeping an estimated "
+                                             f"{kept:.0f} s for the promotions" if kept > 0
+                                             else "the time budget (--timeout) ended the search")
+                    self.log("time budget: the search stops here to leave the promotions their time" if kept > 0
+                             else "time budget: the search stops here (the time is up)")
+                    study.stop()
 
         def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             self.trials_run += 1
@@ -601,6 +726,16 @@ class Search:
         except KeyboardInterrupt:
             release_own_trials(self.study, objective.values_from_dict)  # caught outside the objective
             raise
+        self._note_stop(why_stopped["reason"] or ("the time budget (--timeout) ended the search"
+                                                  if self.deadline is not None and self._time_left() <= 0 else ""))
+
+    def _note_stop(self, reason: str) -> None:
+        """Store why the search stopped short of ``--trials`` (cleared once it reached it), for
+        the explanation's line saying so."""
+        short = self.remaining() > 0
+        value = reason or "the search stopped early" if short else None
+        if self.study.user_attrs.get("search_stopped") != value:
+            self.study.set_user_attr("search_stopped", value)
 
     # -- promotion rungs ---------------------------------------------------------------------
     def _rung_study(self, k: int) -> optuna.Study:
@@ -622,23 +757,14 @@ class Search:
                                                        teacher=self.evaluator.protocol if same else None)
         return self._rung_evaluators[k]
 
-    def _rung_candidates(self, k: int) -> list:
-        """Candidates evaluated at rung k (their source trial numbers, recipes, evaluations)."""
-        if k == 0:
-            return candidates_from(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        from .rungs import Candidate
+    def ledger(self) -> Ledger:
+        """Everything the study has measured so far (read fresh from storage)."""
+        return Ledger.from_study(_reload(self.study))
 
-        out = []
-        for t in self._rung_study(k).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            d = t.user_attrs.get("evaluation")
-            if d is not None:
-                out.append(Candidate(int(t.user_attrs["source_trial"]), t.user_attrs["recipe"],
-                                     Evaluation.from_dict(d), {}))
-        return out
-
-    def _estimate_rung_seconds(self, k: int, cands: list) -> tuple[float, float]:
+    def _estimate_rung_seconds(self, k: int, measured: list[Evaluation]) -> tuple[float, float]:
         """(baseline seconds, seconds per promoted candidate) of rung k, scaled from rung k-1 by
-        epochs x pixels x training images (0 for what is cached or given)."""
+        epochs x pixels x training images (0 for what is cached or given); ``measured``: the
+        evaluations at rung k-1."""
         lo, hi = self.rungs[k - 1].protocol, self.rungs[k].protocol
         native = self.data.native_resolution
         n = self.data.n_train
@@ -654,7 +780,7 @@ class Search:
             ev = self._rung_evaluator(k)
             if not (self.cache and self.cache.contains(ev.baseline_key())):
                 base_s = float(base_attr.get("train_seconds") or 0.0) * factor
-        secs = [max(c.evaluation.train_seconds, c.evaluation.wall_seconds) for c in cands]
+        secs = [max(e.train_seconds, e.wall_seconds) for e in measured]
         per = (sorted(secs)[len(secs) // 2] if secs else 0.0) * factor
         return base_s, per
 
@@ -662,15 +788,16 @@ class Search:
         """Seconds the next promotion rung is estimated to need (0 when it will not run)."""
         if len(self.rungs) < 2 or self.study.user_attrs.get("promoted_1") is not None:
             return 0.0
-        cands = self._rung_candidates(0)
-        base_s, per = self._estimate_rung_seconds(1, cands)
-        return base_s + per * self.spec.policy().min_promoted / max(1, self.spec.jobs)
+        measured = [m.evaluation for _, m in Ledger.from_study(self.study).measured_at(0)]
+        base_s, per = self._estimate_rung_seconds(1, measured)
+        return base_s + per * self.plan.policy.min_promoted / max(1, self.plan.jobs)
 
     def decide(self, k: int, baseline: Baseline) -> list[int]:
         """Choose (once per study, under the lock) the candidates promoted to rung k and enqueue
         them in rung k's study; returns their source trial numbers ([] when the rung is skipped).
-        A rung skipped because its estimated time does not fit the time left is not decided: a
-        later run of the study (with time left) decides it."""
+        Who goes up is the ledger's rule (:meth:`recommender.ledger.Ledger.promotion`: those that
+        held before those that only might). A rung skipped because its estimated time does not
+        fit the time left is not decided: a later run of the study (with time left) decides it."""
         key = f"promoted_{k}"
         if self.study.user_attrs.get(key) is not None:
             return list(self.study.user_attrs[key])
@@ -678,8 +805,8 @@ class Search:
             study = _reload(self.study)
             if study.user_attrs.get(key) is not None:
                 return list(study.user_attrs[key])
-            cands = self._rung_candidates(k - 1)
-            base_s, per = self._estimate_rung_seconds(k, cands)
+            ledger = Ledger.from_study(study)
+            base_s, per = self._estimate_rung_seconds(k, [m.evaluation for _, m in ledger.measured_at(k - 1)])
             left = self._time_left()
             limit = None
             reason = ""
@@ -688,9 +815,8 @@ class Search:
                           f"> {max(0.0, left):.0f} s left of the time budget")
                 limit = 0
             elif per > 0 and math.isfinite(left):
-                limit = int((left - base_s) * max(1, self.spec.jobs) // per)
-            chosen = [] if limit == 0 else select_for_promotion(
-                cands, self.spec.max_drop, self.spec.budgets, baseline.accuracy, self.spec.policy(), limit)
+                limit = int((left - base_s) * max(1, self.plan.jobs) // per)
+            chosen = [] if limit == 0 else ledger.promotion(k, self.plan.policy.count, limit)
             if not chosen and not reason:
                 reason = "no candidate of the rung below is eligible (budgets met, drop interval reaching the tolerance)"
             rst = self._rung_study(k)
@@ -702,14 +828,13 @@ class Search:
                     return []
             elif rst.user_attrs.get("skipped"):
                 rst.set_user_attr("skipped", None)  # an earlier run's time skip: it runs now
-            main_trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-            for c in chosen:
-                src = main_trials.get(c.trial)
-                prev = c.evaluation
-                rst.enqueue_trial({}, user_attrs={"source_trial": c.trial, "recipe": c.recipe,
-                                                  "preset": src.user_attrs.get("preset") if src else None,
-                                                  "latency": {f: prev.costs.get(f) for f in LATENCY_FIELDS}})
-            numbers = [c.trial for c in chosen]
+            for e in chosen:
+                below = e.at(k - 1)
+                costs = below.evaluation.costs if below is not None else {}
+                rst.enqueue_trial({}, user_attrs={"source_trial": e.trial, "recipe": e.recipe.to_dict(),
+                                                  "preset": e.preset,
+                                                  "latency": {f: e.costs.get(f, costs.get(f)) for f in LATENCY_FIELDS}})
+            numbers = [e.trial for e in chosen]
             rst.set_user_attr("promoted", numbers)
             self.study.set_user_attr(key, numbers)
             if numbers:
@@ -725,6 +850,7 @@ class Search:
         rst = self._rung_study(k)
         baseline = self.baseline(k)
         ev = self._rung_evaluator(k)
+        reap_dead_trials(rst, rung_values)  # a killed earlier run's evaluations count
         self._requeue(k)
         done = 0
 
@@ -766,7 +892,7 @@ class Search:
             self.baseline(k)  # trained here with every thread, before the workers start
             if jobs > 1:
                 self._teacher_ready(self._rung_evaluator(k))
-                run_workers(self.spec, jobs, "rung", rung=k, deadline=self.deadline, log=self.log)
+                run_workers(self.worker_spec, jobs, "rung", rung=k, deadline=self.deadline, log=self.log)
             else:
                 self.run_rung(k)
             _wait_for(self._rung_study(k))
@@ -791,18 +917,6 @@ class Search:
                     rst.enqueue_trial({}, user_attrs=attrs)
                     self.log(f"rung {k}: trial {n} was interrupted; enqueued again")
 
-    def _parallel(self) -> int:
-        """Worker processes to use (1: this process). ``jobs=0`` (auto): one per CPU up to
-        ``MAX_AUTO_JOBS`` (:func:`default_jobs`), except at the ``smoke`` fidelity, whose trainings
-        take seconds, less than starting a worker process. A user module passed as an object
-        cannot be rebuilt in another process: it runs in this one."""
-        jobs = self.spec.jobs or (1 if self.spec.fidelity == "smoke" else default_jobs(self.protocol.device))
-        self.spec.jobs = jobs
-        if jobs > 1 and get_family(self.spec.model).style == "custom" and not self.spec.model_source:
-            self.log("--jobs: a model given as an nn.Module object runs in this process only (jobs=1)")
-            return 1
-        return jobs
-
     def _poll(self) -> None:
         for cb in self.callbacks:
             cb(self.study, None)
@@ -813,7 +927,7 @@ class Search:
             self.deadline = time.monotonic() + self.spec.timeout
         baseline = self.baseline()
         self.warm_start()
-        jobs = self._parallel()
+        jobs = self.plan.jobs
         if jobs > 1:
             if self.remaining() > 0:
                 for cb in self.callbacks:
@@ -822,7 +936,7 @@ class Search:
                         start(self.study)
                 self._teacher_ready()
                 try:
-                    run_workers(self.spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
+                    run_workers(self.worker_spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
                 except KeyboardInterrupt:
                     # The workers have stopped or were killed past their grace period; a killed
                     # one's trial is still RUNNING: fail it and queue it again now, not at the
@@ -833,14 +947,20 @@ class Search:
             self.optimize(baseline, reserve=self.promotion_reserve)
         self.promote(jobs)
         self.study.set_user_attr("last_run_seconds", round(time.perf_counter() - t0, 1))
-        self.study.set_user_attr("rungs", [r.to_dict() for r in self.rungs])
         return self.study
 
 
+def rung_values(ev: Any) -> list[float]:
+    """A promotion rung's objective value from a stored evaluation: its accuracy."""
+    return [float(ev["accuracy"])]
+
+
 def _wait_for(study: optuna.Study, poll: float = 2.0) -> None:
-    """Wait until no trial of ``study`` is running (other workers finishing their share); a dead
-    worker's trial is failed once its heartbeat is stale."""
+    """Wait until no trial of rung ``study`` is running (other workers finishing their share); a
+    dead worker's trial is finished from its stored evaluation (or failed and queued again) at
+    once on this machine, once its heartbeat is stale elsewhere."""
     while True:
+        reap_dead_trials(study, rung_values)
         optuna.storages.fail_stale_trials(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             return
