@@ -49,7 +49,7 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command its pipe's reader closed
 
-SUBCOMMANDS = ("ablate", "show", "apply", "dashboard")
+SUBCOMMANDS = ("ablate", "show", "apply", "dashboard", "device-profile")
 
 #: The README's quick start and main job (tests/test_cli.py keeps them equal), with the wall time
 #: measured in a fresh clone on 2 CPU cores (docs/measurements.md)
@@ -304,6 +304,26 @@ def _add_dashboard(sub: Any) -> None:
     p.add_argument("--port", type=_int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
 
 
+def _add_device_profile(sub: Any) -> None:
+    p = sub.add_parser("device-profile", help="measure a latency profile of this device (for --budget 12ms@FILE)",
+                       description="Time, at batch 1, the operators that this tool's presets, models and search "
+                                   "spaces are made of, on this device, and fit a calibration on whole models: "
+                                   "copy the file to the search machine and use --budget 12ms@FILE. "
+                                   "--write-script writes a script that does the same with only torch installed.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", metavar="FILE", help="profile this machine and write the profile (JSON)")
+    g.add_argument("--write-script", metavar="FILE",
+                   help="write a standalone profiling script (needs only torch) to copy to the device")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads while timing (default 1, as 12ms budgets)")
+    p.add_argument("--image-size", default="32", metavar="N[,N]",
+                   help="input sizes in px the candidates are deployed at (default 32)")
+    p.add_argument("--engines", default="x86,qnnpack",
+                   help="int8 engines to time, of those the device has (default x86,qnnpack)")
+    p.add_argument("--models", metavar="M[,M]", help="only the plan models of these base models (default: all)")
+    p.add_argument("--samples", type=int, default=7, help="timed samples per operator (default 7)")
+    _add_verbosity(p, in_subcommand=True)
+
+
 def build_parser() -> _Parser:
     """``recommend``: the main job's options, and the subcommands."""
     p = _Parser(prog="recommend",
@@ -338,6 +358,7 @@ def build_parser() -> _Parser:
     _add_show(sub)
     _add_apply(sub)
     _add_dashboard(sub)
+    _add_device_profile(sub)
     add_run_options(p)
     return p
 
@@ -746,8 +767,54 @@ def cmd_dashboard(args: argparse.Namespace, parser: _Parser) -> int:
     return serve(study=args.study, storage=args.storage, studies_dir=args.studies_dir, host=args.host, port=args.port)
 
 
+def cmd_device_profile(args: argparse.Namespace, parser: _Parser) -> int:
+    from .latency_profile import make_profile, write_script
+
+    def ints(text: str, flag: str) -> tuple[int, ...]:
+        try:
+            vals = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            vals = ()
+        if not vals or min(vals) < 1:
+            raise RecommenderError(f"{flag} must be positive integers separated by commas, got {text!r}")
+        return vals
+
+    sizes = ints(args.image_size, "--image-size")
+    if args.threads < 1 or args.samples < 1:
+        raise RecommenderError("--threads and --samples must be at least 1")
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    if models:
+        from .models import list_models
+
+        unknown = [m for m in models if m not in list_models()]
+        if unknown:
+            raise RecommenderError(f"--models: unknown model {unknown[0]!r}")
+    from pathlib import Path
+
+    from .validate import writable_dir
+
+    target = Path(args.write_script or args.out)
+    writable_dir(target.parent, f"the folder of {target}")  # before the work, not after it
+    log = (lambda s: None) if args.quiet else _logger(args.err_console)
+    if args.write_script:
+        path = write_script(args.write_script, input_sizes=sizes, engines=engines, models=models, log=log)
+        print(f"wrote {path}: copy it to the device and run `python3 {path.name} --out board.json` "
+              f"(needs only torch), then search with --budget 12ms@board.json")
+        return 0
+    prof = make_profile(args.out, threads=args.threads, input_sizes=sizes, engines=engines, models=models,
+                        samples=args.samples, log=log)
+    v = prof.data["validation"]
+    med = v.get("median_error_pct")
+    print(f"wrote {args.out}: {len(prof.entries)} operators in {prof.data['seconds']:.0f} s on "
+          f"{prof.describe()}; held-out models: median error "
+          f"{'n/a' if med is None else f'{med:.1f} %'}; search with --budget 12ms@{args.out}")
+    return 0
+
+
 COMMANDS: dict[str | None, Callable[[argparse.Namespace, _Parser], int]] = {
-    None: cmd_run, "ablate": cmd_ablate, "show": cmd_show, "apply": cmd_apply, "dashboard": cmd_dashboard}
+    None: cmd_run, "ablate": cmd_ablate, "show": cmd_show, "apply": cmd_apply, "dashboard": cmd_dashboard,
+    "device-profile": cmd_device_profile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,6 +50,11 @@ class SearchSpaceError(RecommenderError, ValueError):
     """A malformed search-space YAML file."""
 
 
+class ProfileError(RecommenderError):
+    """A device latency profile that is missing, malformed, of another format version, or that
+    lacks a kind of operator a candidate needs."""
+
+
 class DiskFullError(RecommenderError):
     """A write that failed because the file system is full (the work written before is kept)."""
 

@@ -28,8 +28,10 @@ from .compress.pipeline import compress
 from .constraints import MaxDrop
 from .data import TensorData
 from .errors import ArchError, RecommenderError, TrainingError
+from .latency_profile import load_profile
 from .models import build_model, get_family
 from .models.arch import ArchConfig
+from .ort_latency import ort_unsupported
 from .protocol import ProxyProtocol
 from .recipe import Recipe
 from .train import (TimeLimitReached, batches, evaluate, finetune_fn, paired_drop, protocol_data, step_seconds,
@@ -142,6 +144,11 @@ class Evaluator:
         deploy_size: input side in px at which FLOPs, size and latency are measured (default:
             the family's, e.g. 32 for the paper's CIFAR networks).
         latency: measure CPU latency (ms, batch 1, ``latency_threads`` threads).
+        latency_profile: a device latency profile (path): also predict each candidate's
+            latency on that device (``latency_predicted_ms``; a kind of operator the profile
+            lacks is a one-line :class:`ProfileError`).
+        ort_latency: also time each candidate in ONNX Runtime (``latency_ort_ms``; None, with
+            a note, for recipes it cannot run).
         checkpoint: a trained baseline state dict (evaluated, never retrained).
         weights: initial weights of the baseline (e.g. ImageNet-pretrained), loaded where shapes
             match (a classifier of another class count is re-initialised), then trained.
@@ -157,7 +164,8 @@ class Evaluator:
 
     def __init__(self, model: str, data: TensorData, protocol: ProxyProtocol, *,
                  cache: WeightsCache | None = None, deploy_size: int | None = None, latency: bool = True,
-                 latency_threads: int = 1, checkpoint: str | Path | None = None,
+                 latency_threads: int = 1, latency_profile: str | Path | None = None,
+                 ort_latency: bool = False, checkpoint: str | Path | None = None,
                  weights: str | Path | None = None, distill: bool = True,
                  teacher_protocol: ProxyProtocol | None = None, log: Log | None = None,
                  progress: TrainProgress | None = None):
@@ -174,6 +182,8 @@ class Evaluator:
         self.deploy_size = int(deploy_size or self.family.deploy_size(data.native_resolution))
         self.latency = latency
         self.latency_threads = latency_threads
+        self.profile = load_profile(latency_profile) if latency_profile else None
+        self.ort_latency = ort_latency
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.weights = Path(weights) if weights else None
         self.log = log or (lambda s: None)
@@ -373,7 +383,8 @@ class Evaluator:
         t0 = time.perf_counter()
         float_model = self._build(ArchConfig())
         costs = measure_mod.measure(float_model, self.input_size, latency=self.latency,
-                                    threads=self.latency_threads).to_dict()
+                                    threads=self.latency_threads, ort_latency=self.ort_latency,
+                                    profile=self.profile).to_dict()
         if stated_accuracy is not None:
             acc = float(stated_accuracy)
             return Baseline(acc, acc, acc, costs, "stated", self.protocol.fidelity, None, 0.0)
@@ -425,7 +436,11 @@ class Evaluator:
                 self._fill_drop(out, ev.correct, baseline, max_drop)
             float_model = getattr(report, "float_model", None)
             out.costs = measure_mod.measure(model, self.input_size, latency=self.latency,
-                                            float_model=float_model, threads=self.latency_threads).to_dict()
+                                            float_model=float_model, threads=self.latency_threads,
+                                            ort_latency=self.ort_latency, profile=self.profile).to_dict()
+            if self.ort_latency and out.costs.get("latency_ort_ms") is None:
+                out.notes.append(f"ONNX Runtime cannot time this recipe ({ort_unsupported(model)}): "
+                                 f"its ONNX Runtime latency is unknown and counts as over a -ort budget")
         except (TrialTimeout, TimeLimitReached) as exc:
             out.ok, out.reason = False, str(exc)
         except TrainingFailed as exc:

@@ -153,7 +153,7 @@ class Feasibility:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {"max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
+        return {"max_drop": asdict(self.max_drop), "budgets": [b.to_dict() for b in self.budgets],
                 "slack_pp": self.slack_pp}
 
 

@@ -36,6 +36,12 @@ Units and definitions:
   there; the Timer synchronises the device around each sample), measured when a GPU is present
   (``cuda_latency=None``) or asked for; None on a machine without one and for quantized (int8,
   CPU-only) models.
+- **latency_ort_ms**, **latency_ort_iqr_ms**: the same in ONNX Runtime on this machine's CPU
+  (:mod:`recommender.ort_latency`), when asked for (``ort_latency``); None for what it cannot
+  time (int8 models, no ``export`` extra).
+- **latency_predicted_ms**: the batch-1 latency *predicted* for the device of a latency profile
+  (:mod:`recommender.latency_predict`), when one is given (``profile``); never mixed with the
+  measured fields.
 - **peak_memory_mb** (MB): estimated working set of one forward pass = bytes of the model's
   state-dict tensors (weights and buffers) + the peak of live intermediate tensors (input
   included) during the forward. The intermediate peak is tracked exactly at the ATen level with a
@@ -460,6 +466,9 @@ class Costs:
     latency_iqr_ms: float | None = None
     latency_cuda_ms: float | None = None
     latency_cuda_iqr_ms: float | None = None
+    latency_ort_ms: float | None = None
+    latency_ort_iqr_ms: float | None = None
+    latency_predicted_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -475,12 +484,18 @@ def measure(
     repeats: int = 20,
     warmup: int = 3,
     cuda_latency: bool | None = None,
+    ort_latency: bool = False,
+    profile: Any = None,
 ) -> Costs:
     """Measure every cost of ``model`` (see the module docstring for definitions and units).
 
     ``float_model``: for a quantized model, the float model whose FLOPs it inherits.
     ``cuda_latency``: also time the model on a CUDA GPU (None: when ``latency`` and a GPU is
     present; quantized models are never timed there).
+    ``ort_latency``: also time it in ONNX Runtime (``latency_ort_ms``).
+    ``profile``: a :class:`recommender.latency_profile.LatencyProfile`: also predict its latency
+    on that device (``latency_predicted_ms``; a kind of operator the profile lacks is a
+    :class:`recommender.errors.ProfileError`).
     """
     flops = count_flops(model, input_size, float_model=float_model)
     cpu = latency_stats(model, input_size, threads=threads, repeats=repeats, warmup=warmup) \
@@ -491,6 +506,16 @@ def measure(
     if cuda_latency and not is_quantized(model):
         gpu = latency_stats(model, input_size, threads=threads, repeats=repeats, warmup=warmup,
                             device="cuda")
+    ort = None
+    if ort_latency:
+        from .ort_latency import ort_latency_stats
+
+        ort = ort_latency_stats(model, input_size, threads=threads, repeats=repeats, warmup=warmup)
+    predicted = None
+    if profile is not None:
+        from .latency_predict import predict_latency
+
+        predicted = predict_latency(model, profile, input_size).ms
     return Costs(
         params=count_params(model),
         nonzero_params=count_nonzero_params(model),
@@ -502,4 +527,7 @@ def measure(
         latency_iqr_ms=cpu.iqr_ms if cpu else None,
         latency_cuda_ms=gpu.median_ms if gpu else None,
         latency_cuda_iqr_ms=gpu.iqr_ms if gpu else None,
+        latency_ort_ms=ort.median_ms if ort else None,
+        latency_ort_iqr_ms=ort.iqr_ms if ort else None,
+        latency_predicted_ms=predicted,
     )

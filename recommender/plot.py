@@ -43,6 +43,8 @@ def _cost_label(rec: "Recommendation") -> str:
     b = rec.budgets[0] if rec.budgets else None
     if b is None:
         return "primary cost"
+    if b.predicted:  # a prediction for another device says so on the axis
+        return f"latency on {Path(b.profile).name}, {b.source.split(' (')[0]} ({b.unit})"
     return b.unit if b.unit == b.metric else f"{b.metric} ({b.unit})"
 
 

@@ -41,7 +41,11 @@ COST_ROWS = (  # (Costs field, label, unit)
     ("size_mb", "size (dense)", "MB"),
     ("sparse_size_mb", "size (sparse)", "MB"),
     ("latency_ms", "latency (batch 1)", "ms"),
+    ("latency_ort_ms", "latency in ONNX Runtime (batch 1)", "ms"),
+    ("latency_predicted_ms", "latency on the profiled device (predicted, batch 1)", "ms"),
 )
+#: Rows shown only when the study measured them (a -ort budget, a profile's prediction).
+OPTIONAL_COST_ROWS = ("latency_ort_ms", "latency_predicted_ms")
 
 #: Parameter importances are shown once the study has this many evaluated candidates (fewer
 #: trials sharing each parameter give importances that are noise).
@@ -587,6 +591,8 @@ def render(rec: Recommendation) -> Group:
         bc = (b0 or base).costs if (b0 or base) else {}
         for key, label, unit in COST_ROWS:
             nv = c.costs.get(key)
+            if key in OPTIONAL_COST_ROWS and nv is None and bc.get(key) is None:
+                continue
             t.add_row(label, format_quantity(bc.get(key), unit), format_quantity(nv, unit), _factor(bc.get(key), nv))
         body.append(t)
         if len(led.rungs) > 1 or len(c.measurements) > 1:
@@ -763,13 +769,17 @@ def markdown(rec: Recommendation) -> str:
     for title, rows in tables:
         if not rows:
             continue
+        extra = [k for k in OPTIONAL_COST_ROWS if any(p.get(k) is not None for p in rows)]
+        heads = "".join({"latency_ort_ms": " ms (ONNX Runtime) |",
+                         "latency_predicted_ms": " ms (predicted) |"}[k] for k in extra)
         lines += ["", f"## {title}", "",
-                  "| trial | rung | recipe | accuracy | drop (pp) | evidence | params | MFLOPs | MB | ms |",
-                  "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+                  "| trial | rung | recipe | accuracy | drop (pp) | evidence | params | MFLOPs | MB | ms |" + heads,
+                  "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
         for p in rows:
             lines.append(_md_row(p["trial"], p["rung"], p["describe"], _md_acc(p["accuracy"]), _md_drop(p["drop"]),
                                  p["evidence_text"], format_quantity(p["params"], "params").replace(" params", ""),
-                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1)))
+                                 _round(p["mflops"], 1), _round(p["size_mb"], 2), _round(p["latency_ms"], 1),
+                                 *(_round(p.get(k), 1) for k in extra)))
     if d["alternatives"]:
         lines += ["", "## Alternatives", ""]
         for name, a in d["alternatives"].items():

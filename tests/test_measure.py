@@ -46,7 +46,8 @@ def test_latency_restores_threads_and_measure_dict():
     c = M.measure(m, repeats=3, warmup=1)
     d = c.to_dict()
     assert set(d) == {"params", "nonzero_params", "mflops", "size_mb", "sparse_size_mb", "latency_ms",
-                      "peak_memory_mb", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms"}
+                      "peak_memory_mb", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms",
+                      "latency_ort_ms", "latency_ort_iqr_ms", "latency_predicted_ms"}
     assert c.latency_iqr_ms is not None and c.latency_iqr_ms >= 0
     assert c.peak_memory_mb >= M.size_mb(m) * 0.9
     assert M.measure(m, latency=False).latency_ms is None

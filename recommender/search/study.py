@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from .. import interrupts, validate
 from ..cache import WeightsCache
 from ..constraints import Budget, MaxDrop, format_quantity, parse_budgets
+from ..export import onnx_available
 from ..data import ImageData, load_dataset
 from ..devices import available_cpus, cuda_available
 from ..errors import ArchError, RecommenderError, StorageError, UnknownNameError
@@ -184,6 +185,9 @@ class StudySpec:
             if b.device == "cuda" and not torch.cuda.is_available():
                 raise RecommenderError(f"budget {b.text or b.describe()} is a CUDA latency but no CUDA "
                                        f"GPU is available here; use a CPU latency budget (e.g. 12ms)")
+            if b.metric == "latency-ort" and not onnx_available():
+                raise RecommenderError(f"budget {b.text or b.describe()} is an ONNX Runtime latency but "
+                                       f"onnxruntime is not installed: pip install -e \".[export]\"")
         if self.sampler not in SAMPLERS:
             raise UnknownNameError("sampler", self.sampler, SAMPLERS)
         if self.structure_policy not in STRUCTURE_POLICIES:
@@ -249,7 +253,7 @@ class StudySpec:
         from ..compress.checkpoint import file_digest
 
         return {"model": model or self.model, "dataset": self.dataset, "fidelity": self.fidelity,
-                "max_drop": asdict(self.max_drop), "budgets": [asdict(b) for b in self.budgets],
+                "max_drop": asdict(self.max_drop), "budgets": [b.to_dict() for b in self.budgets],
                 "seed": self.seed, "checkpoint": file_digest(self.checkpoint) if self.checkpoint else None,
                 "weights": file_digest(self.weights) if self.weights else None,
                 "baseline_accuracy": self.baseline_accuracy,
@@ -379,7 +383,8 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 #: Measured latency fields a promoted candidate keeps from the search rung (rungs re-train, they do
 #: not re-time: the architecture and its compression are the same).
-LATENCY_FIELDS = ("latency_ms", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms")
+LATENCY_FIELDS = ("latency_ms", "latency_iqr_ms", "latency_cuda_ms", "latency_cuda_iqr_ms", "latency_ort_ms",
+                  "latency_ort_iqr_ms", "latency_predicted_ms")
 
 #: A study stops drawing after this many trials per requested trial, however many were skipped.
 MAX_DRAWS_PER_TRIAL = 5
@@ -414,6 +419,12 @@ class Search:
         self.question = Question.of(self.model, spec.dataset, spec.max_drop, spec.budgets, self.data.num_classes,
                                     int(self.data.native_resolution))  # the size the data was decoded at
         self.space = SearchSpace.for_model(self.model, spec.space)
+        for b in spec.budgets:  # recipes a device profile cannot predict: refused before any training
+            if b.predicted:
+                from ..latency_predict import check_space
+                from ..latency_profile import load_profile
+
+                check_space(load_profile(b.profile), self.space)
         self.cache = WeightsCache(spec.cache_root)
         for path in (spec.checkpoint, spec.weights):  # a corrupt file fails before a study is created
             if path:
@@ -531,7 +542,10 @@ class Search:
     def _evaluator(self, protocol: ProxyProtocol, *, latency: bool, teacher: ProxyProtocol | None = None
                    ) -> Evaluator:
         spec = self.spec
+        profile = next((b.profile for b in spec.budgets if b.predicted), None)
         return Evaluator(self.model, self.data, protocol, cache=self.cache, latency=latency,
+                         latency_profile=profile if latency else None,
+                         ort_latency=latency and any(b.metric == "latency-ort" for b in spec.budgets),
                          checkpoint=spec.checkpoint, weights=spec.weights,
                          distill=spec.baseline_accuracy is None, teacher_protocol=teacher, log=self.log,
                          progress=self.progress)
