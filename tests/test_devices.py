@@ -86,15 +86,16 @@ def test_cli_execution_options_reach_the_study_spec(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_recommend(model, **kw):
-        seen.update(kw)
+    def fake_recommend(model=None, *, spec=None, **kw):
+        seen["spec"] = spec  # the CLI parses the flags once, into the spec it passes
         raise RecommenderError("stop here")
 
     monkeypatch.setattr(api, "recommend", fake_recommend)
     code = main(["--model", "resnet18", "--budget", "5M-params", "--device", "cpu", "--threads", "1",
                  "--image-size", "24", "--studies-dir", str(tmp_path)])
     assert code == 2
-    assert (seen["device"], seen["threads"], seen["image_size"]) == ("cpu", 1, 24)
+    spec = seen["spec"]
+    assert (spec.device, spec.threads, spec.image_size) == ("cpu", 1, 24)
     assert main(["--model", "resnet18", "--budget", "5M-params", "--threads", "-1",
                  "--studies-dir", str(tmp_path)]) == 2
 
