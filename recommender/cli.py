@@ -53,7 +53,7 @@ SUBCOMMANDS = ("ablate", "show", "apply", "dashboard", "device-profile")
 
 #: The README's quick start and main job (tests/test_cli.py keeps them equal), with the wall time
 #: measured in a fresh clone on 2 CPU cores (docs/measurements.md)
-QUICK_START = "recommend --model resnet18 --max-drop 3% --budget 1M-params --trials 12"
+QUICK_START = "recommend --model resnet18 --max-drop 3% --budget 1M-params --trials 12 --timeout 4m"
 QUICK_START_TIME = "about 2 minutes"
 MAIN_JOB = "recommend --model resnet101 --max-drop 2% --budget 5M-params"
 MAIN_JOB_TIME = "about 15 minutes"
