@@ -133,7 +133,8 @@ def test_exit_1_nothing_feasible_no_recipe(tiny, capsys):
     folder = root / "studies" / "impossible"
     folder.mkdir(parents=True)
     (folder / "recipe.json").write_text('{"stale": true}')  # an earlier answer's recipe
-    code = main([*common, "--budget", "1k-params", "--max-drop", "1%", "--study-name", "impossible"])
+    # 1.3k params: above the smallest cost the space can reach (1.23k, best case), below every draft
+    code = main([*common, "--budget", "1.3k-params", "--max-drop", "1%", "--study-name", "impossible"])
     out = capsys.readouterr().out
     assert code == 1, out
     assert "Recipe:" not in out and "recommend apply" not in out
@@ -142,10 +143,16 @@ def test_exit_1_nothing_feasible_no_recipe(tiny, capsys):
     assert "Nothing feasible was found" in (folder / "report.md").read_text()
     assert (folder / "pareto.png").stat().st_size > 0
 
-    assert main([*common, "--budget", "1k-params", "--max-drop", "1%", "--study-name", "impossible",
+    assert main([*common, "--budget", "1.3k-params", "--max-drop", "1%", "--study-name", "impossible",
                  "--json", "--quiet"]) == 1
     d = json.loads(capsys.readouterr().out)
     assert d["feasible"] is False and "recipe" not in d["files"]
+
+    # below the space's floor the question is refused before any training: exit 1, one line naming it
+    assert main([*common, "--budget", "1k-params", "--max-drop", "1%", "--study-name", "below-floor"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1 and "smallest params this search space reaches" in cap.err
+    assert not (root / "studies" / "below-floor").exists()
 
 
 def test_exit_1_when_a_higher_rung_rejects_every_candidate(monkeypatch, capsys, tmp_path):

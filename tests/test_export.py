@@ -30,7 +30,7 @@ def test_pruned_fp32_recipe_exports_onnx_that_onnxruntime_agrees_with(tmp_path):
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install -e '.[export]')")
     path = _recipe(tmp_path, PruneConfig("structured-channel", 0.5), QuantConfig("fp32"))
     steps = []
-    res = apply_recipe(path, dataset="digits", fidelity="smoke", out_dir=tmp_path / "out",
+    res = apply_recipe(path, model=MODEL, dataset="digits", fidelity="smoke", out_dir=tmp_path / "out",
                        cache_dir=str(tmp_path / "cache"), formats=["onnx", "pt2", "torchscript"],
                        progress=lambda label, step, total, loss: steps.append((label, step, total, loss)))
     # training progress reached the caller, step by step, to the end
@@ -62,7 +62,7 @@ def test_pruned_fp32_recipe_exports_onnx_that_onnxruntime_agrees_with(tmp_path):
 
 def test_int8_recipe_refuses_onnx_before_training(tmp_path, capsys):
     path = _recipe(tmp_path, PruneConfig(), QuantConfig("int8-static", "x86", 2))
-    code = main(["apply", str(path), "--fidelity", "smoke", "--format", "onnx", "--cache-dir", str(tmp_path / "c")])
+    code = main(["apply", str(path), "--model", MODEL, "--fidelity", "smoke", "--format", "onnx", "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "int8" in err and "TorchScript only" in err
@@ -73,7 +73,7 @@ def test_int8_recipe_refuses_onnx_before_training(tmp_path, capsys):
 def test_missing_export_extra_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export, "onnx_available", lambda: False)
     path = _recipe(tmp_path, PruneConfig(), QuantConfig("fp32"))
-    code = main(["apply", str(path), "--fidelity", "smoke", "--format", "onnx,pt2", "--cache-dir", str(tmp_path / "c")])
+    code = main(["apply", str(path), "--model", MODEL, "--fidelity", "smoke", "--format", "onnx,pt2", "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and 'pip install "recommender[export]"' in err
     assert "onnx" not in export.default_formats(int8=False)  # the default works without the extra

@@ -65,7 +65,8 @@ def test_a_checkpoint_pins_every_rung_to_the_native_size(tmp_path):
     torch.manual_seed(0)
     save_state(tmp_path / "ckpt.pt", TinyCNN(2))
     spec = dict(model="tests.helpers:TinyCNN", dataset=f"imagefolder:{tmp_path / 'imgs'}", max_drop="5%",
-                budgets=["20M-params"], fidelity="smoke", studies_dir=str(tmp_path / "studies"), latency=False)
+                budgets=["20M-params"], fidelity="smoke", studies_dir=str(tmp_path / "studies"), latency=False,
+                rungs="2")  # smoke's auto ladder has one rung: ask for a promotion rung to see it pinned
     lines: list[str] = []
     pinned = Search(StudySpec(**spec, checkpoint=str(tmp_path / "ckpt.pt")), log=lines.append)
     assert len(pinned.rungs) == 2

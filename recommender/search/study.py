@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 import torch
 from torch import nn
 from optuna.trial import TrialState
@@ -721,8 +722,18 @@ class Search:
         timeout = None if self.deadline is None else max(1.0, self._time_left())
         guard_trial_creation(self.study)  # no RUNNING trial without its worker, whenever Ctrl-C lands
         try:
-            self.study.optimize(interruptible(objective), n_trials=max(1, cap - len(self.study.trials)),
-                                timeout=timeout, catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
+            while True:
+                try:
+                    self.study.optimize(interruptible(objective), n_trials=max(1, cap - len(self.study.trials)),
+                                        timeout=timeout, catch=(TrialFailed,), callbacks=[stop, count, *self.callbacks])
+                    break
+                except UpdateFinishedTrialError as exc:
+                    # Another process finished this worker's trial first (a heartbeat judged stale on a
+                    # loaded machine, a reaper): its outcome is recorded there; the search goes on.
+                    self.log(f"trial finished by another process meanwhile ({exc}); the search goes on")
+                    if self.remaining() <= 0 or (self.deadline is not None and self._time_left() <= 0):
+                        break
+                    timeout = None if self.deadline is None else max(1.0, self._time_left())
         except KeyboardInterrupt:
             release_own_trials(self.study, objective.values_from_dict)  # caught outside the objective
             raise
