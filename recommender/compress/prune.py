@@ -487,7 +487,7 @@ ROUND_TO = (1, 8, 16)
 _STRUCTURED_KEYED_IF_SET = {"allocation": "uniform", "round_to": 1}
 #: Training batches a sensitivity allocation reads when no measured sensitivity is given (half
 #: re-estimate BN statistics, half score; see :func:`sensitivity_from_batches`).
-SENSITIVITY_BATCHES = 8
+SENSITIVITY_BATCHES = 6
 #: Training batches whose gradients score channels for Taylor importance.
 TAYLOR_BATCHES = 4
 
