@@ -143,9 +143,78 @@ def test_round_to_keeps_channel_multiples():
 def test_new_fields_keep_the_old_serialisation():
     old = {"method": "structured-channel", "sparsity": 0.3, "importance": "l1", "finetune_steps": 0}
     assert StructuredChannelConfig(sparsity=0.3).to_dict() == old
-    cfg = make_config("prune", {**old, "round_to": 16, "allocation": "sensitivity"})
-    assert cfg.to_dict() == {**old, "allocation": "sensitivity", "round_to": 16}
+    cfg = make_config("prune", {**old, "round_to": 16, "allocation": "sensitivity", "grouped": "aligned"})
+    assert cfg.to_dict() == {**old, "allocation": "sensitivity", "round_to": 16, "grouped": "aligned"}
     assert make_config("prune", cfg.to_dict()) == cfg
-    for bad in ({"round_to": 3}, {"round_to": True}, {"allocation": "random"}):
+    for bad in ({"round_to": 3}, {"round_to": True}, {"allocation": "random"}, {"grouped": "whole"}):
         with pytest.raises(RecommenderError):
             StructuredChannelConfig(sparsity=0.3, **bad)
+
+
+# -------------------------------------------------------------------------------------------
+# group-aligned pruning through channel shuffles (grouped="aligned")
+
+
+def _mapped_graph(m: nn.Module, x: torch.Tensor):
+    import torch_pruning as tp
+
+    from recommender.compress.prune import _tolerant_reshape_mapping
+    from recommender.compress.shuffle_prune import map_shuffles, shuffle_hooks
+
+    with _tolerant_reshape_mapping(), shuffle_hooks(m) as seen:
+        dg = tp.DependencyGraph().build_dependency(m, example_inputs=x)
+    return dg, map_shuffles(dg, seen)
+
+
+@pytest.mark.parametrize("block", ["bottleneck", "ghost"])
+def test_aligned_pruning_through_a_shuffle_computes_what_zeroing_computes(block):
+    from recommender.compress.prune import _tolerant_reshape_mapping
+    from recommender.compress.shuffle_prune import aligned_indices, group_ok
+    from recommender.models.blocks import Bottleneck, GhostModule
+
+    torch.manual_seed(0)
+    m = (Bottleneck(64, 64, 64, conv="depthwise", groups=4) if block == "bottleneck"
+         else nn.Sequential(GhostModule(64, 64, groups=4), nn.Conv2d(64, 8, 1))).eval()
+    x = torch.randn(2, 64, 6, 6)
+    for mod in m.modules():  # non-trivial BN statistics
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    root_name = "conv1" if block == "bottleneck" else "0.primary"
+    names = {mod: n for n, mod in m.named_modules()}
+    with _tolerant_reshape_mapping():
+        dg, pre = _mapped_graph(m, x)
+        root = dict(m.named_modules())[root_name]
+        import torch_pruning as tp
+        fn = tp.prune_conv_out_channels
+        n = root.out_channels
+        imp = torch.rand(n, generator=torch.Generator().manual_seed(0))
+        idxs = aligned_indices(dg, root, fn, imp, n // 4, pre, (4,))
+        assert idxs is not None and len(idxs) >= 4
+        group = dg.get_pruning_group(root, fn, idxs)
+        assert group_ok(dg, group, pre)
+        pruned = copy.deepcopy(m)
+        pdg, _ = _mapped_graph(pruned, x)
+        pdg.get_pruning_group(dict(pruned.named_modules())[root_name], fn, idxs).prune()
+    saved = _zero_channels(dg, group, names)
+    with torch.no_grad():
+        assert torch.allclose(m(x), pruned(x), atol=1e-4)
+    assert count_params(pruned) < count_params(m)
+    # the unmapped shuffle (torch-pruning's identity mapping) prunes other consumer channels
+    for t, s in saved:
+        t.copy_(s)
+
+
+def test_aligned_pruning_prunes_a_shuffle_preset():
+    from recommender.compress.prune import structured_prune
+    from recommender.models import get_preset
+
+    torch.manual_seed(0)
+    m = build_model("resnet50", get_preset("paper-resnet101-5").arch, num_classes=10).eval()
+    x = torch.randn(1, 3, 16, 16)
+    skip, r0 = structured_prune(m, 0.3, example_input=x, measure_flops=False)
+    aligned, r1 = apply_pruning(m, StructuredChannelConfig(sparsity=0.3, grouped="aligned"), example_input=x,
+                                measure_flops=False)
+    assert r0.achieved_sparsity < 0.05 and r1.achieved_sparsity >= 0.25
+    with torch.no_grad():
+        assert aligned(torch.randn(2, 3, 16, 16)).shape == (2, 10)

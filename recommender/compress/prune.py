@@ -186,6 +186,8 @@ def _tolerant_reshape_mapping() -> Iterator[None]:
     original = im.update_reshape_index_mapping
 
     def tolerant(graph: Any, node: Any) -> None:
+        if id(node) in getattr(graph, "_shuffle_reshapes", ()):  # mapped by shuffle_prune
+            return
         try:
             original(graph, node)
         except ZeroDivisionError:
@@ -198,9 +200,13 @@ def _tolerant_reshape_mapping() -> Iterator[None]:
         im.update_reshape_index_mapping = original
 
 
-def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
-    """Names of the layers to ignore, with reasons. level 0: minimal; 1: conservative."""
+def _analyse(model: nn.Module, x: torch.Tensor, level: int, aligned: bool = False) -> dict[str, str]:
+    """Names of the layers to ignore, with reasons. level 0: minimal; 1: conservative.
+    ``aligned``: the transposes of :class:`ChannelShuffle` modules are mapped
+    (:mod:`.shuffle_prune`), so the layers around them are not ignored at level 0."""
     import torch_pruning as tp
+
+    from .shuffle_prune import _transpose_of, shuffle_hooks
 
     names = {m: n for n, m in model.named_modules()}
     ignored: dict[str, str] = {}
@@ -210,8 +216,16 @@ def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
         head = order[-1]
         ignored[names[head]] = "classifier (final layer producing the class scores)"
 
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    with shuffle_hooks(model) as seen:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
     node_of = dg.module2node
+    mapped: set[int] = set()
+    if aligned and level == 0:
+        for node in list(node_of.values()):
+            if getattr(node, "grad_fn", None) in seen:
+                found = _transpose_of(node)
+                if found is not None:
+                    mapped.add(id(found[0]))
 
     def is_layer(n: Any) -> bool:
         return isinstance(n.module, (nn.Conv2d, nn.Linear)) and n.module in names
@@ -247,7 +261,7 @@ def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
         op = node.module
         if isinstance(op, tp.ops._ElementWiseOp):
             fn = str(getattr(op, "_grad_fn", "")).lower()
-            if "transpose" in fn or "permute" in fn:
+            if ("transpose" in fn or "permute" in fn) and id(node) not in mapped:
                 add(producers(node.inputs), "feeds a channel shuffle/transpose")
                 after = consumers(node.outputs)
                 add([m for m in after if _is_depthwise(m)], "depthwise conv after a channel shuffle/transpose")
@@ -308,6 +322,7 @@ def _attempt(
     params_before: int,
     ratios: dict[str, float] | None = None,
     round_to: int = 1,
+    grouped: str = "skip",
 ) -> tuple[nn.Module, dict[str, str]]:
     """One torch-pruning run on a fresh copy; raises when the result is unusable. ``ratios``:
     per-group ratios (group root module name -> fraction; groups not named keep ``ratio``),
@@ -315,26 +330,47 @@ def _attempt(
     rounded down to this multiple (torch-pruning's ``round_to``; 1 = off)."""
     import torch_pruning as tp
 
+    from .shuffle_prune import aligned_indices, group_ok, map_shuffles, shuffle_hooks
+
     candidate = safe_deepcopy(model).eval()
+    aligned = grouped == "aligned"
     with warnings.catch_warnings(), _tolerant_reshape_mapping():
         warnings.simplefilter("ignore")
-        ignored = _analyse(candidate, example_input, level)
+        ignored = _analyse(candidate, example_input, level, aligned=aligned)
         mods = dict(candidate.named_modules())
         imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
-        pruner = tp.pruner.BasePruner(
-            candidate,
-            example_input,
-            importance=imp,
-            pruning_ratio=float(ratio),
-            ignored_layers=[mods[n] for n in ignored],
-            global_pruning=False,
-            pruning_ratio_dict={mods[n]: min(max(float(r), 0.0), 0.95) for n, r in (ratios or {}).items()
-                                if n in mods and n not in ignored} or None,
-            round_to=round_to if round_to > 1 else None,
-        )
+        with shuffle_hooks(candidate) as seen:
+            pruner = tp.pruner.BasePruner(
+                candidate,
+                example_input,
+                importance=imp,
+                pruning_ratio=float(ratio),
+                ignored_layers=[mods[n] for n in ignored],
+                global_pruning=False,
+                pruning_ratio_dict={mods[n]: min(max(float(r), 0.0), 0.95) for n, r in (ratios or {}).items()
+                                    if n in mods and n not in ignored} or None,
+                round_to=round_to if round_to > 1 else None,
+            )
         if importance == "taylor":
             _taylor_gradients(candidate, example_input, batches, taylor_batches)
-        pruner.step()
+        if not aligned:
+            pruner.step()
+        else:
+            dg = pruner.DG
+            pre = map_shuffles(dg, seen)
+            blocks = tuple(sorted({g for _, g in seen.values()}))
+            for group in pruner.step(interactive=True):
+                if group_ok(dg, group, pre):
+                    group.prune()
+                    continue
+                root, fn = group[0][0].target.module, group[0][0].handler
+                n = dg.get_out_channels(root) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(root)
+                scores = pruner.importance(dg.get_pruning_group(root, fn, list(range(n))))
+                if scores is None or scores.numel() != n:
+                    continue
+                idxs = aligned_indices(dg, root, fn, scores, len(group[0][1]), pre, blocks)
+                if idxs:
+                    dg.get_pruning_group(root, fn, idxs).prune()
         candidate.zero_grad(set_to_none=True)
     with torch.no_grad():
         out = candidate(example_input)
@@ -360,6 +396,7 @@ def structured_prune(
     tolerance: float = 0.05,
     ratios: dict[str, float] | None = None,
     round_to: int = 1,
+    grouped: str = "skip",
 ) -> tuple[nn.Module, PruneReport]:
     """Channel pruning with torch-pruning on a copy of ``model``; see the module docstring.
 
@@ -372,7 +409,9 @@ def structured_prune(
     ``ratios``: per-group ratios instead (dependency-group root module name -> fraction, from
     :func:`recommender.compress.prune_sensitivity.allocate_ratios`); ``ratio`` is then their
     nominal overall target, and a calibration scales all of them alike. ``round_to``: every
-    pruned layer keeps a multiple of this many channels (1 = any count).
+    pruned layer keeps a multiple of this many channels (1 = any count). ``grouped``: ``skip``
+    leaves the layers around channel shuffles and (on retries) grouped convs alone; ``aligned``
+    prunes them at the same positions in every group (:mod:`.shuffle_prune`).
     """
     t0 = time.perf_counter()
     report = PruneReport(method="structured-channel", target_sparsity=float(ratio))
@@ -390,7 +429,7 @@ def structured_prune(
 
     def run(r: float, level: int) -> tuple[nn.Module, dict[str, str]]:
         scaled = {k: v * r / ratio for k, v in ratios.items()} if ratios and ratio > 0 else None
-        return _attempt(model, r, level, *args, ratios=scaled, round_to=round_to)
+        return _attempt(model, r, level, *args, ratios=scaled, round_to=round_to, grouped=grouped)
     pruned: nn.Module | None = None
     failures: list[str] = []
     for level in (0, 1, 2):
@@ -484,7 +523,11 @@ ALLOCATIONS = ("uniform", "sensitivity")
 #: Channel multiples a pruned layer may keep (torch-pruning's ``round_to``; 1 = any count).
 ROUND_TO = (1, 8, 16)
 #: Fields of :class:`StructuredChannelConfig` serialised only when not at these defaults.
-_STRUCTURED_KEYED_IF_SET = {"allocation": "uniform", "round_to": 1}
+_STRUCTURED_KEYED_IF_SET = {"allocation": "uniform", "round_to": 1, "grouped": "skip"}
+#: What structured pruning does with grouped convs and channel shuffles: ``skip`` leaves the
+#: layers around a shuffle alone (as before); ``aligned`` prunes them at the same positions in
+#: every group (:mod:`.shuffle_prune`).
+GROUPED_RULES = ("skip", "aligned")
 #: Training batches a sensitivity allocation reads when no measured sensitivity is given (half
 #: re-estimate BN statistics, half score; see :func:`sensitivity_from_batches`).
 SENSITIVITY_BATCHES = 6
@@ -551,6 +594,11 @@ class StructuredChannelConfig(MethodConfig):
         sparsity: fraction of output channels removed per prunable layer, in [0, 1).
         importance: ``l1`` magnitude or ``taylor`` (first-order, needs a few batches).
         finetune_steps: recovery steps after pruning; 0 = the protocol's recovery budget.
+        allocation: ``uniform`` (``sparsity`` in every group) or ``sensitivity`` (per-group
+            ratios from the trained model's measured sensitivity, the same parameter count).
+        round_to: pruned layers keep a multiple of this many channels (1, 8 or 16).
+        grouped: ``skip`` (layers around channel shuffles stay whole) or ``aligned`` (grouped
+            convs and shuffles pruned at the same positions in every group).
     """
 
     sparsity: float = 0.0
@@ -558,6 +606,7 @@ class StructuredChannelConfig(MethodConfig):
     finetune_steps: int = 0
     allocation: str = "uniform"
     round_to: int = 1
+    grouped: str = "skip"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", check_fraction("pruning sparsity", self.sparsity))
@@ -566,6 +615,8 @@ class StructuredChannelConfig(MethodConfig):
         check_int("finetune_steps", self.finetune_steps)
         if self.allocation not in ALLOCATIONS:
             raise RecommenderError(f"unknown pruning allocation {self.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+        if self.grouped not in GROUPED_RULES:
+            raise RecommenderError(f"unknown grouped-conv rule {self.grouped!r}; valid: {', '.join(GROUPED_RULES)}")
         if isinstance(self.round_to, bool) or self.round_to not in ROUND_TO:
             raise RecommenderError(f"pruning round_to must be one of {', '.join(map(str, ROUND_TO))}, "
                                    f"got {self.round_to!r}")
@@ -592,7 +643,8 @@ class StructuredChannelConfig(MethodConfig):
         if not self.active:
             return "no pruning"
         extra = (" by sensitivity" if self.allocation == "sensitivity" else "") + \
-            (f", channels x{self.round_to}" if self.round_to > 1 else "")
+            (f", channels x{self.round_to}" if self.round_to > 1 else "") + \
+            (", group-aligned" if self.grouped == "aligned" else "")
         return f"structured-channel {self.sparsity:.0%}{extra}"
 
 
@@ -647,7 +699,7 @@ def apply_pruning(
                                        batches=batches, finetune=finetune,
                                        finetune_steps=cfg.finetune_steps or finetune_steps,
                                        measure_flops=measure_flops, ratios=ratios, round_to=cfg.round_to,
-                                       calibrate=ratios is None)
+                                       grouped=cfg.grouped, calibrate=ratios is None)
         return pruned, rep
     return get_method("prune", cfg.method).apply(
         model, cfg, CompressContext(example_input, list(batches) if batches else None, finetune, finetune_steps))
@@ -695,7 +747,8 @@ def _estimate_structured(model: nn.Module, cfg: MethodConfig, costs: StructureCo
     # a sensitivity allocation keeps the uniform ratio's parameter count (allocate_ratios), so the
     # uniform structure stands for it here
     pruned, rep = structured_prune(model, cfg.sparsity, example_input=ctx.example_input, importance="l1",
-                                   measure_flops=False, round_to=getattr(cfg, "round_to", 1))
+                                   measure_flops=False, round_to=getattr(cfg, "round_to", 1),
+                                   grouped=getattr(cfg, "grouped", "skip"))
     f = None
     if costs.mflops is not None:  # fvcore's count from the shapes, in milliseconds (fvcore itself: seconds)
         f = count_flops_shapes(pruned, tuple(ctx.example_input.shape))
