@@ -218,3 +218,37 @@ def test_aligned_pruning_prunes_a_shuffle_preset():
     assert r0.achieved_sparsity < 0.05 and r1.achieved_sparsity >= 0.25
     with torch.no_grad():
         assert aligned(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_a_study_measures_the_sensitivity_once_and_keeps_it_in_its_cache(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import TinyCNN
+
+    import recommender.evaluation as evaluation
+    from recommender.cache import WeightsCache
+    from recommender.compress.prune_sensitivity import SensitivityConfig, sensitivity_name
+    from recommender.data import load_dataset
+    from recommender.evaluation import Evaluator
+    from recommender.models import register_module
+    from recommender.protocol import get_protocol
+    from recommender.recipe import Recipe
+
+    data = load_dataset("digits")
+    name = register_module(TinyCNN())
+    proto = get_protocol("smoke", threads=1)
+    cache = WeightsCache(tmp_path)
+    ev = Evaluator(name, data, proto, cache=cache, latency=False)
+    base = ev.evaluate_baseline()
+    recipe = Recipe.from_dict({"prune": {"method": "structured-channel", "sparsity": 0.3,
+                                         "allocation": "sensitivity"}})
+    out = ev.evaluate(recipe, base)
+    assert out.ok and out.inherited, out.reason
+    assert cache.load_json(ev.baseline_key(), sensitivity_name(SensitivityConfig())) is not None
+    # a second evaluator on the same cache (a resumed study) reads it instead of measuring
+    monkeypatch.setattr(evaluation, "measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    ev2 = Evaluator(name, data, proto, cache=cache, latency=False)
+    assert ev2.prune_sensitivity() == ev.prune_sensitivity()
+    assert ev2.evaluate(recipe, ev2.evaluate_baseline()).ok

@@ -175,13 +175,14 @@ _CHUNKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def aligned_indices(dg: Any, root: nn.Module, fn: Any, importance: torch.Tensor, n_pruned: int,
-                    pre: dict[int, tuple[int, int]], blocks: tuple[int, ...]) -> list[int] | None:
+                    pre: dict[int, tuple[int, int]], blocks: tuple[int, ...], max_shapes: int = 12
+                    ) -> list[int] | None:
     """Root channel indices to prune (about ``n_pruned``, by least summed ``importance`` of their
     class) whose group passes :func:`group_ok`, trying classes "block ``l`` of ``s`` channels in
     each of ``G`` chunks" from the smallest; None when no class shape passes."""
     n = int(importance.numel())
     shapes = sorted({(s * g, s, g) for s in (1, *blocks) for g in _CHUNKS if n % (s * g) == 0 and s * g < n})
-    for size, s, g in shapes:
+    for size, s, g in shapes[:max_shapes]:
         chunk = n // g
         classes = chunk // s
         k = max(1, round(n_pruned / size))
