@@ -815,6 +815,10 @@ def _bound_structured(model: nn.Module, cfg: MethodConfig, costs: StructureCosts
     # a lower bound from the layers' channel counts alone (no torch-pruning run, no weights)
     if not cfg.active:
         return model, costs
+    if getattr(cfg, "round_to", 1) > 1 or getattr(cfg, "grouped", "skip") != "skip":
+        # rounding kept channels down to a multiple, or group-aligned classes, may remove far more
+        # than ``sparsity`` of a narrow layer: no count is a safe bound, the estimate screens
+        return model, StructureCosts(0.0, 0.0, None if costs.mflops is None else 0.0, 0.0, costs.notes)
     share = 1.0 - cfg.sparsity
     num_inputs = int(ctx.example_input.shape[1])
     head = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
