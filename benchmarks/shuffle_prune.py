@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {rule} {r:.0%}: {rep.achieved_sparsity:.1%} of channels, {rep.params_before} -> "
                       f"{rep.params_after} params, {base_ms:.2f} -> {ms:.2f} ms ({secs:.0f} s)", flush=True)
         rows[name] = row
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"input": list(shape), "torch_threads": 1, "rows": rows}, indent=1))
+        # written after every preset: a run cut short keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"input": list(shape), "torch_threads": 1, "rows": rows}, indent=1))
     return 0
 
 
