@@ -25,6 +25,7 @@ from . import measure as measure_mod
 from .cache import WeightsCache
 from .compress import checkpoint as ckpt
 from .compress.pipeline import compress
+from .compress.prune_sensitivity import PruneSensitivity, SensitivityConfig, measure_sensitivity, sensitivity_name
 from .constraints import MaxDrop
 from .data import TensorData
 from .errors import ArchError, RecommenderError, TrainingError
@@ -194,6 +195,7 @@ class Evaluator:
         self._estimates: dict[str, float] = {}  # arch -> estimated training seconds
         self._teacher: torch.Tensor | None = None
         self._features: tuple[int, list[torch.Tensor]] | None = None
+        self._sensitivity: dict[SensitivityConfig, PruneSensitivity] = {}
         self._source = self._source_identity()
         net = self._build(ArchConfig())  # fail fast on a bad model or class count
         if self.family.style == "custom":
@@ -375,6 +377,33 @@ class Evaluator:
         d = protocol_data(self.data, self.protocol)
         return int(math.ceil(self.protocol.recovery_epochs * math.ceil(d.n_train / self.protocol.batch_size)))
 
+    def prune_sensitivity(self, config: SensitivityConfig | None = None) -> PruneSensitivity:
+        """The trained baseline's per-group pruning sensitivity (:mod:`.compress.prune_sensitivity`),
+        measured once on training batches at the deploy input size and kept in the cache next to
+        the baseline's weights (whose key names the checkpoint, the dataset and the protocol)."""
+        cfg = config or SensitivityConfig()
+        if cfg in self._sensitivity:
+            return self._sensitivity[cfg]
+        key, name = self.baseline_key(), sensitivity_name(cfg)
+        stored = self.cache.load_json(key, name) if self.cache else None
+        if stored is not None:
+            try:
+                sens = PruneSensitivity.from_dict(stored)
+            except (KeyError, TypeError, ValueError):
+                sens = None
+        else:
+            sens = None
+        if sens is None:
+            model = self.baseline_model()
+            bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
+            self.log(f"measuring the pruning sensitivity of {self.model_name} ({len(bs)} training batches)")
+            sens = measure_sensitivity(model, bs[:cfg.calib_batches], bs[cfg.calib_batches:],
+                                       torch.randn(self.input_size), ratios=cfg.ratios)
+            if self.cache:
+                self.cache.save_json(key, name, sens.to_dict())
+        self._sensitivity[cfg] = sens
+        return sens
+
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_baseline(self, stated_accuracy: float | None = None) -> Baseline:
         """Evaluate the baseline once (its costs always; its accuracy unless stated). A baseline
@@ -425,9 +454,11 @@ class Evaluator:
             n_batches = max(cfg.batches_needed() for cfg in recipe.stages())
             train_batches = list(batches(self.data, self.protocol, n_batches)) if n_batches else None
             teacher = self._teacher_logits(self.protocol, recovery=True) if recipe.prune.active else None
+            sens = (self.prune_sensitivity() if out.inherited and getattr(recipe.prune, "allocation", "") == "sensitivity"
+                    else None)
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
                                      finetune=finetune_fn(self.data, self.protocol, teacher, deadline=deadline),
-                                     finetune_steps=self.recovery_steps())
+                                     finetune_steps=self.recovery_steps(), sensitivity=sens)
             out.notes = compression_notes(report)
             _check_deadline(deadline, "after compression")
             ev = evaluate(model, self.data, self.protocol)

@@ -87,12 +87,16 @@ class CompressContext:
     finetune: ``finetune(model, steps) -> loss`` recovery training (with distillation from the
         baseline when the protocol asks for it), or None.
     finetune_steps: the recovery budget in optimiser steps for the whole stage.
+    sensitivity: the trained model's per-group pruning sensitivity
+        (:class:`~.prune_sensitivity.PruneSensitivity`), for a sensitivity allocation; None: the
+        method measures it from ``batches`` if it needs it.
     """
 
     example_input: torch.Tensor
     batches: list[Any] | None = None
     finetune: Callable[[nn.Module, int], Any] | None = None
     finetune_steps: int = 0
+    sensitivity: Any = None
 
 
 @dataclass

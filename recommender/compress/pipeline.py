@@ -38,6 +38,7 @@ def compress(
     batches: Iterable[Any] | None,
     finetune: Finetune | None = None,
     finetune_steps: int = 0,
+    sensitivity: Any = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Apply the recipe's pruning then its quantization (registered methods) to a copy of
     ``model``; ``recipe`` is a Recipe or a (prune config, quant config) pair.
@@ -45,10 +46,12 @@ def compress(
     ``batches``: (x, y) training batches; used for Taylor importance and, as x, for calibration.
     It is materialised once, so a one-shot iterator works. ``finetune(model, steps)``: recovery
     training for pruning, ``finetune_steps`` its budget (unless the method's config sets one).
+    ``sensitivity``: the trained model's pruning sensitivity, for a sensitivity allocation.
     """
     t0 = time.perf_counter()
     pcfg, qcfg = (recipe.prune, recipe.quant) if hasattr(recipe, "prune") else recipe
-    ctx = CompressContext(example_input, list(batches) if batches is not None else None, finetune, finetune_steps)
+    ctx = CompressContext(example_input, list(batches) if batches is not None else None, finetune, finetune_steps,
+                          sensitivity)
     pruned, prep = _apply(model, pcfg, ctx)
     pruned.eval()
     quantized, qrep = _apply(pruned, qcfg, ctx)

@@ -186,6 +186,8 @@ def _tolerant_reshape_mapping() -> Iterator[None]:
     original = im.update_reshape_index_mapping
 
     def tolerant(graph: Any, node: Any) -> None:
+        if id(node) in getattr(graph, "_shuffle_reshapes", ()):  # mapped by shuffle_prune
+            return
         try:
             original(graph, node)
         except ZeroDivisionError:
@@ -198,9 +200,13 @@ def _tolerant_reshape_mapping() -> Iterator[None]:
         im.update_reshape_index_mapping = original
 
 
-def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
-    """Names of the layers to ignore, with reasons. level 0: minimal; 1: conservative."""
+def _analyse(model: nn.Module, x: torch.Tensor, level: int, aligned: bool = False) -> dict[str, str]:
+    """Names of the layers to ignore, with reasons. level 0: minimal; 1: conservative.
+    ``aligned``: the transposes of :class:`ChannelShuffle` modules are mapped
+    (:mod:`.shuffle_prune`), so the layers around them are not ignored at level 0."""
     import torch_pruning as tp
+
+    from .shuffle_prune import _transpose_of, shuffle_hooks
 
     names = {m: n for n, m in model.named_modules()}
     ignored: dict[str, str] = {}
@@ -210,8 +216,16 @@ def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
         head = order[-1]
         ignored[names[head]] = "classifier (final layer producing the class scores)"
 
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    with shuffle_hooks(model) as seen:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
     node_of = dg.module2node
+    mapped: set[int] = set()
+    if aligned and level == 0:
+        for node in list(node_of.values()):
+            if getattr(node, "grad_fn", None) in seen:
+                found = _transpose_of(node)
+                if found is not None:
+                    mapped.add(id(found[0]))
 
     def is_layer(n: Any) -> bool:
         return isinstance(n.module, (nn.Conv2d, nn.Linear)) and n.module in names
@@ -247,7 +261,7 @@ def _analyse(model: nn.Module, x: torch.Tensor, level: int) -> dict[str, str]:
         op = node.module
         if isinstance(op, tp.ops._ElementWiseOp):
             fn = str(getattr(op, "_grad_fn", "")).lower()
-            if "transpose" in fn or "permute" in fn:
+            if ("transpose" in fn or "permute" in fn) and id(node) not in mapped:
                 add(producers(node.inputs), "feeds a channel shuffle/transpose")
                 after = consumers(node.outputs)
                 add([m for m in after if _is_depthwise(m)], "depthwise conv after a channel shuffle/transpose")
@@ -306,27 +320,57 @@ def _attempt(
     taylor_batches: int,
     ref_shape: tuple[int, ...],
     params_before: int,
+    ratios: dict[str, float] | None = None,
+    round_to: int = 1,
+    grouped: str = "skip",
 ) -> tuple[nn.Module, dict[str, str]]:
-    """One torch-pruning run on a fresh copy; raises when the result is unusable."""
+    """One torch-pruning run on a fresh copy; raises when the result is unusable. ``ratios``:
+    per-group ratios (group root module name -> fraction; groups not named keep ``ratio``),
+    scaled by ``ratio / nominal`` where the caller calibrates; ``round_to``: kept channel counts
+    rounded down to this multiple (torch-pruning's ``round_to``; 1 = off)."""
     import torch_pruning as tp
 
+    from .shuffle_prune import aligned_indices, group_ok, map_shuffles, shuffle_hooks
+
     candidate = safe_deepcopy(model).eval()
+    aligned = grouped == "aligned"
     with warnings.catch_warnings(), _tolerant_reshape_mapping():
         warnings.simplefilter("ignore")
-        ignored = _analyse(candidate, example_input, level)
+        ignored = _analyse(candidate, example_input, level, aligned=aligned)
         mods = dict(candidate.named_modules())
         imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
-        pruner = tp.pruner.BasePruner(
-            candidate,
-            example_input,
-            importance=imp,
-            pruning_ratio=float(ratio),
-            ignored_layers=[mods[n] for n in ignored],
-            global_pruning=False,
-        )
+        with shuffle_hooks(candidate) as seen:
+            pruner = tp.pruner.BasePruner(
+                candidate,
+                example_input,
+                importance=imp,
+                pruning_ratio=float(ratio),
+                ignored_layers=[mods[n] for n in ignored],
+                global_pruning=False,
+                pruning_ratio_dict={mods[n]: min(max(float(r), 0.0), 0.95) for n, r in (ratios or {}).items()
+                                    if n in mods and n not in ignored} or None,
+                round_to=round_to if round_to > 1 else None,
+            )
         if importance == "taylor":
             _taylor_gradients(candidate, example_input, batches, taylor_batches)
-        pruner.step()
+        if not aligned:
+            pruner.step()
+        else:
+            dg = pruner.DG
+            pre = map_shuffles(dg, seen)
+            blocks = tuple(sorted({g for _, g in seen.values()}))
+            for group in pruner.step(interactive=True):
+                if group_ok(dg, group, pre):
+                    group.prune()
+                    continue
+                root, fn = group[0][0].target.module, group[0][0].handler
+                n = dg.get_out_channels(root) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(root)
+                scores = pruner.importance(dg.get_pruning_group(root, fn, list(range(n))))
+                if scores is None or scores.numel() != n:
+                    continue
+                idxs = aligned_indices(dg, root, fn, scores, len(group[0][1]), pre, blocks)
+                if idxs:
+                    dg.get_pruning_group(root, fn, idxs).prune()
         candidate.zero_grad(set_to_none=True)
     with torch.no_grad():
         out = candidate(example_input)
@@ -350,6 +394,9 @@ def structured_prune(
     measure_flops: bool = True,
     calibrate: bool = True,
     tolerance: float = 0.05,
+    ratios: dict[str, float] | None = None,
+    round_to: int = 1,
+    grouped: str = "skip",
 ) -> tuple[nn.Module, PruneReport]:
     """Channel pruning with torch-pruning on a copy of ``model``; see the module docstring.
 
@@ -358,6 +405,13 @@ def structured_prune(
     asked; with ``calibrate`` the torch-pruning ratio is searched (at most 4 more runs) so that
     the fraction of channels removed over the non-ignored layers comes within ``tolerance`` of
     ``ratio`` (the closest run is kept).
+
+    ``ratios``: per-group ratios instead (dependency-group root module name -> fraction, from
+    :func:`recommender.compress.prune_sensitivity.allocate_ratios`); ``ratio`` is then their
+    nominal overall target, and a calibration scales all of them alike. ``round_to``: every
+    pruned layer keeps a multiple of this many channels (1 = any count). ``grouped``: ``skip``
+    leaves the layers around channel shuffles and (on retries) grouped convs alone; ``aligned``
+    prunes them at the same positions in every group (:mod:`.shuffle_prune`).
     """
     t0 = time.perf_counter()
     report = PruneReport(method="structured-channel", target_sparsity=float(ratio))
@@ -372,11 +426,15 @@ def structured_prune(
     channels_before = _out_channels(model)
 
     args = (example_input, importance, batches, taylor_batches, ref_shape, report.params_before)
+
+    def run(r: float, level: int) -> tuple[nn.Module, dict[str, str]]:
+        scaled = {k: v * r / ratio for k, v in ratios.items()} if ratios and ratio > 0 else None
+        return _attempt(model, r, level, *args, ratios=scaled, round_to=round_to, grouped=grouped)
     pruned: nn.Module | None = None
     failures: list[str] = []
     for level in (0, 1, 2):
         try:
-            candidate, ignored = _attempt(model, ratio, level, *args)
+            candidate, ignored = run(ratio, level)
         except Exception as exc:  # torch-pruning raises many kinds of errors on odd graphs
             msg = str(exc).splitlines()[0] if str(exc) else ""
             failures.append(f"level {level}: {type(exc).__name__}: {msg}")
@@ -396,7 +454,7 @@ def structured_prune(
                 guess = lo + (hi - lo) * (ratio - g_lo) / (g_hi - g_lo) if g_hi > g_lo else (lo + hi) / 2
                 guess = min(max(guess, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
                 try:
-                    c2, ig2 = _attempt(model, guess, level, *args)
+                    c2, ig2 = run(guess, level)
                 except Exception:
                     break
                 g2 = achieved(c2)
@@ -415,7 +473,7 @@ def structured_prune(
             best = (abs(got - ratio), r, candidate, ignored, got)
             for k in (0.8, 0.65, 0.5):
                 try:
-                    c2, ig2 = _attempt(model, ratio * k, level, *args)
+                    c2, ig2 = run(ratio * k, level)
                 except Exception:
                     continue
                 g2 = achieved(c2)
@@ -459,6 +517,20 @@ def structured_prune(
 #: Upper bound on unstructured pruning rounds: a tiny ``step`` would otherwise mean millions.
 MAX_ROUNDS = 100
 IMPORTANCES = ("l1", "taylor")
+#: How the structured target is spread over the dependency groups: the same ratio everywhere, or
+#: by the trained baseline's per-group sensitivity (:mod:`.prune_sensitivity`).
+ALLOCATIONS = ("uniform", "sensitivity")
+#: Channel multiples a pruned layer may keep (torch-pruning's ``round_to``; 1 = any count).
+ROUND_TO = (1, 8, 16)
+#: Fields of :class:`StructuredChannelConfig` serialised only when not at these defaults.
+_STRUCTURED_KEYED_IF_SET = {"allocation": "uniform", "round_to": 1, "grouped": "skip"}
+#: What structured pruning does with grouped convs and channel shuffles: ``skip`` leaves the
+#: layers around a shuffle alone (as before); ``aligned`` prunes them at the same positions in
+#: every group (:mod:`.shuffle_prune`).
+GROUPED_RULES = ("skip", "aligned")
+#: Training batches a sensitivity allocation reads when no measured sensitivity is given (half
+#: re-estimate BN statistics, half score; see :func:`sensitivity_from_batches`).
+SENSITIVITY_BATCHES = 6
 #: Training batches whose gradients score channels for Taylor importance.
 TAYLOR_BATCHES = 4
 
@@ -522,27 +594,58 @@ class StructuredChannelConfig(MethodConfig):
         sparsity: fraction of output channels removed per prunable layer, in [0, 1).
         importance: ``l1`` magnitude or ``taylor`` (first-order, needs a few batches).
         finetune_steps: recovery steps after pruning; 0 = the protocol's recovery budget.
+        allocation: ``uniform`` (``sparsity`` in every group) or ``sensitivity`` (per-group
+            ratios from the trained model's measured sensitivity, the same parameter count).
+        round_to: pruned layers keep a multiple of this many channels (1, 8 or 16).
+        grouped: ``skip`` (layers around channel shuffles stay whole) or ``aligned`` (grouped
+            convs and shuffles pruned at the same positions in every group).
     """
 
     sparsity: float = 0.0
     importance: str = "l1"
     finetune_steps: int = 0
+    allocation: str = "uniform"
+    round_to: int = 1
+    grouped: str = "skip"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", check_fraction("pruning sparsity", self.sparsity))
         if self.importance not in IMPORTANCES:
             raise RecommenderError(f"unknown pruning importance {self.importance!r}; valid: {', '.join(IMPORTANCES)}")
         check_int("finetune_steps", self.finetune_steps)
+        if self.allocation not in ALLOCATIONS:
+            raise RecommenderError(f"unknown pruning allocation {self.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+        if self.grouped not in GROUPED_RULES:
+            raise RecommenderError(f"unknown grouped-conv rule {self.grouped!r}; valid: {', '.join(GROUPED_RULES)}")
+        if isinstance(self.round_to, bool) or self.round_to not in ROUND_TO:
+            raise RecommenderError(f"pruning round_to must be one of {', '.join(map(str, ROUND_TO))}, "
+                                   f"got {self.round_to!r}")
 
     @property
     def active(self) -> bool:
         return self.sparsity > 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        # the fields added after release are left out at their defaults, so that a recipe of
+        # today's space serialises (and keys studies and caches) exactly as before
+        d = super().to_dict()
+        for k, v in _STRUCTURED_KEYED_IF_SET.items():
+            if d.get(k) == v:
+                d.pop(k)
+        return d
+
     def batches_needed(self) -> int:
+        if self.allocation == "sensitivity":
+            return max(TAYLOR_BATCHES if self.importance == "taylor" else 0, SENSITIVITY_BATCHES)
         return TAYLOR_BATCHES if self.importance == "taylor" else 0
 
     def describe(self) -> str:
-        return f"structured-channel {self.sparsity:.0%}" if self.active else "no pruning"
+        if not self.active:
+            return "no pruning"
+        extra = (" by sensitivity" if self.allocation == "sensitivity" else "") + \
+            (f", channels x{self.round_to}" if self.round_to > 1 else "") + \
+            (", group-aligned" if self.grouped == "aligned" else "")
+        return f"structured-channel {self.sparsity:.0%}{extra}"
 
 
 def _report_unpruned(model: nn.Module, cfg: MethodConfig) -> PruneReport:
@@ -565,8 +668,12 @@ def apply_pruning(
     finetune_steps: int = 0,
     include_linear: bool = False,
     measure_flops: bool = True,
+    sensitivity: Any = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune a copy of ``model`` as ``cfg`` says; returns (pruned model, report).
+
+    ``sensitivity``: the trained ``model``'s :class:`~.prune_sensitivity.PruneSensitivity` for a
+    structured config with ``allocation="sensitivity"`` (measured from ``batches`` when None).
 
     ``example_input``: one input batch (e.g. 1x3x32x32) for graph tracing. ``batches``: (x, y)
     batches for Taylor importance. ``finetune(model, steps)``: optional recovery training;
@@ -581,16 +688,41 @@ def apply_pruning(
         return unstructured_prune(safe_deepcopy(model), cfg.sparsity, step=cfg.step, finetune=finetune,
                                   finetune_steps=per_round, include_linear=include_linear)
     if isinstance(cfg, StructuredChannelConfig):
-        return structured_prune(model, cfg.sparsity, example_input=example_input, importance=cfg.importance,
-                                batches=batches, finetune=finetune,
-                                finetune_steps=cfg.finetune_steps or finetune_steps, measure_flops=measure_flops)
+        ratios = None
+        if cfg.allocation == "sensitivity":
+            if sensitivity is None:
+                sensitivity = sensitivity_from_batches(model, list(batches or []), example_input)
+            from .prune_sensitivity import allocate_ratios
+
+            ratios = allocate_ratios(sensitivity, cfg.sparsity)
+        pruned, rep = structured_prune(model, cfg.sparsity, example_input=example_input, importance=cfg.importance,
+                                       batches=batches, finetune=finetune,
+                                       finetune_steps=cfg.finetune_steps or finetune_steps,
+                                       measure_flops=measure_flops, ratios=ratios, round_to=cfg.round_to,
+                                       grouped=cfg.grouped, calibrate=ratios is None)
+        return pruned, rep
     return get_method("prune", cfg.method).apply(
         model, cfg, CompressContext(example_input, list(batches) if batches else None, finetune, finetune_steps))
 
 
+def sensitivity_from_batches(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                             example_input: torch.Tensor) -> Any:
+    """The per-group sensitivity of ``model`` measured on ``batches`` (the first half re-estimates
+    the BN statistics, the second half scores), for a sensitivity allocation applied without a
+    measured one (``recommend apply``, a direct call). A study measures it once instead
+    (:meth:`recommender.evaluation.Evaluator.prune_sensitivity`)."""
+    from .prune_sensitivity import measure_sensitivity
+
+    if len(batches) < 2:
+        raise RecommenderError(f"a sensitivity allocation needs at least 2 training batches "
+                               f"({SENSITIVITY_BATCHES} by default), got {len(batches)}")
+    half = len(batches) // 2
+    return measure_sensitivity(model, batches[:half], batches[half:], example_input)
+
+
 def _apply(model: nn.Module, cfg: MethodConfig, ctx: CompressContext) -> tuple[nn.Module, PruneReport]:
     return apply_pruning(model, cfg, example_input=ctx.example_input, batches=ctx.batches, finetune=ctx.finetune,
-                         finetune_steps=ctx.finetune_steps, measure_flops=False)
+                         finetune_steps=ctx.finetune_steps, measure_flops=False, sensitivity=ctx.sensitivity)
 
 
 def _conv_weights(model: nn.Module) -> int:
@@ -612,8 +744,11 @@ def _estimate_structured(model: nn.Module, cfg: MethodConfig, costs: StructureCo
         return model, costs
     from ..shape_costs import count_flops_shapes
 
+    # a sensitivity allocation keeps the uniform ratio's parameter count (allocate_ratios), so the
+    # uniform structure stands for it here
     pruned, rep = structured_prune(model, cfg.sparsity, example_input=ctx.example_input, importance="l1",
-                                   measure_flops=False)
+                                   measure_flops=False, round_to=getattr(cfg, "round_to", 1),
+                                   grouped=getattr(cfg, "grouped", "skip"))
     f = None
     if costs.mflops is not None:  # fvcore's count from the shapes, in milliseconds (fvcore itself: seconds)
         f = count_flops_shapes(pruned, tuple(ctx.example_input.shape))
@@ -680,6 +815,10 @@ def _bound_structured(model: nn.Module, cfg: MethodConfig, costs: StructureCosts
     # a lower bound from the layers' channel counts alone (no torch-pruning run, no weights)
     if not cfg.active:
         return model, costs
+    if getattr(cfg, "round_to", 1) > 1 or getattr(cfg, "grouped", "skip") != "skip":
+        # rounding kept channels down to a multiple, or group-aligned classes, may remove far more
+        # than ``sparsity`` of a narrow layer: no count is a safe bound, the estimate screens
+        return model, StructureCosts(0.0, 0.0, None if costs.mflops is None else 0.0, 0.0, costs.notes)
     share = 1.0 - cfg.sparsity
     num_inputs = int(ctx.example_input.shape[1])
     head = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
