@@ -15,8 +15,10 @@ subset of training images:
   observed in one calibration pass: in a float model every layer sees float inputs, so the ranges
   are those of the isolated runs) and its BN-folded weights fake-quantized. One forward pass per
   layer, no copies.
-- ``weight-mse`` (a proxy, no data): the relative error ``||W - Q(W)||^2 / ||W||^2`` of the layer's
-  int8 weights alone (per channel or per tensor, symmetric). Milliseconds; blind to activations.
+- ``weight-mse`` (a proxy, no data): the relative error ``||W_c - Q(W)_c||^2 / ||W_c||^2`` of the
+  layer's int8 weights alone (per channel or per tensor, symmetric), averaged over its output
+  channels c (one huge weight hides a zeroed channel in the whole tensor's ratio, not in a
+  channel's). Milliseconds; blind to activations.
 
 ``QuantSensitivity.ranking()`` orders the layers most sensitive first; ``Int8StaticConfig
 (keep_float=k)`` keeps the first k in float. Computed once per study on the trained baseline
@@ -58,7 +60,8 @@ class LayerSensitivity:
         (``loss`` and ``fx`` methods; None for ``weight-mse``).
     drop_pp: accuracy drop in percentage points on the same images (positive = worse; None for
         ``weight-mse``).
-    weight_mse: relative squared error of its int8 weights (always computed: it costs nothing).
+    weight_mse: relative squared error of its int8 weights, mean over output channels (always
+        computed: it costs nothing).
     """
 
     name: str
@@ -119,14 +122,17 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 
 def weight_quant_error(weight: torch.Tensor, per_channel: bool = True) -> float:
-    """``||W - Q(W)||^2 / ||W||^2`` for symmetric int8 (scale per output channel, or one per
-    tensor); 0 for an all-zero weight."""
+    """Mean over output channels c of ``||W_c - Q(W)_c||^2 / ||W_c||^2`` for symmetric int8 (scale
+    per output channel, or one per tensor); all-zero channels are skipped (0 if all are)."""
     w = weight.detach().float()
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
     q = torch.clamp(torch.round(flat / scale), -128, 127) * scale
-    den = float((flat ** 2).sum())
-    return float(((flat - q) ** 2).sum()) / den if den > 0 else 0.0
+    rows = w.reshape(w.shape[0], -1)  # per output channel: a channel rounded to zero counts fully
+    num = ((rows - q.reshape(rows.shape)) ** 2).sum(1)
+    den = (rows ** 2).sum(1)
+    live = den > 0
+    return float((num[live] / den[live]).mean()) if bool(live.any()) else 0.0
 
 
 def _xy(batches: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
