@@ -512,6 +512,8 @@ def compression_notes(report: Any) -> list[str]:
         notes.append(f"structured pruning left {n} layer{'' if n == 1 else 's'} unpruned ({shown}{more})")
     if q.note:
         notes.append(f"quantization: {q.note}")
+    if getattr(q, "qat_steps", 0):
+        notes.append(f"quantization-aware fine-tune: {q.qat_steps} steps before int8 conversion")
     if q.float_modules:
         notes.append(f"quantization kept {len(q.float_modules)} modules in float "
                      f"({', '.join(list(q.float_modules)[:3])}{'...' if len(q.float_modules) > 3 else ''})")

@@ -251,3 +251,43 @@ def test_space_with_int8_dimensions_samples_and_reproduces_recipes():
     assert ("int8-static", 0) in seen and ("int8-static", 2) in seen
     # a recipe at the defaults (fields left out of its dict) is a point of the space
     assert sp.params_for(Recipe(quant=QuantConfig("int8-static", observer="minmax")))["quant.keep_float"] == 0
+
+
+# --------------------------------------------------------------------------- in the evaluator
+
+
+def test_evaluator_measures_sensitivity_once_and_runs_keep_float_and_qat(tmp_path, monkeypatch):
+    """An inheriting int8 candidate with keep_float uses the baseline's ranking, measured once and
+    cached beside the baseline; a QAT candidate fine-tunes ``qat_epochs`` epochs of steps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import TinyCNN
+
+    from recommender.cache import WeightsCache
+    from recommender.compress import quant_sensitivity as qs
+    from recommender.data import load_dataset
+    from recommender.evaluation import Evaluator
+    from recommender.models import register_module
+    from recommender.protocol import get_protocol
+
+    calls = []
+    real = qs.measure_quant_sensitivity
+    monkeypatch.setattr(qs, "measure_quant_sensitivity", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    ev = Evaluator(register_module(TinyCNN()), load_dataset("digits"), get_protocol("smoke", threads=1, epochs=1),
+                   cache=WeightsCache(tmp_path), latency=False)
+    base = ev.evaluate_baseline()
+    for k in (1, 2):
+        e = ev.evaluate(Recipe(quant=QuantConfig("int8-static", observer="minmax", keep_float=k)), base)
+        assert e.ok, e.reason
+        assert f"quantization kept {k} modules in float" in " ".join(e.notes), e.notes
+    assert len(calls) == 1  # one measurement for the study, on the baseline
+    assert ev.quant_ranking(QuantConfig("int8-static", observer="minmax", keep_float=1)) == \
+        ev.quant_sensitivity(QuantConfig("int8-static", observer="minmax")).ranking()
+    e = ev.evaluate(Recipe(quant=QuantConfig("int8-static", observer="minmax", qat_epochs=0.25)), base)
+    assert e.ok, e.reason
+    steps = -(-0.25 * ev.steps_per_epoch() // 1)
+    assert f"quantization-aware fine-tune: {int(steps)} steps" in " ".join(e.notes), e.notes
+    assert ev.steps_per_epoch() == -(-512 // 64)

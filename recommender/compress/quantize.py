@@ -704,7 +704,8 @@ def _static_int8(
     for n in backend.non_traceable:
         floats[n] = "FX cannot trace this module (data-dependent control flow): kept in float"
     for n, r in _float_leaves(q).items():
-        floats.setdefault(n, r)
+        if not any(n.startswith(k + ".") for k in floats):  # the conv inside a float fused ConvReLU2d
+            floats.setdefault(n, r)
     report.float_modules = floats
     report.mode = "fx" if not floats else ("fx-partial" if not backend.non_traceable else "per-submodule")
     if backend.non_traceable:
