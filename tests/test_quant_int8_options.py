@@ -291,3 +291,16 @@ def test_evaluator_measures_sensitivity_once_and_runs_keep_float_and_qat(tmp_pat
     steps = -(-0.25 * ev.steps_per_epoch() // 1)
     assert f"quantization-aware fine-tune: {int(steps)} steps" in " ".join(e.notes), e.notes
     assert ev.steps_per_epoch() == -(-512 // 64)
+
+
+def test_untraceable_model_falls_back_to_the_weight_proxy():
+    class Branchy(Net):
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent: FX cannot trace it
+                return x
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    m = Branchy().eval()
+    sens = measure_quant_sensitivity(m, data(1), method="loss")
+    assert sens.method == "weight-mse" and len(sens.layers) == 5

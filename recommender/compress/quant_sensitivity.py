@@ -169,7 +169,8 @@ def measure_quant_sensitivity(
     """Each quantizable layer's int8 damage (see the module docstring).
 
     ``batches``: ``(x, y)`` training batches: the observers are calibrated on them and the loss
-    measured on them (the ``loss`` method; without labels it falls back to ``weight-mse``).
+    measured on them (the ``loss`` method; without labels, or for a model FX cannot trace, it
+    falls back to ``weight-mse``, and the result's ``method`` says so).
     ``engine`` / ``observer`` / ``per_channel``: as the int8 config that will use the ranking.
     ``layers``: the names to measure (default: :func:`quantizable_layers`). A layer FX cannot
     quantize alone scores 0 (it is never the first to keep in float for that reason).
@@ -203,8 +204,12 @@ def measure_quant_sensitivity(
     qconfig = int8_qconfig(engine, observer, per_channel)
     example = labelled[0][0][:1]
     if method == "loss":
-        with quiet_quantization_warnings(), _engine(engine):
-            fused = fuse_fx(copy.deepcopy(float_model)).eval()
+        try:
+            with quiet_quantization_warnings(), _engine(engine):
+                fused = fuse_fx(copy.deepcopy(float_model)).eval()
+        except Exception:  # noqa: BLE001 - FX cannot trace the model: the no-data proxy ranks it
+            return measure_quant_sensitivity(model, [], method="weight-mse", engine=engine, observer=observer,
+                                             per_channel=per_channel, layers=layers)
         deltas = _simulated(fused, names, labelled, qconfig)
         for n in names:
             m = mods[n]
