@@ -126,6 +126,14 @@ def main() -> None:
                          Int8StaticConfig(calibration_batches=args.calibration_batches, observer="minmax",
                                           qat_epochs=qat_list[0], keep_float=k), sens["loss"].ranking()))
 
+    def header() -> dict:
+        return {"model": args.model, "checkpoint": Path(args.checkpoint).name, "dataset": args.dataset,
+                "protocol": protocol.describe(), "validation_images": base.n, "baseline_accuracy": base.accuracy,
+                "fp32_size_mb": size_mb(model), "deploy_px": deploy, "threads": args.threads,
+                "latency_threads": args.latency_threads, "torch": torch.__version__, "command": " ".join(sys.argv)}
+
+    sens_summary = {m: {"seconds": s.seconds, "layers": len(s.layers), "top10": list(s.ranking()[:10])}
+                    for m, s in sens.items()}
     teacher = teacher_logits(model, data, protocol) if qat_list and protocol.recovery_distill_alpha > 0 else None
     spe = -(-protocol_data(data, protocol).n_train // protocol.batch_size)
     rows, results, models = [], [], []
@@ -145,6 +153,8 @@ def main() -> None:
                         "note": rep.note})
         models.append(q)
         print(f"  {label}: {ev.accuracy:.2%} (drop {d.drop_pp:+.2f} pp), {s1:.2f} MB, {seconds:.0f} s", flush=True)
+        _write(args.out, {**header(), "sensitivity": sens_summary, "fx_reference": fx_info, "variants": results,
+                          "partial": "latency not measured yet"})
 
     lat = interleaved_latency([model] + models, args.latency_threads, args.repeats, size=deploy)
     for r, ms in zip(results, lat[1:]):
@@ -159,17 +169,15 @@ def main() -> None:
            ["variant", "accuracy", "drop pp [95% CI]", "MB", "size ratio", "ms", "s to build", "kept float"], rows)
     total = time.perf_counter() - t_all
     print(f"total {total:.0f} s on torch {torch.__version__}")
-    out = {"model": args.model, "checkpoint": Path(args.checkpoint).name, "dataset": args.dataset,
-           "protocol": protocol.describe(), "validation_images": base.n, "baseline_accuracy": base.accuracy,
-           "fp32_size_mb": s0, "fp32_latency_ms": lat[0], "deploy_px": deploy, "threads": args.threads,
-           "latency_threads": args.latency_threads,
-           "sensitivity": {m: {"seconds": s.seconds, "layers": len(s.layers), "top10": list(s.ranking()[:10])}
-                           for m, s in sens.items()},
-           "fx_reference": fx_info, "variants": results, "seconds": total, "torch": torch.__version__,
-           "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    out = {**header(), "fp32_latency_ms": lat[0], "sensitivity": sens_summary, "fx_reference": fx_info,
+           "variants": results, "seconds": total}
+    _write(args.out, out)
     print(f"wrote {args.out}")
+
+
+def _write(path: str, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
 
 
 if __name__ == "__main__":
