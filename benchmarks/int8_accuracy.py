@@ -64,6 +64,10 @@ def main() -> None:
     ap.add_argument("--qat-epochs", default="1", help="QAT epochs to try (comma list)")
     ap.add_argument("--fx-every", type=int, default=4, help="FX-isolated reference on every n-th layer (0: off)")
     ap.add_argument("--observers", default="minmax,histogram,percentile,moving-average")
+    ap.add_argument("--control", action="store_true",
+                    help="also fine-tune the float model for each --qat-epochs (same steps, distillation and lr) and "
+                         "quantize it after training: separates what QAT recovers from what the extra training adds")
+    ap.add_argument("--only", default="", help="run only the variants whose label contains this text")
     ap.add_argument("--out", default="benchmarks/results/int8-accuracy.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -83,7 +87,8 @@ def main() -> None:
 
     # -- per-layer sensitivity ---------------------------------------------------------------
     sens_batches = list(batches(data, protocol, args.sensitivity_batches))
-    sens = {m: measure_quant_sensitivity(model, sens_batches, method=m, observer="minmax")
+    keeps = [int(k) for k in args.keep.split(",") if k]
+    sens = {m: measure_quant_sensitivity(model, sens_batches, method=m if keeps else "weight-mse", observer="minmax")
             for m in ("loss", "weight-mse")}
     for m, s in sens.items():
         print(f"  sensitivity {m}: {len(s.layers)} layers in {s.seconds:.1f} s; top 5 {s.ranking()[:5]}", flush=True)
@@ -104,7 +109,6 @@ def main() -> None:
         print(f"  fx-isolated reference on {len(names)} layers: {fx.seconds:.1f} s; {fx_info}", flush=True)
 
     # -- variants ----------------------------------------------------------------------------
-    keeps = [int(k) for k in args.keep.split(",") if k]
     variants: list[tuple[str, Int8StaticConfig, tuple[str, ...] | None]] = []
     for obs in args.observers.split(","):
         variants.append((f"ptq {obs}", Int8StaticConfig(calibration_batches=args.calibration_batches,
@@ -134,14 +138,31 @@ def main() -> None:
 
     sens_summary = {m: {"seconds": s.seconds, "layers": len(s.layers), "top10": list(s.ranking()[:10])}
                     for m, s in sens.items()}
+    if args.control:
+        for e in qat_list:
+            variants.append((f"control: fp32 fine-tune {e:g} ep, then ptq minmax",
+                             Int8StaticConfig(calibration_batches=args.calibration_batches, observer="minmax"), e))
+    variants = [v for v in variants if args.only in v[0]]
     teacher = teacher_logits(model, data, protocol) if qat_list and protocol.recovery_distill_alpha > 0 else None
     spe = -(-protocol_data(data, protocol).n_train // protocol.batch_size)
     rows, results, models = [], [], []
     s0 = size_mb(model)
     for label, cfg, ranking in variants:
         t0 = time.perf_counter()
-        ft = finetune_fn(data, protocol, teacher) if cfg.qat_epochs else None
-        q, rep = apply_quantization(model, cfg, calibration=cal, ranking=ranking, finetune=ft, steps_per_epoch=spe)
+        ft = finetune_fn(data, protocol, teacher) if cfg.qat_epochs or label.startswith("control") else None
+        src, extra = model, {}
+        if label.startswith("control"):  # ``ranking`` holds the epochs: the float model fine-tuned as QAT is
+            import copy
+
+            src = copy.deepcopy(model)
+            ft(src, max(1, -(-int(ranking * spe * 1000) // 1000)))
+            src.eval()
+            fev = evaluate(src, data, protocol)
+            extra = {"float_finetuned_accuracy": fev.accuracy,
+                     "float_finetuned_drop_pp": paired_drop(base.correct, fev.correct).drop_pp}
+            print(f"  {label}: the fine-tuned float model {fev.accuracy:.2%}", flush=True)
+            ranking = None
+        q, rep = apply_quantization(src, cfg, calibration=cal, ranking=ranking, finetune=ft, steps_per_epoch=spe)
         seconds = time.perf_counter() - t0
         ev = evaluate(q, data, protocol)
         d = paired_drop(base.correct, ev.correct)
@@ -150,7 +171,7 @@ def main() -> None:
         results.append({"variant": label, "config": cfg.to_dict(), "accuracy": ev.accuracy, "drop_pp": d.drop_pp,
                         "drop_ci_pp": [d.ci_low_pp, d.ci_high_pp], "size_mb": s1, "size_ratio": s0 / s1,
                         "seconds": seconds, "qat_steps": rep.qat_steps, "mode": rep.mode, "kept_float": kept,
-                        "note": rep.note})
+                        "note": rep.note, **extra})
         models.append(q)
         print(f"  {label}: {ev.accuracy:.2%} (drop {d.drop_pp:+.2f} pp), {s1:.2f} MB, {seconds:.0f} s", flush=True)
         _write(args.out, {**header(), "sensitivity": sens_summary, "fx_reference": fx_info, "variants": results,
