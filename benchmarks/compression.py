@@ -75,9 +75,11 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f}s on torch {torch.__version__}")
 
 
-def interleaved_latency(models: list[torch.nn.Module], threads: int, repeats: int, warmup: int = 3) -> list[float]:
-    """Median batch-1 latency (ms) of each model, the models timed in turn in one loop."""
-    x = torch.randn(1, 3, 32, 32)
+def interleaved_latency(models: list[torch.nn.Module], threads: int, repeats: int, warmup: int = 3,
+                        size: int = 32) -> list[float]:
+    """Median batch-1 latency (ms) of each model at ``size`` x ``size`` px, the models timed in
+    turn in one loop."""
+    x = torch.randn(1, 3, size, size)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     times: list[list[float]] = [[] for _ in models]

@@ -196,6 +196,7 @@ class Evaluator:
         self._teacher: torch.Tensor | None = None
         self._features: tuple[int, list[torch.Tensor]] | None = None
         self._sensitivity: dict[SensitivityConfig, PruneSensitivity] = {}
+        self._quant_sensitivity: dict[tuple[Any, ...], Any] = {}
         self._source = self._source_identity()
         net = self._build(ArchConfig())  # fail fast on a bad model or class count
         if self.family.style == "custom":
@@ -372,6 +373,32 @@ class Evaluator:
         self._estimates[arch.to_json(sort_keys=True)] = est
         return est
 
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch of the protocol's training subset."""
+        d = protocol_data(self.data, self.protocol)
+        return int(math.ceil(d.n_train / self.protocol.batch_size))
+
+    def quant_sensitivity(self, cfg: Any) -> Any:
+        """The trained baseline's per-layer int8 sensitivity for ``cfg``'s engine, observer and
+        weight granularity (:mod:`recommender.compress.quant_sensitivity`), measured once per
+        study on ``SENSITIVITY_BATCHES`` calibration batches and cached beside the baseline."""
+        from .compress.quant_sensitivity import SENSITIVITY_BATCHES, cached_quant_sensitivity
+
+        opts = (cfg.engine, cfg.observer, cfg.per_channel)
+        if opts not in self._quant_sensitivity:
+            self._quant_sensitivity[opts] = cached_quant_sensitivity(
+                self.cache, self.baseline_key(), self.baseline_model(),
+                batches(self.data, self.protocol, SENSITIVITY_BATCHES),
+                engine=cfg.engine, observer=cfg.observer, per_channel=cfg.per_channel)
+        return self._quant_sensitivity[opts]
+
+    def quant_ranking(self, cfg: Any) -> tuple[str, ...] | None:
+        """Layer names most int8-sensitive first, for a config that keeps some in float (None
+        otherwise: nothing is measured)."""
+        if getattr(cfg, "keep_float", 0) <= 0:
+            return None
+        return self.quant_sensitivity(cfg).ranking()
+
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
         d = protocol_data(self.data, self.protocol)
@@ -453,12 +480,15 @@ class Evaluator:
             example = torch.randn(self.input_size)
             n_batches = max(cfg.batches_needed() for cfg in recipe.stages())
             train_batches = list(batches(self.data, self.protocol, n_batches)) if n_batches else None
-            teacher = self._teacher_logits(self.protocol, recovery=True) if recipe.prune.active else None
+            qat = getattr(recipe.quant, "qat_epochs", 0) > 0
+            teacher = self._teacher_logits(self.protocol, recovery=True) if recipe.prune.active or qat else None
             sens = (self.prune_sensitivity() if out.inherited and getattr(recipe.prune, "allocation", "") == "sensitivity"
                     else None)
+            ranking = self.quant_ranking(recipe.quant) if self.inherits(recipe) else None
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
                                      finetune=finetune_fn(self.data, self.protocol, teacher, deadline=deadline),
-                                     finetune_steps=self.recovery_steps(), sensitivity=sens)
+                                     finetune_steps=self.recovery_steps(), sensitivity=sens,
+                                     steps_per_epoch=self.steps_per_epoch(), quant_ranking=ranking)
             out.notes = compression_notes(report)
             _check_deadline(deadline, "after compression")
             ev = evaluate(model, self.data, self.protocol)
@@ -513,6 +543,8 @@ def compression_notes(report: Any) -> list[str]:
         notes.append(f"structured pruning left {n} layer{'' if n == 1 else 's'} unpruned ({shown}{more})")
     if q.note:
         notes.append(f"quantization: {q.note}")
+    if getattr(q, "qat_steps", 0):
+        notes.append(f"quantization-aware fine-tune: {q.qat_steps} steps before int8 conversion")
     if q.float_modules:
         notes.append(f"quantization kept {len(q.float_modules)} modules in float "
                      f"({', '.join(list(q.float_modules)[:3])}{'...' if len(q.float_modules) > 3 else ''})")

@@ -33,11 +33,13 @@ def PruneConfig(method: str = "none", sparsity: Any = _UNSET, importance: Any = 
 
 
 def QuantConfig(scheme: str = "fp32", engine: Any = _UNSET, calibration_batches: Any = _UNSET,
-                observer: Any = _UNSET) -> MethodConfig:
+                observer: Any = _UNSET, per_channel: Any = _UNSET, keep_float: Any = _UNSET,
+                qat_epochs: Any = _UNSET) -> MethodConfig:
     """The quantization stage's config for a registered scheme (``fp32``, ``fp16``,
     ``int8-dynamic``, ``int8-static``): see each scheme's config dataclass for its options."""
     return make_config("quant", {"scheme": scheme, **_own("quant", scheme, _given(
-        engine=engine, calibration_batches=calibration_batches, observer=observer))})
+        engine=engine, calibration_batches=calibration_batches, observer=observer, per_channel=per_channel,
+        keep_float=keep_float, qat_epochs=qat_epochs))})
 
 
 def _own(stage: str, method: str, kw: dict[str, Any]) -> dict[str, Any]:

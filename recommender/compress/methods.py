@@ -56,6 +56,10 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     stage: ClassVar[str] = ""
+    #: Fields added after recipes were stored and studies cached: left out of :meth:`to_dict` while
+    #: at their dataclass default, so a recipe that does not use them keeps its old dict (and every
+    #: key, memo and stored trial attribute built from it).
+    keyed_if_set: ClassVar[tuple[str, ...]] = ()
 
     @property
     def active(self) -> bool:
@@ -67,7 +71,11 @@ class MethodConfig:
         return self.method
 
     def to_dict(self) -> dict[str, Any]:
-        return {STAGES[self.stage].key: self.method, **asdict(self)}
+        data = asdict(self)
+        for f in fields(self):
+            if f.name in self.keyed_if_set and f.default is not MISSING and data[f.name] == f.default:
+                del data[f.name]
+        return {STAGES[self.stage].key: self.method, **data}
 
     def describe(self) -> str:
         """Short text for tables (``structured-channel 30%``, ``int8-static/x86``)."""
@@ -90,6 +98,11 @@ class CompressContext:
     sensitivity: the trained model's per-group pruning sensitivity
         (:class:`~.prune_sensitivity.PruneSensitivity`), for a sensitivity allocation; None: the
         method measures it from ``batches`` if it needs it.
+    steps_per_epoch: optimiser steps in one epoch of the training data (0: unknown); methods whose
+        budget is in epochs (``qat_epochs``) convert with it.
+    quant_ranking: quantizable layer names, most sensitive to int8 first (from
+        :mod:`recommender.compress.quant_sensitivity`, computed once per study on the trained
+        baseline); None: a method that needs it computes it on the model it is given.
     """
 
     example_input: torch.Tensor
@@ -97,6 +110,8 @@ class CompressContext:
     finetune: Callable[[nn.Module, int], Any] | None = None
     finetune_steps: int = 0
     sensitivity: Any = None
+    steps_per_epoch: int = 0
+    quant_ranking: tuple[str, ...] | None = None
 
 
 @dataclass

@@ -39,6 +39,8 @@ def compress(
     finetune: Finetune | None = None,
     finetune_steps: int = 0,
     sensitivity: Any = None,
+    steps_per_epoch: int = 0,
+    quant_ranking: tuple[str, ...] | None = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Apply the recipe's pruning then its quantization (registered methods) to a copy of
     ``model``; ``recipe`` is a Recipe or a (prune config, quant config) pair.
@@ -47,11 +49,13 @@ def compress(
     It is materialised once, so a one-shot iterator works. ``finetune(model, steps)``: recovery
     training for pruning, ``finetune_steps`` its budget (unless the method's config sets one).
     ``sensitivity``: the trained model's pruning sensitivity, for a sensitivity allocation.
+    ``steps_per_epoch``: optimiser steps per epoch (for ``qat_epochs``); ``quant_ranking``: layer
+    names most int8-sensitive first (for ``keep_float``; see :class:`CompressContext`).
     """
     t0 = time.perf_counter()
     pcfg, qcfg = (recipe.prune, recipe.quant) if hasattr(recipe, "prune") else recipe
     ctx = CompressContext(example_input, list(batches) if batches is not None else None, finetune, finetune_steps,
-                          sensitivity)
+                          sensitivity, steps_per_epoch, quant_ranking)
     pruned, prep = _apply(model, pcfg, ctx)
     pruned.eval()
     quantized, qrep = _apply(pruned, qcfg, ctx)

@@ -32,7 +32,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -523,7 +523,6 @@ ALLOCATIONS = ("uniform", "sensitivity")
 #: Channel multiples a pruned layer may keep (torch-pruning's ``round_to``; 1 = any count).
 ROUND_TO = (1, 8, 16)
 #: Fields of :class:`StructuredChannelConfig` serialised only when not at these defaults.
-_STRUCTURED_KEYED_IF_SET = {"allocation": "uniform", "round_to": 1, "grouped": "skip"}
 #: What structured pruning does with grouped convs and channel shuffles: ``skip`` leaves the
 #: layers around a shuffle alone (as before); ``aligned`` prunes them at the same positions in
 #: every group (:mod:`.shuffle_prune`).
@@ -607,6 +606,8 @@ class StructuredChannelConfig(MethodConfig):
     allocation: str = "uniform"
     round_to: int = 1
     grouped: str = "skip"
+    # added after recipes were stored: left out of to_dict() at their defaults (old keys unchanged)
+    keyed_if_set: ClassVar[tuple[str, ...]] = ("allocation", "round_to", "grouped")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", check_fraction("pruning sparsity", self.sparsity))
@@ -624,15 +625,6 @@ class StructuredChannelConfig(MethodConfig):
     @property
     def active(self) -> bool:
         return self.sparsity > 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        # the fields added after release are left out at their defaults, so that a recipe of
-        # today's space serialises (and keys studies and caches) exactly as before
-        d = super().to_dict()
-        for k, v in _STRUCTURED_KEYED_IF_SET.items():
-            if d.get(k) == v:
-                d.pop(k)
-        return d
 
     def batches_needed(self) -> int:
         if self.allocation == "sensitivity":

@@ -10,6 +10,11 @@ Backends (``get_backend(scheme, engine)``; register more with ``register_backend
   (``torch.backends.quantized.engine``; the converted model sets it again before each forward
   because packed weights only run on the engine that packed them). FX fuses conv + BN (+ ReLU).
   Calibration runs ``cfg.calibration_batches`` batches through the observed model.
+  Options (:class:`Int8StaticConfig`): the activation observer (``histogram``, ``minmax``,
+  ``moving-average``, ``percentile``), per-channel or per-tensor weights, ``keep_float`` (the k
+  layers most sensitive to int8 stay float: mixed precision, ranked by
+  :mod:`recommender.compress.quant_sensitivity`) and ``qat_epochs`` (a short quantization-aware
+  fine-tune with ``prepare_qat_fx`` before conversion instead of post-training calibration).
   Where a part cannot be quantized it stays float and the report says so:
     1. FX traces the whole model; if tracing fails, the submodules that FX cannot trace (data-
        dependent control flow, e.g. the resizing test in DiCE) are found and passed as
@@ -36,16 +41,17 @@ import abc
 import contextlib
 import time
 import warnings
+import math
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..measure import safe_deepcopy, size_mb
 from ..errors import RecommenderError
-from .methods import (CompressContext, MethodConfig, StructureCosts, check_int, list_methods,
+from .methods import (CompressContext, MethodConfig, StructureCosts, check_fraction, check_int, list_methods,
                       register_method)
 
 __all__ = [
@@ -61,6 +67,9 @@ __all__ = [
     "Fp16Config",
     "Int8DynamicConfig",
     "Int8StaticConfig",
+    "PercentileObserver",
+    "int8_qconfig",
+    "int8_qconfig_mapping",
 ]
 
 Calibration = Iterable[Any]
@@ -102,7 +111,8 @@ class QuantReport:
     ``mode``: ``none``, ``fx`` (whole model), ``fx-partial`` (some modules left float),
     ``per-submodule`` (FX could not trace the model; parts quantized separately), ``dynamic``,
     ``fp16``, or ``fp32-fallback`` (quantization failed; model returned in float).
-    ``float_modules``: module name -> why it stays float.
+    ``float_modules``: module name -> why it stays float (``keep_float`` layers included).
+    ``qat_steps``: optimiser steps of quantization-aware fine-tuning (0: post-training).
     """
 
     scheme: str
@@ -115,6 +125,7 @@ class QuantReport:
     float_modules: dict[str, str] = field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
+    qat_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,22 +305,121 @@ def _untraceable(model: nn.Module, prefix: str = "") -> list[str]:
     return bad
 
 
-def _minmax_activations(qm: Any) -> Any:
-    """Replace HistogramObserver activation observers by MinMaxObserver (same reduce_range)."""
+#: Weight of a new calibration batch in the ``moving-average`` observer's running min/max (PyTorch's
+#: default, 0.01, is meant for thousands of QAT steps; with 8 calibration batches it would keep
+#: mostly the first batch's range).
+MOVING_AVERAGE_CONSTANT = 0.1
+#: The ``percentile`` observer's range: the [100 - p, p] percentiles of each activation tensor.
+ACTIVATION_PERCENTILE = 99.99
+
+
+class PercentileObserver(torch.ao.quantization.observer.MinMaxObserver):
+    """Activation observer whose range is the mean over calibration batches of each batch's
+    ``[100 - percentile, percentile]`` percentiles (outliers clipped, unlike min-max; a cheap
+    stand-in for the histogram observer's clipping search).
+
+    Args:
+        percentile: upper percentile in percent (the lower one is ``100 - percentile``).
+        max_samples: values read per batch (an evenly spaced subsample above it: ``torch.quantile``
+            sorts, and caps its input at 16M elements).
+        **kwargs: as :class:`torch.ao.quantization.observer.MinMaxObserver` (dtype, reduce_range, ...).
+    """
+
+    def __init__(self, percentile: float = ACTIVATION_PERCENTILE, max_samples: int = 1 << 20, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.percentile = float(percentile)
+        self.max_samples = int(max_samples)
+        self.register_buffer("batches_seen", torch.tensor(0))
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float().flatten()
+        if x.numel() > self.max_samples:
+            x = x[torch.linspace(0, x.numel() - 1, self.max_samples).long()]
+        q = torch.quantile(x, torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0]))
+        n = int(self.batches_seen)
+        lo, hi = (q[0], q[1]) if n == 0 else ((self.min_val * n + q[0]) / (n + 1), (self.max_val * n + q[1]) / (n + 1))
+        self.min_val.resize_(lo.shape).copy_(lo)
+        self.max_val.resize_(hi.shape).copy_(hi)
+        self.batches_seen += 1
+        return x_orig
+
+
+def _activation_observer(name: str, **kwargs: Any) -> Any:
+    """The observer class (with its arguments) for activation observer ``name``."""
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+
+    if name == "histogram":
+        return HistogramObserver.with_args(**kwargs)
+    if name == "minmax":
+        return MinMaxObserver.with_args(**kwargs)
+    if name == "moving-average":
+        return MovingAverageMinMaxObserver.with_args(averaging_constant=MOVING_AVERAGE_CONSTANT, **kwargs)
+    if name == "percentile":
+        return PercentileObserver.with_args(**kwargs)
+    raise RecommenderError(f"unknown activation observer {name!r}; valid: {', '.join(QUANT_OBSERVERS)}")
+
+
+def _swap_qconfig(qc: Any, observer: str, per_channel: bool) -> Any:
+    """``qc`` with its histogram activation observer replaced by ``observer`` (same arguments) and,
+    unless ``per_channel``, its per-channel weight observer by a per-tensor symmetric one."""
     from torch.ao.quantization import QConfig
-    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver, default_weight_observer
+
+    if qc is None:
+        return None
+    act, weight = qc.activation, qc.weight
+    if observer != "histogram" and getattr(getattr(act, "p", None), "func", None) is HistogramObserver:
+        act = _activation_observer(observer, **act.p.keywords)
+    if not per_channel and getattr(getattr(weight, "p", None), "func", None) is PerChannelMinMaxObserver:
+        weight = default_weight_observer
+    if act is qc.activation and weight is qc.weight:
+        return qc  # untouched: the default mapping stays exactly PyTorch's
+    return QConfig(activation=act, weight=weight)
+
+
+def int8_qconfig_mapping(engine: str = "x86", observer: str = "histogram", per_channel: bool = True,
+                         keep_float: Iterable[str] = ()) -> Any:
+    """PyTorch's default static-int8 ``QConfigMapping`` for ``engine`` with the activation
+    ``observer`` and per-channel or per-tensor weights; the modules named in ``keep_float`` get
+    ``qconfig None`` (they stay float)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+
+    qm = get_default_qconfig_mapping(engine)
+    qm.global_qconfig = _swap_qconfig(qm.global_qconfig, observer, per_channel)
+    for k in list(qm.object_type_qconfigs):
+        qm.object_type_qconfigs[k] = _swap_qconfig(qm.object_type_qconfigs[k], observer, per_channel)
+    for name in keep_float:
+        qm = qm.set_module_name(name, None)
+    return qm
+
+
+def int8_qconfig(engine: str = "x86", observer: str = "histogram", per_channel: bool = True) -> Any:
+    """The ``QConfig`` that :func:`int8_qconfig_mapping` gives a convolution or linear layer."""
+    from torch.ao.quantization import get_default_qconfig
+
+    return _swap_qconfig(get_default_qconfig(engine), observer, per_channel)
+
+
+def _qat_qconfig_mapping(engine: str, per_channel: bool, keep_float: Iterable[str]) -> Any:
+    """PyTorch's default QAT mapping for ``engine`` (moving-average fake quantization), with
+    per-tensor weight fake-quantization unless ``per_channel``."""
+    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping
+    from torch.ao.quantization.fake_quantize import default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant
+
+    qm = get_default_qat_qconfig_mapping(engine)
 
     def swap(qc: Any) -> Any:
-        if qc is None:
-            return None
-        act = qc.activation
-        if getattr(act, "p", None) is not None and getattr(act.p, "func", None) is HistogramObserver:
-            return QConfig(activation=MinMaxObserver.with_args(**act.p.keywords), weight=qc.weight)
-        return qc
+        if qc is None or per_channel or qc.weight is not default_fused_per_channel_wt_fake_quant:
+            return qc
+        return QConfig(activation=qc.activation, weight=default_fused_wt_fake_quant)
 
     qm.global_qconfig = swap(qm.global_qconfig)
     for k in list(qm.object_type_qconfigs):
         qm.object_type_qconfigs[k] = swap(qm.object_type_qconfigs[k])
+    for name in keep_float:
+        qm = qm.set_module_name(name, None)
     return qm
 
 
@@ -317,23 +427,17 @@ def _minmax_activations(qm: Any) -> Any:
 class FxStaticBackend(QuantBackend):
     """Post-training static int8 with FX graph mode."""
 
-    def __init__(self, engine: str | None = None, observer: str = "histogram") -> None:
+    def __init__(self, engine: str | None = None, observer: str = "histogram", per_channel: bool = True) -> None:
         super().__init__(engine or "x86")
         self.observer = observer
+        self.per_channel = per_channel
         self.skip: dict[str, str] = {}
         self.non_traceable: list[str] = []
         self._float: nn.Module | None = None
         self._example: torch.Tensor | None = None
 
     def _qconfig_mapping(self) -> Any:
-        from torch.ao.quantization import get_default_qconfig_mapping
-
-        qm = get_default_qconfig_mapping(self.engine)
-        if self.observer == "minmax":
-            qm = _minmax_activations(qm)
-        for name in self.skip:
-            qm = qm.set_module_name(name, None)
-        return qm
+        return int8_qconfig_mapping(self.engine, self.observer, self.per_channel, keep_float=self.skip)
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -432,16 +536,115 @@ def _runs(model: nn.Module, x: torch.Tensor, ref_shape: tuple[int, ...]) -> tupl
             h.remove()
 
 
+def _keep_float(model: nn.Module, cfg: "Int8StaticConfig", ranking: tuple[str, ...] | None,
+                labelled: list[Any]) -> tuple[dict[str, str], str]:
+    """The ``cfg.keep_float`` most sensitive quantizable layers of ``model`` (name -> reason) and a
+    note. ``ranking`` (most sensitive first, computed once per study on the trained baseline) is
+    used where it names the model's layers; without one the sensitivity is measured here on
+    ``labelled`` (the calibration batches)."""
+    if cfg.keep_float <= 0:
+        return {}, ""
+    from .quant_sensitivity import measure_quant_sensitivity, quantizable_layers
+
+    present = quantizable_layers(model)
+    note = ""
+    if ranking is None or not any(n in ranking for n in present):
+        sens = measure_quant_sensitivity(model, labelled, engine=cfg.engine, observer=cfg.observer,
+                                         per_channel=cfg.per_channel)
+        ranking = sens.ranking()
+        note = (f"int8 sensitivity measured on this model ({sens.method}, {len(sens.layers)} layers, "
+                f"{sens.seconds:.1f} s)")
+    ordered = [n for n in ranking if n in set(present)]
+    return ({n: f"kept in float: the {_ordinal(i + 1)} most int8-sensitive layer (keep_float={cfg.keep_float})"
+             for i, n in enumerate(ordered[:cfg.keep_float])}, note)
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+#: Quantization-aware fine-tuning uses the BatchNorm statistics of the trained model (frozen):
+#: a few hundred steps at a small batch would only add noise to them.
+QAT_FREEZE_BN = True
+
+
+def _qat_int8(model: nn.Module, cfg: "Int8StaticConfig", batches: list[torch.Tensor], example_input: torch.Tensor,
+              keep: dict[str, str], finetune: Callable[..., Any], steps: int, *, freeze_bn: bool = QAT_FREEZE_BN
+              ) -> nn.Module:
+    """Quantization-aware fine-tune (``prepare_qat_fx``: fake-quantized conv-BN and activations)
+    for ``steps`` optimiser steps of ``finetune``, the fake-quant ranges first set on the
+    calibration ``batches``, then ``convert_fx``. Raises when FX cannot prepare the model."""
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    m = safe_deepcopy(model).train()
+    try:
+        with quiet_quantization_warnings(), _engine(cfg.engine):
+            prepared = prepare_qat_fx(m, _qat_qconfig_mapping(cfg.engine, cfg.per_channel, keep), (example_input,))
+    except Exception as exc:
+        raise _QatUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
+    if freeze_bn:
+        prepared.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+    prepared.eval()  # ranges from clean calibration images (fake quantization observes in eval mode too)
+    with quiet_quantization_warnings(), _engine(cfg.engine), torch.no_grad():
+        for b in batches:
+            prepared(b)
+    with quiet_quantization_warnings():
+        finetune(prepared, steps)
+    prepared.eval()
+    with quiet_quantization_warnings(), _engine(cfg.engine):
+        q = convert_fx(prepared)
+    q.register_forward_pre_hook(_SetEngine(cfg.engine))
+    q._quant_engine = cfg.engine  # type: ignore[attr-defined]
+    return q
+
+
+class _QatUnavailable(Exception):
+    """FX cannot prepare the model for quantization-aware training (post-training instead)."""
+
+
 def _static_int8(
-    model: nn.Module, cfg: "Int8StaticConfig", batches: list[torch.Tensor], example_input: torch.Tensor
+    model: nn.Module, cfg: "Int8StaticConfig", batches: list[torch.Tensor], example_input: torch.Tensor, *,
+    ranking: tuple[str, ...] | None = None, labelled: list[Any] | None = None,
+    finetune: Callable[..., Any] | None = None, steps_per_epoch: int = 0,
 ) -> tuple[nn.Module, QuantReport]:
     report = QuantReport(scheme="int8-static", engine=cfg.engine)
     with torch.no_grad():
         ref_shape = tuple(safe_deepcopy(model).eval()(example_input).shape)
-    backend = FxStaticBackend(cfg.engine, getattr(cfg, "observer", "histogram"))
+    backend = FxStaticBackend(cfg.engine, cfg.observer, cfg.per_channel)
     problems: list[str] = []
+    keep, keep_note = _keep_float(model, cfg, ranking, labelled if labelled is not None else batches)
+    backend.skip.update(keep)
+    if keep_note:
+        problems.append(keep_note)
+    qat_steps = 0
+    if cfg.qat_epochs > 0:
+        if finetune is None or steps_per_epoch <= 0:
+            problems.append("quantization-aware fine-tuning skipped (no fine-tune callback or epoch size given): "
+                            "post-training quantization")
+        else:
+            qat_steps = max(1, math.ceil(cfg.qat_epochs * steps_per_epoch))
+    # an exception of the fine-tune itself (the trial's time limit) ends the candidate, it is not a
+    # quantization problem to fall back from
+    finetune_errors: list[BaseException] = []
+
+    def guarded_finetune(m: nn.Module, steps: int) -> Any:
+        try:
+            return finetune(m, steps)  # type: ignore[misc]
+        except BaseException as exc:
+            finetune_errors.append(exc)
+            raise
 
     def run_once() -> nn.Module:
+        nonlocal qat_steps
+        if qat_steps and not backend.non_traceable:
+            try:
+                q = _qat_int8(model, cfg, batches, example_input, dict(backend.skip), guarded_finetune, qat_steps)
+                report.calibration_batches = len(batches)
+                report.qat_steps = qat_steps
+                return q
+            except _QatUnavailable as exc:
+                problems.append(f"quantization-aware fine-tuning unavailable ({exc}): post-training quantization")
+                qat_steps = 0
         prepared = backend.prepare(model, example_input)
         report.calibration_batches = backend.calibrate(prepared, batches)
         return backend.convert(prepared)
@@ -451,6 +654,8 @@ def _static_int8(
         with quiet_quantization_warnings():
             q = run_once()
     except Exception as exc:
+        if finetune_errors:
+            raise
         problems.append(f"FX on the whole model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         untraceable = _untraceable(safe_deepcopy(model).eval())
         if "" in untraceable:  # the root's own forward: quantize its children one by one
@@ -484,6 +689,8 @@ def _static_int8(
         try:
             q = run_once()
         except Exception as exc:
+            if finetune_errors:
+                raise
             problems.append(f"{type(exc).__name__}: {exc}")
             q = None
     if q is None:
@@ -497,7 +704,8 @@ def _static_int8(
     for n in backend.non_traceable:
         floats[n] = "FX cannot trace this module (data-dependent control flow): kept in float"
     for n, r in _float_leaves(q).items():
-        floats.setdefault(n, r)
+        if not any(n.startswith(k + ".") for k in floats):  # the conv inside a float fused ConvReLU2d
+            floats.setdefault(n, r)
     report.float_modules = floats
     report.mode = "fx" if not floats else ("fx-partial" if not backend.non_traceable else "per-submodule")
     if backend.non_traceable:
@@ -513,7 +721,6 @@ def _quantize_children(
 ) -> nn.Module:
     """Quantize the traceable children of non-traceable modules one by one (each gets its own
     quantize/dequantize boundary). Children's inputs come from recording a float forward."""
-    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     mods = dict(q.named_modules())
@@ -550,7 +757,10 @@ def _quantize_children(
             continue
         try:
             with quiet_quantization_warnings(), _engine(cfg.engine):
-                p = prepare_fx(safe_deepcopy(child).eval(), get_default_qconfig_mapping(cfg.engine), (inputs[0],))
+                inside = [n[len(full) + 1:] for n in report.float_modules if n.startswith(full + ".")
+                          and "keep_float" in report.float_modules[n]]
+                qm = int8_qconfig_mapping(cfg.engine, cfg.observer, cfg.per_channel, keep_float=inside)
+                p = prepare_fx(safe_deepcopy(child).eval(), qm, (inputs[0],))
                 with torch.no_grad():
                     for t in inputs:
                         p(t)
@@ -576,7 +786,11 @@ def _quantize_children(
 # configs, registration and entry point
 
 QUANT_ENGINES = ("x86", "qnnpack")
-QUANT_OBSERVERS = ("histogram", "minmax")
+QUANT_OBSERVERS = ("histogram", "minmax", "moving-average", "percentile")
+
+
+#: Most quantization-aware fine-tuning epochs a config accepts (it is a short recovery, not a training).
+MAX_QAT_EPOCHS = 20.0
 
 
 def _check_engine(engine: str) -> None:
@@ -625,24 +839,51 @@ class Int8StaticConfig(MethodConfig):
         engine: int8 kernels: ``x86`` or ``qnnpack``.
         calibration_batches: training batches observed to calibrate the activation ranges.
         observer: ``histogram`` (PyTorch's default, searches the clipping range; slow with
-            hundreds of layers) or ``minmax`` (fast, plain min/max range).
+            hundreds of layers), ``minmax`` (fast, plain min/max range), ``moving-average``
+            (running min/max, weight ``MOVING_AVERAGE_CONSTANT`` per batch) or ``percentile``
+            (:class:`PercentileObserver`: outliers beyond the ``ACTIVATION_PERCENTILE`` clipped).
+        per_channel: int8 weights with a scale per output channel (PyTorch's default); False: one
+            scale per tensor.
+        keep_float: this many quantizable layers stay float, the most int8-sensitive ones
+            (mixed precision; the ranking comes from :mod:`recommender.compress.quant_sensitivity`,
+            computed once per study on the trained baseline).
+        qat_epochs: epochs (fractions allowed) of quantization-aware fine-tuning (fake-quantized
+            forward, ``prepare_qat_fx``) before conversion, with the recovery fine-tune's optimiser
+            and distillation; 0: post-training quantization.
     """
 
     engine: str = "x86"
     calibration_batches: int = 8
     observer: str = "histogram"
+    per_channel: bool = True
+    keep_float: int = 0
+    qat_epochs: float = 0.0
+    keyed_if_set: ClassVar[tuple[str, ...]] = ("per_channel", "keep_float", "qat_epochs")
 
     def __post_init__(self) -> None:
         _check_engine(self.engine)
         check_int("calibration_batches", self.calibration_batches, 1)
         if self.observer not in QUANT_OBSERVERS:
             raise RecommenderError(f"unknown activation observer {self.observer!r}; valid: {', '.join(QUANT_OBSERVERS)}")
+        if not isinstance(self.per_channel, bool):
+            raise RecommenderError(f"per_channel must be true or false, got {self.per_channel!r}")
+        check_int("keep_float", self.keep_float, 0)
+        check_fraction("qat_epochs", self.qat_epochs, 0.0, MAX_QAT_EPOCHS, hi_open=False)
 
     def batches_needed(self) -> int:
         return self.calibration_batches
 
     def describe(self) -> str:
-        return f"int8-static/{self.engine}"
+        out = f"int8-static/{self.engine}"
+        if self.observer in ("moving-average", "percentile"):  # the two older observers were never shown
+            out += f" {self.observer}"
+        if not self.per_channel:
+            out += " per-tensor"
+        if self.keep_float:
+            out += f" +{self.keep_float} float"
+        if self.qat_epochs:
+            out += f" QAT {self.qat_epochs:g} ep"
+        return out
 
 
 def apply_quantization(
@@ -651,15 +892,23 @@ def apply_quantization(
     *,
     calibration: Calibration | None,
     example_input: torch.Tensor | None = None,
+    ranking: tuple[str, ...] | None = None,
+    finetune: Callable[..., Any] | None = None,
+    steps_per_epoch: int = 0,
 ) -> tuple[nn.Module, QuantReport]:
     """Quantize a copy of ``model`` as ``cfg`` says; returns (model, report).
 
     ``calibration``: batches (tensors or (x, y) pairs); at most ``cfg.calibration_batches`` are
     used for ``int8-static``. ``example_input``: one input for tracing; defaults to the first
     calibration batch (or a random 1x3x32x32 tensor if there is none).
+    ``ranking``: layer names, most int8-sensitive first (``keep_float``; measured here on the
+    calibration batches when None). ``finetune(model, steps)`` and ``steps_per_epoch``: the
+    quantization-aware fine-tune of ``qat_epochs`` (without them an int8 config with
+    ``qat_epochs`` is quantized after training, and the report says so).
     """
     t0 = time.perf_counter()
-    batches = [_inputs(b) for b in islice(iter(calibration or []), max(cfg.batches_needed(), 0))]
+    raw = list(islice(iter(calibration or []), max(cfg.batches_needed(), 0)))
+    batches = [_inputs(b) for b in raw]
     if example_input is None:
         example_input = batches[0][:1] if batches else torch.randn(1, 3, 32, 32)
     before = size_mb(model)
@@ -668,7 +917,8 @@ def apply_quantization(
         if not batches:
             batches = [torch.randn(8, *example_input.shape[1:])]
             note = "no calibration data given: calibrated on random normal input (activation ranges are guesses)"
-        q, report = _static_int8(model, cfg, batches, example_input)
+        q, report = _static_int8(model, cfg, batches, example_input, ranking=ranking, labelled=raw,
+                                 finetune=finetune, steps_per_epoch=steps_per_epoch)
     else:
         backend = get_backend(cfg.method, getattr(cfg, "engine", None))
         prepared = backend.prepare(model, example_input)
@@ -686,7 +936,8 @@ def apply_quantization(
 
 
 def _apply(model: nn.Module, cfg: MethodConfig, ctx: CompressContext) -> tuple[nn.Module, QuantReport]:
-    return apply_quantization(model, cfg, calibration=ctx.batches, example_input=ctx.example_input)
+    return apply_quantization(model, cfg, calibration=ctx.batches, example_input=ctx.example_input,
+                              ranking=ctx.quant_ranking, finetune=ctx.finetune, steps_per_epoch=ctx.steps_per_epoch)
 
 
 def _linear_weight_mb(model: nn.Module) -> float:

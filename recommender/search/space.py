@@ -13,6 +13,19 @@ A space file has three sections, ``arch``, ``prune`` and ``quant``, whose keys a
       sparsity: {low: 0.1, high: 0.9, step: 0.1, when: {method: [unstructured-l1, structured-channel]}}
     warm_start: [paper-resnet101-11, paper-resnet101-13]          # presets enqueued first
 
+Optional int8 dimensions (fields of ``Int8StaticConfig``; a space without them searches today's
+post-training int8, every field at its default)::
+
+    quant:
+      scheme: {choices: [fp32, int8-static]}
+      observer: {choices: [minmax, histogram, percentile], when: {scheme: int8-static}}
+      per_channel: {choices: [true, false], when: {scheme: int8-static}}
+      keep_float: {choices: [0, 1, 2, 4], when: {scheme: int8-static}}   # mixed precision
+      qat_epochs: {choices: [0, 1], when: {scheme: int8-static}}        # 0 = post-training
+
+``keep_float`` keeps the k layers most sensitive to int8 in float (measured once per study on the
+trained baseline); ``qat_epochs`` fine-tunes with fake quantization before conversion.
+
 A dimension exists only when every parent named in ``when`` is itself active and takes one of the
 listed values (a parent in another section is written ``section.field``). An inactive dimension
 keeps the dataclass default. Choices that are lists (per-stage widths) are passed to Optuna as
@@ -336,6 +349,9 @@ class SearchSpace:
             if not dim.active(assigned):
                 continue
             value = values[dim.section].get(dim.name)
+            if dim.section != "arch" and dim.name not in values[dim.section]:
+                # a field left out of the recipe's dict at its default (``keyed_if_set``)
+                value = getattr(getattr(recipe, dim.section), dim.name, None)
             if not dim.contains(value):
                 raise SearchSpaceError(
                     f"{dim.key}={value!r} is outside the search space {self.source}")
