@@ -27,17 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recommender.cache import WeightsCache  # noqa: E402
+from checkpoint_evaluator import add_checkpoint_args, checkpoint_evaluator  # noqa: E402
+
 from recommender.constraints import MaxDrop  # noqa: E402
-from recommender.data import load_dataset  # noqa: E402
-from recommender.evaluation import Evaluator  # noqa: E402
-from recommender.protocol import get_protocol  # noqa: E402
 from recommender.recipe import Recipe  # noqa: E402
-from recommender.search.rungs import ladder  # noqa: E402
 
 #: Pruning ratios each space is evaluated at, and the quantization variants after each.
 RATIOS = (0.1, 0.2, 0.3, 0.5)
@@ -68,25 +64,13 @@ def best(rows: list[dict], tol_pp: float, key: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--model", default="resnet101")
-    ap.add_argument("--fidelity", default="proxy")
+    add_checkpoint_args(ap, "benchmarks/results/compression-front.json")
     ap.add_argument("--tolerances", default="1,2", help="max drops in pp")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="pruning ratios of both spaces")
     ap.add_argument("--keep-float", type=int, default=KEEP_FLOAT, help="layers int8 keeps in float (sensitivity space)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--cache-dir", default="studies/cache")
-    ap.add_argument("--out", default="benchmarks/results/compression-front.json")
     args = ap.parse_args(argv)
 
-    data = load_dataset(args.dataset, seed=0)
-    search = get_protocol(args.fidelity, seed=0, threads=args.threads)
-    protocol = ladder(search, data.native_resolution, "auto", pin_resolution=int(data.native_resolution))[0].protocol
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ev = Evaluator(args.model, data, protocol, cache=WeightsCache(args.cache_dir), latency=True,
-                   checkpoint=args.checkpoint)
+    data, protocol, ev = checkpoint_evaluator(args, latency=True)
     base = ev.evaluate_baseline()
     tol = MaxDrop(2.0)
     print(f"baseline {100 * base.accuracy:.2f}% {base.costs['size_mb']:.2f} MB {base.costs['latency_ms']:.1f} ms",

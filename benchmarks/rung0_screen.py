@@ -27,16 +27,14 @@ import torch
 from scipy.stats import kendalltau
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recommender.cache import WeightsCache  # noqa: E402
+from checkpoint_evaluator import add_checkpoint_args, checkpoint_evaluator  # noqa: E402
+
 from recommender.compress.pipeline import compress  # noqa: E402
 from recommender.compress.prune_sensitivity import recalibrate_bn  # noqa: E402
 from recommender.constraints import MaxDrop  # noqa: E402
-from recommender.data import load_dataset  # noqa: E402
-from recommender.evaluation import Evaluator  # noqa: E402
-from recommender.protocol import get_protocol  # noqa: E402
 from recommender.recipe import Recipe  # noqa: E402
-from recommender.search.rungs import ladder  # noqa: E402
 from recommender.train import batches, evaluate  # noqa: E402
 
 #: The candidates: (label, prune config). Structured at several ratios and both importances, and
@@ -52,24 +50,12 @@ CANDIDATES = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--model", default="resnet101")
-    ap.add_argument("--fidelity", default="proxy")
+    add_checkpoint_args(ap, "benchmarks/results/rung0-screen.json")
     ap.add_argument("--calib-images", type=int, default=256, help="training images that re-estimate BN")
     ap.add_argument("--candidates", default=None, help="comma list of labels (default: all)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--cache-dir", default="studies/cache")
-    ap.add_argument("--out", default="benchmarks/results/rung0-screen.json")
     args = ap.parse_args(argv)
 
-    data = load_dataset(args.dataset, seed=0)
-    search = get_protocol(args.fidelity, seed=0, threads=args.threads)
-    protocol = ladder(search, data.native_resolution, "auto", pin_resolution=int(data.native_resolution))[0].protocol
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ev = Evaluator(args.model, data, protocol, cache=WeightsCache(args.cache_dir), latency=False,
-                   checkpoint=args.checkpoint)
+    data, protocol, ev = checkpoint_evaluator(args, latency=False)
     base = ev.evaluate_baseline()
     tol = MaxDrop(2.0)
     n_cal = max(1, -(-args.calib_images // protocol.calibration_batch_size))
