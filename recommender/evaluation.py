@@ -401,8 +401,7 @@ class Evaluator:
 
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
-        d = protocol_data(self.data, self.protocol)
-        return int(math.ceil(self.protocol.recovery_epochs * math.ceil(d.n_train / self.protocol.batch_size)))
+        return int(math.ceil(self.protocol.recovery_epochs * self.steps_per_epoch()))
 
     def prune_sensitivity(self, config: SensitivityConfig | None = None) -> PruneSensitivity:
         """The trained baseline's per-group pruning sensitivity (:mod:`.compress.prune_sensitivity`),
@@ -413,13 +412,12 @@ class Evaluator:
             return self._sensitivity[cfg]
         key, name = self.baseline_key(), sensitivity_name(cfg)
         stored = self.cache.load_json(key, name) if self.cache else None
+        sens = None
         if stored is not None:
             try:
                 sens = PruneSensitivity.from_dict(stored)
             except (KeyError, TypeError, ValueError):
-                sens = None
-        else:
-            sens = None
+                pass  # a damaged entry is measured again and overwritten
         if sens is None:
             model = self.baseline_model()
             bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
