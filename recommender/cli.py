@@ -179,7 +179,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="a candidate whose structure breaks a budget: resample (default: the sampler draws "
                         "another) or constraint (an untrained trial that reports its excess to the sampler)")
     g.add_argument("--seed", metavar="N", type=_int, default=0, help="seeds the sampler and the training protocol (default 0)")
-    g.add_argument("--space", metavar="YAML", help="search-space file (default: the model family's bundled one)")
+    g.add_argument("--space", metavar="YAML", help="search-space file, or a bundled space by name: 'trained' compresses a --checkpoint by its "
+                        "per-layer sensitivity (default: the model family's bundled space)")
     g.add_argument("--no-warm-start", action="store_true", help="do not enqueue the paper's presets first")
     g.add_argument("--no-latency", action="store_true", help="skip CPU latency measurement")
 

@@ -399,6 +399,18 @@ class Evaluator:
             return None
         return self.quant_sensitivity(cfg).ranking()
 
+    def layers_that_matter(self, k: int = 5) -> dict[str, Any]:
+        """What this evaluator has measured of the trained baseline's per-layer sensitivity, as
+        ``{"prune": ..., "int8": ...}`` summaries (:meth:`PruneSensitivity.summary`,
+        :meth:`QuantSensitivity.summary`) of the ``k`` layers that cost most; empty when no
+        candidate needed a measurement (nothing is measured for this)."""
+        out: dict[str, Any] = {}
+        if self._sensitivity:
+            out["prune"] = next(iter(self._sensitivity.values())).summary(k)
+        if self._quant_sensitivity:
+            out["int8"] = next(iter(self._quant_sensitivity.values())).summary(k)
+        return out
+
     def recovery_steps(self) -> int:
         """Optimiser steps of recovery training after pruning (``protocol.recovery_epochs``)."""
         return int(math.ceil(self.protocol.recovery_epochs * self.steps_per_epoch()))

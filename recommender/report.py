@@ -32,6 +32,7 @@ from .evaluation import Baseline, Evaluation
 from .ledger import Answer, Entry, Ledger, Measurement
 from .question import Question
 from .recipe import Recipe
+from .search.objective import SENSITIVITY_ATTR
 from .search.recovery import SKIPPED_ATTR, counted_trials, is_interrupted
 
 COST_ROWS = (  # (Costs field, label, unit)
@@ -106,6 +107,9 @@ class Recommendation:
     #: the search stopped because no draft fitted the budgets (``budget_unreachable`` study
     #: attribute, :mod:`recommender.search.floor`): the floor per budget and the closest drafts
     budget_unreachable: dict[str, Any] = field(default_factory=dict)
+    #: the trained baseline's per-layer sensitivity summaries (``prune`` / ``int8``), when a
+    #: candidate measured them (:data:`recommender.search.objective.SENSITIVITY_ATTR`)
+    layers_that_matter: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     study: optuna.Study | None = None
@@ -305,6 +309,7 @@ class Recommendation:
             "warm_start_skipped": self.warm_start_skipped,
             "space_note": self.space_note,
             "budget_unreachable": self.budget_unreachable,
+            "layers_that_matter": self.layers_that_matter,
             "alternatives": {k: entry_dict(led, v) for k, v in ans.alternatives.items()},
             "pareto": [entry_dict(led, e) for e in ans.front],
             "closest_infeasible": [entry_dict(led, e) for e in ans.closest],
@@ -440,6 +445,30 @@ def answer_notes(rec: Recommendation) -> list[str]:
     return notes
 
 
+def layers_lines(layers: dict[str, Any]) -> list[str]:
+    """The layers that matter, one sentence per kind of compression, each naming what its figures
+    are measured on (training images of the trained baseline, never the validation set)."""
+    out = []
+    p = layers.get("prune")
+    if p and p.get("layers"):
+        worst = ", ".join(f"{x['layer']} ({x['drop_pp']:+.1f} pp)" for x in p["layers"])
+        out.append(f"Layers that matter for pruning (the trained baseline, {p.get('images', 0)} training images after "
+                   f"BN re-estimation on {p.get('calib_images', 0)}; accuracy drop with {100 * p['ratio']:.0f}% of one "
+                   f"group's channels removed, of {p.get('groups', 0)} groups): {worst}.")
+    q = layers.get("int8")
+    if q and q.get("layers"):
+        def one(x: dict[str, Any]) -> str:
+            if x.get("loss_delta") is None:
+                return x["layer"]
+            return f"{x['layer']} ({x['loss_delta']:+.3f} nats/image, {x['drop_pp']:+.1f} pp)"
+        how = ("weight error only, no data" if q.get("method") == "weight-mse" else
+               f"each layer alone in int8, {q.get('images', 0)} training images")
+        out.append(f"Layers that matter for int8 ({how}, {q.get('observer')} observer, "
+                   f"{'per-channel' if q.get('per_channel') else 'per-tensor'} weights, of {q.get('layers_measured', 0)} "
+                   f"layers; kept in float first by keep_float): " + ", ".join(one(x) for x in q["layers"]) + ".")
+    return out
+
+
 def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recommendation:
     """The answer, read back from what the study stored (its question, every rung's baseline,
     every candidate's evaluations): :meth:`recommender.ledger.Ledger.from_study`."""
@@ -453,6 +482,7 @@ def recommendation_from_study(study: optuna.Study, storage: str = "") -> Recomme
         counts=trial_counts(study, ledger), warm_start_skipped=dict(attrs.get("warm_start_skipped", {})),
         space_note=str(attrs.get("space_note") or ""), plan=dict(attrs.get("plan") or {}),
         search_stopped=attrs.get("search_stopped"), budget_unreachable=dict(attrs.get("budget_unreachable") or {}),
+        layers_that_matter=dict(attrs.get(SENSITIVITY_ATTR) or {}),
         failures=dict(failures),
         importances=_importances(study), study=study)
 
@@ -637,6 +667,8 @@ def render(rec: Recommendation) -> Group:
     for obj, imp in rec.importances.items():
         top = sorted(imp.items(), key=lambda kv: -kv[1])[:5]
         parts.append(Text(f"What mattered for {obj}: " + ", ".join(f"{k} {v:.2f}" for k, v in top), style="dim"))
+    for line in layers_lines(rec.layers_that_matter):
+        parts.append(Text(line, style="dim"))
     return Group(*parts)
 
 
@@ -798,6 +830,8 @@ def markdown(rec: Recommendation) -> str:
         lines += ["", "Failures: " + "; ".join(f"{k} ({v})" for k, v in rec.failures.items())]
     if d["binding_constraints"]:
         lines.append("What bound the answer: " + "; ".join(d["binding_constraints"]))
+    for line in layers_lines(d["layers_that_matter"]):
+        lines += ["", line]
     return "\n".join(lines) + "\n"
 
 

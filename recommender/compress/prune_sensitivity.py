@@ -128,6 +128,16 @@ class PruneSensitivity:
         return sorted(out, key=lambda t: -t[1])[:k]
 
 
+    def summary(self, k: int = 5) -> dict[str, Any]:
+        """The layers that matter, for the explanation: the ``k`` groups that lose most accuracy
+        at the largest measured ratio (drop in pp, BN re-estimated, on ``score_images`` training
+        images), with what the figures are measured on."""
+        ratio = max((max(g.ratios) for g in self.groups), default=0.0)
+        return {"ratio": ratio, "base_accuracy": self.base_accuracy, "images": self.score_images,
+                "calib_images": self.calib_images, "groups": len(self.groups),
+                "layers": [{"layer": n, "drop_pp": round(d, 2)} for n, d in self.most_sensitive(k, ratio)]}
+
+
 def sensitivity_name(cfg: SensitivityConfig) -> str:
     """File stem under which a study's cache keeps the sensitivity (next to the baseline's weights,
     whose key already names the checkpoint, the dataset and the protocol)."""

@@ -61,6 +61,9 @@ _ATTACH_LOCK = threading.Lock()
 #: User attribute of a trial whose every draft was rejected before training (what the closest
 #: drafts were); a few such trials in a row stop the search (Search.optimize).
 NO_FIT_ATTR = "no_draft_fits"
+#: Study attribute with the trained baseline's layers that matter (per-layer pruning and int8
+#: sensitivity summaries), set once a candidate has measured them.
+SENSITIVITY_ATTR = "layers_that_matter"
 
 
 class TrialFailed(Exception):
@@ -205,10 +208,20 @@ class Objective:
             self._set_constraints(trial, self.feasibility.constraint_values(ev.drop_pp, ev.costs,
                                                                            self.baseline.accuracy))
         trial.set_user_attr("evaluation", ev.to_dict())
+        self._record_sensitivity(trial)
         if not ev.ok:
             trial.set_user_attr("fail_reason", ev.reason)
             raise TrialFailed(ev.reason)
         return self.values(ev)
+
+    def _record_sensitivity(self, trial: optuna.Trial) -> None:
+        """The trained baseline's layers that matter, on the study once a candidate has measured
+        them (every output reads them from there)."""
+        layers = self.evaluator.layers_that_matter()
+        study = getattr(trial, "study", None)
+        if layers and study is not None and any(study.user_attrs.get(SENSITIVITY_ATTR, {}).get(k) != v
+                                                for k, v in layers.items()):
+            study.set_user_attr(SENSITIVITY_ATTR, {**study.user_attrs.get(SENSITIVITY_ATTR, {}), **layers})
 
     @cached_property
     def feasibility(self) -> Feasibility:

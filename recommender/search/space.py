@@ -69,6 +69,16 @@ def bundled_spaces() -> list[str]:
     return bundled_names()
 
 
+def bundled_space_name(path: str | Path) -> str | None:
+    """The bundled space file ``path`` names (``trained`` or ``trained.yaml``), when no file of
+    that name exists: a file always wins over a bundled name."""
+    text = str(path)
+    if Path(text).exists() or "/" in text or "\\" in text:
+        return None
+    name = text if text.endswith(".yaml") else f"{text}.yaml"
+    return name if name in bundled_spaces() else None
+
+
 def _encode(value: Any) -> Any:
     """Optuna categorical values must be None, bool, int, float or str."""
     if isinstance(value, (list, tuple, dict)):
@@ -259,11 +269,19 @@ class SearchSpace:
 
     @classmethod
     def for_model(cls, model: str, path: str | Path | None = None) -> "SearchSpace":
-        """The space given by ``path``, or the bundled one of the model's family (the generic
+        """The space given by ``path`` (a file, or the name of a bundled space such as
+        ``trained``), or the bundled one of the model's family (the generic
         pruning x quantization space for a family that names none), without the architecture
         dimensions the model does not support (and those that depend on them)."""
         fam = get_family(model)
         if path is not None:
+            name = bundled_space_name(path)
+            if name:
+                return cls.load_bundled(name)
+            if not Path(path).exists() and Path(path).name == str(path) and not str(path).endswith(".yaml"):
+                names = ", ".join(n.removesuffix(".yaml") for n in bundled_spaces())
+                raise SearchSpaceError(f"search space {str(path)!r}: no such file, and no bundled space of that "
+                                       f"name (bundled: {names})")
             return cls.load(path)
         return cls.load_bundled(fam.space or GENERIC_SPACE).restricted(fam.techniques_for(model))
 
