@@ -60,6 +60,8 @@ VARIANTS = {
     "blockwise": {"feature_distill_alpha": 1.0},
     # a cheaper search rung: 4 epochs at batch 128 (half the baseline's steps)
     "fast": {"epochs": 4, "batch_size": 128, "lr": 0.03},
+    # BN statistics re-estimated on 4 x 64 training images after a pruned candidate's recovery
+    "adaptive-bn": {"recovery_bn_batches": 4},
 }
 PRESETS = [f"paper-resnet101-{i}" for i in range(6, 15)]
 #: pruned candidates of the baseline (they inherit its trained weights)

@@ -495,10 +495,13 @@ class Evaluator:
             sens = (self.prune_sensitivity() if out.inherited and getattr(recipe.prune, "allocation", "") == "sensitivity"
                     else None)
             ranking = self.quant_ranking(recipe.quant) if self.inherits(recipe) else None
+            k = self.protocol.recovery_bn_batches if recipe.prune.active else 0
+            bn_images = [b[0] for b in batches(self.data, self.protocol, k)] if k else None
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
                                      finetune=finetune_fn(self.data, self.protocol, teacher, deadline=deadline),
                                      finetune_steps=self.recovery_steps(), sensitivity=sens,
-                                     steps_per_epoch=self.steps_per_epoch(), quant_ranking=ranking)
+                                     steps_per_epoch=self.steps_per_epoch(), quant_ranking=ranking,
+                                     bn_images=bn_images)
             out.notes = compression_notes(report)
             _check_deadline(deadline, "after compression")
             ev = evaluate(model, self.data, self.protocol)

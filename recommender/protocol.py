@@ -58,10 +58,11 @@ _EXECUTION_FIELDS = ("threads", "device", "eval_batch_size", "precision", "chann
 # itself trains: reset to their defaults in the baseline's cache key (for_baseline), so that
 # protocols differing only in them share one trained baseline.
 CANDIDATE_ONLY_FIELDS = ("distill_alpha", "distill_temperature", "feature_distill_alpha", "feature_distill_pool",
-                         "finetune_lr", "recovery_epochs", "recovery_distill_alpha", "calibration_batch_size")
+                         "finetune_lr", "recovery_epochs", "recovery_distill_alpha", "recovery_bn_batches",
+                         "calibration_batch_size")
 # Fields added after weights were cached and references stored: in the key only when they differ
 # from this default, so existing keys (and cached trainings) stay valid.
-_KEYED_IF_SET = {"feature_distill_alpha": 0.0, "feature_distill_pool": 2}
+_KEYED_IF_SET = {"feature_distill_alpha": 0.0, "feature_distill_pool": 2, "recovery_bn_batches": 0}
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class ProxyProtocol:
             off: in ``benchmarks/proxy_fidelity.py`` on digits, distillation brought the pruned
             candidates' drops closer to the reference (mean error 5.2 against 7.0 pp, same order)
             but ranked the rewritten architectures worse (Kendall tau -0.06 against +0.53).
+        recovery_bn_batches: batches of ``calibration_batch_size`` training images whose
+            statistics re-estimate every BatchNorm of a pruned candidate after its recovery
+            training, before it is quantized and evaluated ("adaptive BN", EagleEye, ECCV 2020):
+            iterative pruning leaves a few steps after its last round, too few for the running
+            statistics to follow the pruned weights. 0 = off.
         calibration_batch_size: batch size of ``train.batches`` (quantization calibration, Taylor).
         seed: seed of weight init (when the caller seeds), shuffling and augmentation.
         threads: CPU threads used while training/evaluating (0 = the CPUs this process may
@@ -159,6 +165,7 @@ class ProxyProtocol:
     finetune_lr: float = 1e-3
     recovery_epochs: float = 1.0
     recovery_distill_alpha: float = 0.5
+    recovery_bn_batches: int = 0
     calibration_batch_size: int = 64
     seed: int = 0
     threads: int = 0
@@ -184,6 +191,8 @@ class ProxyProtocol:
             bad("lr and finetune_lr must be > 0")
         if not 0 <= self.recovery_epochs <= 100:
             bad("recovery_epochs must be in [0, 100]")
+        if not 0 <= int(self.recovery_bn_batches) <= 1000:
+            bad("recovery_bn_batches must be in [0, 1000]")
         if self.optimizer not in ("sgd",):
             bad(f"optimizer must be 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("onecycle", "constant"):

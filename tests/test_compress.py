@@ -241,6 +241,33 @@ def test_compress_prunes_then_quantizes():
     assert set(rep.to_dict()) == {"prune", "quant", "seconds"}
 
 
+def test_adaptive_bn_reestimates_the_pruned_models_statistics():
+    """``bn_images``: after pruning (and its recovery), every BN's running statistics are those of
+    the pruned network on the given images; without them, they are left as training left them."""
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    images = [torch.randn(8, 3, 32, 32) + 2.0 for _ in range(3)]
+    recipe = Recipe(prune=PruneConfig("unstructured-l1", 0.5))
+    stale, _ = compress(m, recipe, example_input=X, batches=None)
+    fresh, _ = compress(m, recipe, example_input=X, batches=None, bn_images=images)
+    bn = next(mod for mod in fresh.modules() if isinstance(mod, nn.BatchNorm2d))
+    conv_out = []
+    for mod in fresh.modules():  # the first conv feeds the first BN
+        if isinstance(mod, nn.Conv2d):
+            with torch.no_grad():
+                conv_out = [mod(x) for x in images]
+            break
+    mean = torch.cat(conv_out).mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, mean, atol=1e-4)
+    stale_bn = next(mod for mod in stale.modules() if isinstance(mod, nn.BatchNorm2d))
+    assert torch.equal(stale_bn.running_mean, next(mod for mod in m.modules()
+                                                   if isinstance(mod, nn.BatchNorm2d)).running_mean)
+    # nothing pruned: nothing re-estimated
+    same, _ = compress(m, Recipe(), example_input=X, batches=None, bn_images=images)
+    assert torch.equal(next(mod for mod in same.modules() if isinstance(mod, nn.BatchNorm2d)).running_mean,
+                       stale_bn.running_mean)
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 

@@ -178,7 +178,7 @@ def test_keys_of_the_named_fidelities_are_stable():
 def test_candidate_only_fields_share_the_baseline():
     p = get_protocol("proxy")
     for change in ({"distill_alpha": 0.5}, {"feature_distill_alpha": 1.0}, {"recovery_epochs": 2.0},
-                   {"finetune_lr": 0.01}, {"recovery_distill_alpha": 0.0}):
+                   {"finetune_lr": 0.01}, {"recovery_distill_alpha": 0.0}, {"recovery_bn_batches": 8}):
         assert p.replace(**change).key() != p.key()
         assert p.replace(**change).for_baseline().key() == p.key(), change
     assert p.replace(epochs=3).for_baseline().key() != p.key()  # the baseline's own training changes

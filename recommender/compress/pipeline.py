@@ -41,6 +41,7 @@ def compress(
     sensitivity: Any = None,
     steps_per_epoch: int = 0,
     quant_ranking: tuple[str, ...] | None = None,
+    bn_images: Iterable[torch.Tensor] | None = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Apply the recipe's pruning then its quantization (registered methods) to a copy of
     ``model``; ``recipe`` is a Recipe or a (prune config, quant config) pair.
@@ -51,12 +52,19 @@ def compress(
     ``sensitivity``: the trained model's pruning sensitivity, for a sensitivity allocation.
     ``steps_per_epoch``: optimiser steps per epoch (for ``qat_epochs``); ``quant_ranking``: layer
     names most int8-sensitive first (for ``keep_float``; see :class:`CompressContext`).
+    ``bn_images``: input batches whose statistics re-estimate every BatchNorm of the pruned model
+    after its recovery training, before quantization (adaptive BN; unused when nothing is pruned).
     """
     t0 = time.perf_counter()
     pcfg, qcfg = (recipe.prune, recipe.quant) if hasattr(recipe, "prune") else recipe
     ctx = CompressContext(example_input, list(batches) if batches is not None else None, finetune, finetune_steps,
                           sensitivity, steps_per_epoch, quant_ranking)
     pruned, prep = _apply(model, pcfg, ctx)
+    if bn_images is not None and pcfg.active:
+        from .prune_sensitivity import recalibrate_bn
+
+        with torch.no_grad():
+            recalibrate_bn(pruned, bn_images)
     pruned.eval()
     quantized, qrep = _apply(pruned, qcfg, ctx)
     report = CompressReport(prune=prep, quant=qrep, seconds=time.perf_counter() - t0, float_model=pruned)
