@@ -27,8 +27,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_spaces_and_presets(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for f in ("resnet.yaml", "vgg.yaml", "torchvision.yaml", "generic.yaml", "presets/resnet101.yaml",
-              "presets/vgg19.yaml"):
+    for f in ("resnet.yaml", "vgg.yaml", "torchvision.yaml", "generic.yaml", "trained.yaml",
+              "presets/resnet101.yaml", "presets/vgg19.yaml"):
         assert f"recommender/search_spaces/{f}" in names, names
 
 
