@@ -21,12 +21,15 @@ from recommender.search.rungs import ladder  # noqa: E402
 
 
 def add_checkpoint_args(ap: argparse.ArgumentParser, out: str) -> None:
-    """--checkpoint, --dataset, --model, --fidelity, --threads, --cache-dir and --out (default ``out``)."""
+    """--checkpoint, --dataset, --model, --fidelity, --threads, --image-size, --cache-dir and --out
+    (default ``out``)."""
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--model", default="resnet101")
     ap.add_argument("--fidelity", default="proxy")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="px the images are decoded to, the size the checkpoint was trained at (as recommend --image-size)")
     ap.add_argument("--cache-dir", default="studies/cache")
     ap.add_argument("--out", default=out)
 
@@ -34,7 +37,7 @@ def add_checkpoint_args(ap: argparse.ArgumentParser, out: str) -> None:
 def checkpoint_evaluator(args: argparse.Namespace, *, latency: bool) -> tuple[Any, ProxyProtocol, Evaluator]:
     """(data, the search rung's protocol pinned to the data's native size, its evaluator from the
     checkpoint); sets torch's thread count when ``--threads`` is given (a benchmark's process)."""
-    data = load_dataset(args.dataset, seed=0)
+    data = load_dataset(args.dataset, seed=0, image_size=args.image_size)
     search = get_protocol(args.fidelity, seed=0, threads=args.threads)
     protocol = ladder(search, data.native_resolution, "auto", pin_resolution=int(data.native_resolution))[0].protocol
     if args.threads:

@@ -62,7 +62,8 @@ def _pruned(name: str, base_weights: Path, args, data, protocol):
     ft = protocol.replace(finetune_lr=args.recovery_lr)
     pruned, _ = compress(net, Recipe(prune=PruneConfig(method, s)), example_input=torch.randn(1, 3, 32, 32),
                          batches=list(batches(data, protocol, 2)), finetune=finetune_fn(data, ft),
-                         finetune_steps=steps)
+                         finetune_steps=steps,
+                         bn_images=[x for x, _ in batches(data, protocol, protocol.recovery_bn_batches)] or None)
     return pruned
 
 

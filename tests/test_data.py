@@ -173,6 +173,7 @@ def test_keys_of_the_named_fidelities_are_stable():
         "paper": "paper-f95b9dd48732"}
     p = get_protocol("proxy")
     assert p.replace(feature_distill_alpha=1.0).key() != p.key()
+    assert p.recovery_bn_batches == 4 and p.replace(recovery_bn_batches=0).key() != p.key()
 
 
 def test_candidate_only_fields_share_the_baseline():
