@@ -241,6 +241,21 @@ def test_compress_prunes_then_quantizes():
     assert set(rep.to_dict()) == {"prune", "quant", "seconds"}
 
 
+def test_repacking_int8_weights_changes_no_output():
+    """compress() packs the int8 weights again after conversion (some packings ran 200x slower):
+    the same weights, the same outputs."""
+    import copy
+
+    from recommender.compress.quantize import repack_weights
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    q, _ = compress(Tiny().eval(), Recipe(quant=QuantConfig("int8-static")), example_input=X, batches=batches)
+    before = q(X)
+    again = repack_weights(copy.deepcopy(q), "x86")
+    assert torch.equal(before, again(X)) and torch.equal(before, q(X))
+
+
 def test_adaptive_bn_reestimates_the_pruned_models_statistics():
     """``bn_images``: after pruning (and its recovery), every BN's running statistics are those of
     the pruned network on the given images; without them, they are left as training left them."""

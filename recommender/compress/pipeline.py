@@ -11,7 +11,7 @@ from torch import nn
 
 from .methods import CompressContext, MethodConfig, get_method
 from .prune import Finetune, PruneReport
-from .quantize import QuantReport
+from .quantize import QuantReport, repack_weights
 
 __all__ = ["CompressReport", "compress"]
 
@@ -67,6 +67,9 @@ def compress(
             recalibrate_bn(pruned, bn_images)
     pruned.eval()
     quantized, qrep = _apply(pruned, qcfg, ctx)
+    engine = getattr(quantized, "_quant_engine", None) or getattr(qcfg, "engine", None)
+    if engine:  # packed again once conversion is over: some packings ran 200x slower (repack_weights)
+        repack_weights(quantized, engine)
     report = CompressReport(prune=prep, quant=qrep, seconds=time.perf_counter() - t0, float_model=pruned)
     return quantized, report
 
