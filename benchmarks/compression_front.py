@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             entry[key]["latency_ratio"] = u["latency_ms"] / s["latency_ms"]
             print(f"{key:>8s} | uniform/sensitivity: size {entry[key]['size_ratio']:.2f}x, "
                   f"latency {entry[key]['latency_ratio']:.2f}x (goal: 1.5x on either)")
-    result[args.dataset] = entry
+    # keyed by the dataset's name, not its path on the machine that ran it
+    folder = Path(args.dataset.split(":", 1)[-1])
+    name = (folder.parent.name if folder.name in ("train", "val") else folder.name) \
+        if args.dataset.startswith("imagefolder:") else args.dataset
+    result[name or args.dataset] = {"dataset": args.dataset, "image_size": args.image_size, **entry}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"written {out_path}")
