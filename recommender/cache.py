@@ -179,6 +179,18 @@ class WeightsCache:
         text = json.dumps(obj, sort_keys=True, indent=1, default=_json_default)
         atomic_write(self._file(key, name, ".json"), text)
 
+    @contextlib.contextmanager
+    def side_lock(self, key: str, name: str) -> Any:
+        """Hold an exclusive lock on side data ``name`` of entry ``key`` (a lock file beside it),
+        so that work measured once and cached (a sensitivity) is measured by one of several
+        workers sharing this cache while the others wait and then read it."""
+        from filelock import FileLock
+
+        path = self._file(key, name, ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path)):
+            yield
+
     def load_json(self, key: str, name: str) -> Any | None:
         path = self._file(key, name, ".json")
         if not path.exists():

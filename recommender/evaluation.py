@@ -10,6 +10,7 @@ applied to trained weights and measured, never guessed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import math
 import time
@@ -423,21 +424,23 @@ class Evaluator:
         if cfg in self._sensitivity:
             return self._sensitivity[cfg]
         key, name = self.baseline_key(), sensitivity_name(cfg)
-        stored = self.cache.load_json(key, name) if self.cache else None
-        sens = None
-        if stored is not None:
-            try:
-                sens = PruneSensitivity.from_dict(stored)
-            except (KeyError, TypeError, ValueError):
-                pass  # a damaged entry is measured again and overwritten
-        if sens is None:
-            model = self.baseline_model()
-            bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
-            self.log(f"measuring the pruning sensitivity of {self.model_name} ({len(bs)} training batches)")
-            sens = measure_sensitivity(model, bs[:cfg.calib_batches], bs[cfg.calib_batches:],
-                                       torch.randn(self.input_size), ratios=cfg.ratios)
-            if self.cache:
-                self.cache.save_json(key, name, sens.to_dict())
+        # one worker measures, the others sharing the cache wait and read it
+        with self.cache.side_lock(key, name) if self.cache else contextlib.nullcontext():
+            stored = self.cache.load_json(key, name) if self.cache else None
+            sens = None
+            if stored is not None:
+                try:
+                    sens = PruneSensitivity.from_dict(stored)
+                except (KeyError, TypeError, ValueError):
+                    pass  # a damaged entry is measured again and overwritten
+            if sens is None:
+                model = self.baseline_model()
+                bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
+                self.log(f"measuring the pruning sensitivity of {self.model_name} ({len(bs)} training batches)")
+                sens = measure_sensitivity(model, bs[:cfg.calib_batches], bs[cfg.calib_batches:],
+                                           torch.randn(self.input_size), ratios=cfg.ratios)
+                if self.cache:
+                    self.cache.save_json(key, name, sens.to_dict())
         self._sensitivity[cfg] = sens
         return sens
 

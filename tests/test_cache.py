@@ -144,3 +144,38 @@ def test_invalid_names_rejected(tmp_path):
         cache.entry_dir("../../etc")
     with pytest.raises(ValueError):
         cache.save_array("ab" * 32, "../x", np.zeros(1))
+
+
+def test_a_sensitivity_is_measured_by_one_of_two_workers(tmp_path):
+    """Two workers sharing a cache ask for the same int8 sensitivity at once: one measures it,
+    the other waits on the side lock and reads it."""
+    import threading
+
+    import recommender.compress.quant_sensitivity as qs
+
+    cache = WeightsCache(tmp_path)
+    calls: list[int] = []
+    real = qs.measure_quant_sensitivity
+
+    def slow_measure(*a, **k):
+        calls.append(1)
+        time.sleep(0.3)
+        return real(*a, **k)
+
+    torch.manual_seed(0)
+    model = TinyCNN(3).eval()
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)))]
+    out: list = []
+    qs.measure_quant_sensitivity = slow_measure
+    try:
+        def worker() -> None:
+            out.append(qs.cached_quant_sensitivity(cache, "ab" * 32, model, data))
+
+        workers = [threading.Thread(target=worker) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        qs.measure_quant_sensitivity = real
+    assert len(calls) == 1 and len(out) == 2 and out[0].ranking() == out[1].ranking()
