@@ -91,3 +91,25 @@ def test_a_file_wins_over_a_bundled_name_and_an_unknown_name_lists_the_bundled_o
     assert [d.key for d in SearchSpace.for_model("resnet18", "trained").dimensions] == ["prune.method"]
     with pytest.raises(SearchSpaceError, match="no bundled space of that name .*trained"):
         SearchSpace.for_model("resnet18", "nosuchspace")
+
+
+def test_the_search_measures_the_pruning_sensitivity_before_its_workers_start(tmp_path):
+    """A space that can draw a sensitivity allocation has it measured once in the main process
+    (every thread), before worker processes would wait for one of them to measure it; a space
+    that cannot draw one measures nothing."""
+    from recommender.compress.checkpoint import save_state
+    from recommender.search.study import Search, StudySpec
+
+    make_folder(tmp_path / "imgs", classes=2, per_class=40, size=(16, 16))
+    torch.manual_seed(0)
+    save_state(tmp_path / "ckpt.pt", TinyCNN(2))
+    (tmp_path / "sens.yaml").write_text(SENSITIVE_SPACE)
+    (tmp_path / "plain.yaml").write_text("prune:\n  method: {value: structured-channel}\n  sparsity: {value: 0.3}\n")
+    for space, measured in (("plain.yaml", False), ("sens.yaml", True)):
+        studies = tmp_path / f"studies-{space}"
+        search = Search(StudySpec(model="tests.helpers:TinyCNN", dataset=f"imagefolder:{tmp_path / 'imgs'}",
+                                  max_drop="60%", budgets=["20M-params"], fidelity="smoke", studies_dir=str(studies),
+                                  latency=False, checkpoint=str(tmp_path / "ckpt.pt"), space=str(tmp_path / space)),
+                        log=lambda *_: None)
+        search._sensitivity_ready()
+        assert bool(list(studies.rglob("prune_sensitivity_*.json"))) == measured, space

@@ -894,6 +894,14 @@ class Search:
             ev._teacher_logits(ev.protocol, recovery=True)  # of pruned candidates' recovery
             ev._teacher_features(ev.protocol)  # block-wise distillation, if on
 
+    def _sensitivity_ready(self) -> None:
+        """Measure the trained baseline's pruning sensitivity once here, with every thread, when
+        the space can draw a sensitivity allocation: workers would otherwise wait for one of
+        them to measure it on its share of the threads."""
+        if any(d.key == "prune.allocation" and "sensitivity" in ((d.value,) if d.fixed else (d.choices or ()))
+               for d in self.space.dimensions):
+            self.evaluator.prune_sensitivity()
+
     def promote(self, jobs: int = 1) -> None:
         """Promotion rungs 1.. in order, each decided once and evaluated by every worker."""
         for k in range(1, len(self.rungs)):
@@ -946,6 +954,7 @@ class Search:
                     if start is not None:
                         start(self.study)
                 self._teacher_ready()
+                self._sensitivity_ready()
                 try:
                     run_workers(self.worker_spec, jobs, "search", deadline=self.deadline, log=self.log, poll=self._poll)
                 except KeyboardInterrupt:
