@@ -198,6 +198,7 @@ class Evaluator:
         self._features: tuple[int, list[torch.Tensor]] | None = None
         self._sensitivity: dict[SensitivityConfig, PruneSensitivity] = {}
         self._quant_sensitivity: dict[tuple[Any, ...], Any] = {}
+        self._bn_images: list[torch.Tensor] | None = None
         self._source = self._source_identity()
         net = self._build(ArchConfig())  # fail fast on a bad model or class count
         if self.family.style == "custom":
@@ -400,6 +401,15 @@ class Evaluator:
             return None
         return self.quant_sensitivity(cfg).ranking()
 
+    def bn_images(self) -> list[torch.Tensor] | None:
+        """The training images that re-estimate a pruned candidate's BN statistics
+        (``protocol.recovery_bn_batches`` batches, the same seeded ones for every candidate):
+        drawn once per evaluator, not once per trial; None when the re-estimation is off."""
+        k = self.protocol.recovery_bn_batches
+        if k and self._bn_images is None:
+            self._bn_images = [b[0] for b in batches(self.data, self.protocol, k)]
+        return self._bn_images if k else None
+
     def layers_that_matter(self, k: int = 5) -> dict[str, Any]:
         """What this evaluator has measured of the trained baseline's per-layer sensitivity, as
         ``{"prune": ..., "int8": ...}`` summaries (:meth:`PruneSensitivity.summary`,
@@ -498,8 +508,7 @@ class Evaluator:
             sens = (self.prune_sensitivity() if out.inherited and getattr(recipe.prune, "allocation", "") == "sensitivity"
                     else None)
             ranking = self.quant_ranking(recipe.quant) if self.inherits(recipe) else None
-            k = self.protocol.recovery_bn_batches if recipe.prune.active else 0
-            bn_images = [b[0] for b in batches(self.data, self.protocol, k)] if k else None
+            bn_images = self.bn_images() if recipe.prune.active else None
             model, report = compress(model, recipe, example_input=example, batches=train_batches,
                                      finetune=finetune_fn(self.data, self.protocol, teacher, deadline=deadline),
                                      finetune_steps=self.recovery_steps(), sensitivity=sens,
