@@ -330,7 +330,7 @@ def _attempt(
     rounded down to this multiple (torch-pruning's ``round_to``; 1 = off)."""
     import torch_pruning as tp
 
-    from .shuffle_prune import aligned_indices, group_ok, map_shuffles, shuffle_hooks
+    from .shuffle_prune import RootSafeImportance, group_aware_convs, prune_aligned, shuffle_hooks
 
     candidate = safe_deepcopy(model).eval()
     aligned = grouped == "aligned"
@@ -339,38 +339,27 @@ def _attempt(
         ignored = _analyse(candidate, example_input, level, aligned=aligned)
         mods = dict(candidate.named_modules())
         imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
-        with shuffle_hooks(candidate) as seen:
-            pruner = tp.pruner.BasePruner(
-                candidate,
-                example_input,
-                importance=imp,
-                pruning_ratio=float(ratio),
-                ignored_layers=[mods[n] for n in ignored],
-                global_pruning=False,
-                pruning_ratio_dict={mods[n]: min(max(float(r), 0.0), 0.95) for n, r in (ratios or {}).items()
-                                    if n in mods and n not in ignored} or None,
-                round_to=round_to if round_to > 1 else None,
-            )
-        if importance == "taylor":
-            _taylor_gradients(candidate, example_input, batches, taylor_batches)
-        if not aligned:
-            pruner.step()
-        else:
-            dg = pruner.DG
-            pre = map_shuffles(dg, seen)
-            blocks = tuple(sorted({g for _, g in seen.values()}))
-            for group in pruner.step(interactive=True):
-                if group_ok(dg, group, pre):
-                    group.prune()
-                    continue
-                root, fn = group[0][0].target.module, group[0][0].handler
-                n = dg.get_out_channels(root) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(root)
-                scores = pruner.importance(dg.get_pruning_group(root, fn, list(range(n))))
-                if scores is None or scores.numel() != n:
-                    continue
-                idxs = aligned_indices(dg, root, fn, scores, len(group[0][1]), pre, blocks)
-                if idxs:
-                    dg.get_pruning_group(root, fn, idxs).prune()
+        # per-group pruning of grouped convs, whole groups of multiplier convs (aligned only)
+        with group_aware_convs(candidate, enabled=aligned) as custom:
+            with shuffle_hooks(candidate) as seen:
+                pruner = tp.pruner.BasePruner(
+                    candidate,
+                    example_input,
+                    importance=RootSafeImportance(imp) if aligned else imp,
+                    pruning_ratio=float(ratio),
+                    ignored_layers=[mods[n] for n in ignored],
+                    global_pruning=False,
+                    pruning_ratio_dict={mods[n]: min(max(float(r), 0.0), 0.95) for n, r in (ratios or {}).items()
+                                        if n in mods and n not in ignored} or None,
+                    round_to=round_to if round_to > 1 else None,
+                    customized_pruners=custom or None,
+                )
+            if importance == "taylor":
+                _taylor_gradients(candidate, example_input, batches, taylor_batches)
+            if not aligned:
+                pruner.step()
+            else:
+                prune_aligned(pruner, candidate, seen)
         candidate.zero_grad(set_to_none=True)
     with torch.no_grad():
         out = candidate(example_input)
@@ -411,7 +400,8 @@ def structured_prune(
     nominal overall target, and a calibration scales all of them alike. ``round_to``: every
     pruned layer keeps a multiple of this many channels (1 = any count). ``grouped``: ``skip``
     leaves the layers around channel shuffles and (on retries) grouped convs alone; ``aligned``
-    prunes them at the same positions in every group (:mod:`.shuffle_prune`).
+    prunes them too: grouped convs by as many channels per group, channel-multiplier convs by
+    whole groups, shuffles through their permutation (:mod:`.shuffle_prune`).
     """
     t0 = time.perf_counter()
     report = PruneReport(method="structured-channel", target_sparsity=float(ratio))
@@ -524,8 +514,8 @@ ALLOCATIONS = ("uniform", "sensitivity")
 ROUND_TO = (1, 8, 16)
 #: Fields of :class:`StructuredChannelConfig` serialised only when not at these defaults.
 #: What structured pruning does with grouped convs and channel shuffles: ``skip`` leaves the
-#: layers around a shuffle alone (as before); ``aligned`` prunes them at the same positions in
-#: every group (:mod:`.shuffle_prune`).
+#: layers around a shuffle alone (as before); ``aligned`` prunes them group-aware
+#: (:mod:`.shuffle_prune`).
 GROUPED_RULES = ("skip", "aligned")
 #: Training batches a sensitivity allocation reads when no measured sensitivity is given (half
 #: re-estimate BN statistics, half score; see :func:`sensitivity_from_batches`).
@@ -597,7 +587,9 @@ class StructuredChannelConfig(MethodConfig):
             ratios from the trained model's measured sensitivity, the same parameter count).
         round_to: pruned layers keep a multiple of this many channels (1, 8 or 16).
         grouped: ``skip`` (layers around channel shuffles stay whole) or ``aligned`` (grouped
-            convs and shuffles pruned at the same positions in every group).
+            convs pruned per group, channel-multiplier convs by whole groups, shuffles through
+            their permutation: :mod:`.shuffle_prune`; the same result as ``skip`` on a network
+            without grouped convs or shuffles).
     """
 
     sparsity: float = 0.0

@@ -13,6 +13,7 @@ One class per concept, configured by parameters:
 ``DepthwiseSeparableConv``   DW kxk + pointwise 1x1 (the DWS stem, VGG DWS units; 2.1)
 ``spatial_conv``             factory for the 3x3 of a block: standard | factorized | depthwise
 ``ChannelShuffle``           ShuffleNet channel shuffle (no parameters, no FLOPs; 2.4)
+``ChannelPermute``           a fixed channel permutation (what structured pruning leaves of a shuffle)
 ``SqueezeExcite``            SE with adaptive GAP and bias-free linears (2.7)
 ``Bottleneck``/``BasicBlock`` torchvision-compatible residual blocks with a configurable 3x3
                              kind, grouped pointwise + shuffle (ShuffleNet unit, 2.4) and SE
@@ -112,6 +113,22 @@ class ChannelShuffle(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"
+
+
+class ChannelPermute(nn.Module):
+    """A fixed channel permutation: output channel ``j`` is input channel ``index[j]`` (no
+    parameters, 0 FLOPs). What a :class:`ChannelShuffle` becomes when structured pruning removes
+    different positions from its groups (:mod:`recommender.compress.shuffle_prune`)."""
+
+    def __init__(self, index: list[int]):
+        super().__init__()
+        self.register_buffer("index", torch.tensor(list(index), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.index.numel()}"
 
 
 class FactorizedConv(nn.Sequential):
