@@ -115,6 +115,27 @@ def test_sampled_configurations_build_and_run(space):
     assert built >= 6
 
 
+def test_structured_pruning_is_group_aware_where_the_architecture_has_shuffles(space):
+    """The family spaces prune grouped convs + shuffles (arch groups 4: ResNet 5, 13, 14, VGG 8,
+    12) with the group-aware rule, and every other candidate as before (its recipe unchanged)."""
+    family, sp = space
+    seen = set()
+    for _, recipe in _sample(sp, seed=5, n=200):
+        if recipe.prune.method != "structured-channel":
+            continue
+        grouped = recipe.arch.groups == 4
+        assert recipe.prune.grouped == ("aligned" if grouped else "skip"), recipe
+        assert ("grouped" in recipe.prune.to_dict()) == grouped
+        seen.add(grouped)
+    assert seen == {True, False}
+
+
+def test_the_trained_space_prunes_group_aware():
+    sp = SearchSpace.load_bundled("trained.yaml")
+    drawn = [r for _, r in _sample(sp, seed=2, n=40) if r.prune.method == "structured-channel"]
+    assert drawn and all(r.prune.grouped == "aligned" for r in drawn)
+
+
 @pytest.mark.parametrize("body,needle", [
     ("arch: [1, 2]", "must be a mapping"),
     ("arch:\n  nonsense: {choices: [1]}", "not an option"),
