@@ -344,7 +344,8 @@ def latency_stats(
 ) -> LatencyStats:
     """Median and IQR of the forward latency (ms) at ``input_size`` on ``device`` (``cpu`` or
     ``cuda``) with ``threads`` CPU threads (see the module docstring). The model is left as it
-    was (mode, device, thread count); on CUDA a copy runs."""
+    was (mode, device, thread count; a quantized model's weights are packed again first, with
+    identical outputs); on CUDA a copy runs."""
     Timer = _benchmark_timer()
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -356,6 +357,14 @@ def latency_stats(
     net = model if device == "cpu" else safe_deepcopy(model).to(device)
     net.eval()
     x = model_input(net, input_size).to(device)
+    if device == "cpu" and is_quantized(net):
+        from .compress.quantize import repack_weights
+
+        # an x86 int8 conv keeps what its first call at an input shape set up, the thread count
+        # included: first called at batch 1 on 2 threads and timed on 1, a sensitivity-pruned
+        # ResNet-101 ran 90-140 ms against 12-25 ms. Packed again (outputs identical), the
+        # warm-up below is that first call, as in a freshly loaded model.
+        repack_weights(net, getattr(net, "_quant_engine", None) or torch.backends.quantized.engine)
     try:
         with torch.inference_mode():
             timer = Timer(stmt="net(x)", globals={"net": net, "x": x},

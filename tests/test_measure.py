@@ -86,3 +86,23 @@ def test_latency_stats_median_iqr_and_noise_helper():
         assert M.measure(m, repeats=3, warmup=1).latency_cuda_ms is None
         with pytest.raises(RuntimeError):
             M.latency_stats(m, device="cuda")
+
+
+def test_an_int8_model_is_timed_as_freshly_packed():
+    """x86 int8 convs keep what their first call at a shape set up, thread count included (a
+    first call on 2 threads made a model timed on 1 run 5-100x slower): latency_stats packs the
+    weights again before its warm-up, leaving the outputs identical."""
+    from recommender.compress import apply_quantization
+    from recommender.recipe import QuantConfig
+
+    x = torch.randn(2, 3, 32, 32)
+    q, _ = apply_quantization(small().eval(), QuantConfig("int8-static", "x86", 2), calibration=[x])
+    # the packed weights (a linear's sit one module down, in its LinearPackedParams)
+    convs = [m for m in q.modules() if hasattr(m, "_packed_params") and not isinstance(m._packed_params, nn.Module)]
+    assert convs
+    before = [m._packed_params for m in convs]  # held, so that a new object cannot take an old id
+    with torch.no_grad():
+        ref = q(x)
+        M.latency_stats(q, threads=1, repeats=2, warmup=1)
+        assert torch.equal(q(x), ref)
+    assert all(m._packed_params is not b for m, b in zip(convs, before))

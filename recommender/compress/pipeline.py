@@ -68,7 +68,7 @@ def compress(
     pruned.eval()
     quantized, qrep = _apply(pruned, qcfg, ctx)
     engine = getattr(quantized, "_quant_engine", None) or getattr(qcfg, "engine", None)
-    if engine:  # packed again once conversion is over: some packings ran 200x slower (repack_weights)
+    if engine:  # packed again: the calls made while converting set the kernels up (repack_weights)
         repack_weights(quantized, engine)
     report = CompressReport(prune=prep, quant=qrep, seconds=time.perf_counter() - t0, float_model=pruned)
     return quantized, report

@@ -795,13 +795,13 @@ MAX_QAT_EPOCHS = 20.0
 
 def repack_weights(model: nn.Module, engine: str) -> nn.Module:
     """Pack every quantized conv/linear weight of ``model`` again, in place, under ``engine``
-    (:func:`recommender.compress.pipeline.compress` does it once quantization is over).
+    (outputs identical; milliseconds).
 
-    Measured on a sensitivity-pruned, fine-tuned int8 ResNet-101 (digits, 8 px, 1 thread): as the
-    search produced it, some convs ran 200x slower than the same quantized weights packed again
-    (16.4 ms against 0.07 ms for a 1016 -> 136 1x1 conv; the whole model 200-215 ms against
-    16.4 ms), with identical weights; the cause inside the x86 kernels was not isolated (the same
-    conv converted on its own was fast). Packing again costs milliseconds."""
+    An x86 int8 conv keeps what its first call at an input shape set up, the thread count
+    included: a 1x1 conv first called at batch 1 on 2 threads ran 12 ms per call on 1 thread
+    against 0.09 ms when first called on 1 thread. Packed again, the next call sets it up afresh;
+    :func:`recommender.compress.pipeline.compress` does it once quantization is over and
+    :func:`recommender.measure.latency_stats` before it times a model."""
     with _engine(engine), torch.no_grad():
         for m in model.modules():
             if callable(getattr(m, "set_weight_bias", None)) and callable(getattr(m, "weight", None)) \
