@@ -447,8 +447,12 @@ class Evaluator:
                 model = self.baseline_model()
                 bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
                 self.log(f"measuring the pruning sensitivity of {self.model_name} ({len(bs)} training batches)")
+                t0 = time.perf_counter()
                 sens = measure_sensitivity(model, bs[:cfg.calib_batches], bs[cfg.calib_batches:],
                                            torch.randn(self.input_size), ratios=cfg.ratios)
+                # once per baseline, and not stopped by --timeout: say what it cost
+                self.log(f"pruning sensitivity of {len(sens.groups)} groups measured in {time.perf_counter() - t0:.0f} s"
+                         f"{'; cached for every later study of this baseline' if self.cache else ''}")
                 if self.cache:
                     self.cache.save_json(key, name, sens.to_dict())
         self._sensitivity[cfg] = sens
