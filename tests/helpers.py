@@ -10,6 +10,21 @@ import numpy as np
 from torch import nn
 
 
+def nontrivial_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm2d of ``model`` the non-trivial statistics and affine parameters of a
+    trained network (in place)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.weight.data = torch.rand(mod.num_features, generator=g) + 0.5
+            mod.bias.data = torch.randn(mod.num_features, generator=g) * 0.1
+            mod.running_mean = torch.randn(mod.num_features, generator=g) * 0.1
+            mod.running_var = torch.rand(mod.num_features, generator=g) + 0.5
+    return model
+
+
 class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()

@@ -26,21 +26,15 @@ from recommender.measure import count_params  # noqa: E402
 from recommender.models import build_model  # noqa: E402
 from recommender.models.arch import ArchConfig  # noqa: E402
 
+from helpers import nontrivial_bn  # noqa: E402
+
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 def net(width: float = 0.25) -> nn.Module:
     torch.manual_seed(0)
-    m = build_model("resnet18", ArchConfig(width_multiplier=width), num_classes=10).eval()
     # non-trivial BN statistics and affine parameters, as in a trained network
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.weight.data = torch.rand(mod.num_features, generator=g) + 0.5
-            mod.bias.data = torch.randn(mod.num_features, generator=g) * 0.1
-            mod.running_mean = torch.randn(mod.num_features, generator=g) * 0.1
-            mod.running_var = torch.rand(mod.num_features, generator=g) + 0.5
-    return m
+    return nontrivial_bn(build_model("resnet18", ArchConfig(width_multiplier=width), num_classes=10).eval())
 
 
 def batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

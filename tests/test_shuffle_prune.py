@@ -32,18 +32,10 @@ from recommender.models import build_model, get_preset
 from recommender.models.blocks import ChannelPermute, FireModule
 from recommender.recipe import QuantConfig
 
+from helpers import nontrivial_bn
+
 # the quantized cat kernel warns on every forward when it requantizes its inputs (correct, slower)
 pytestmark = pytest.mark.filterwarnings("ignore:All inputs of this cat operator")
-
-
-def _nontrivial_bn(m: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.weight.data = torch.rand(mod.num_features, generator=g) + 0.5
-            mod.bias.data = torch.randn(mod.num_features, generator=g) * 0.1
-            mod.running_mean = torch.randn(mod.num_features, generator=g) * 0.1
-            mod.running_var = torch.rand(mod.num_features, generator=g) + 0.5
 
 
 @contextlib.contextmanager
@@ -81,7 +73,7 @@ def test_a_fire_module_loses_whole_multiplier_groups_and_computes_what_zeroing_c
     the shuffle(8): the squeeze's (whole expand3 groups follow) and expand1's."""
     torch.manual_seed(0)
     m = nn.Sequential(FireModule(64, 64, 16, expand3="grouped", groups=4), nn.Conv2d(64, 8, 1, groups=4)).eval()
-    _nontrivial_bn(m)
+    nontrivial_bn(m)
     x = torch.randn(2, 64, 6, 6)
     names = {mod: n for n, mod in m.named_modules()}
     pruned = copy.deepcopy(m)
@@ -149,7 +141,7 @@ def test_a_group_through_a_shuffle_computes_what_zeroing_computes(block):
     torch.manual_seed(0)
     m = (Bottleneck(64, 64, 64, conv="depthwise", groups=4) if block == "bottleneck"
          else nn.Sequential(GhostModule(64, 64, groups=4), nn.Conv2d(64, 8, 1, groups=4))).eval()
-    _nontrivial_bn(m)
+    nontrivial_bn(m)
     x = torch.randn(2, 64, 6, 6)
     root_name = "conv1" if block == "bottleneck" else "0.primary"
     names = {mod: n for n, mod in m.named_modules()}
