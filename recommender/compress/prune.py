@@ -799,14 +799,18 @@ def _bound_structured(model: nn.Module, cfg: MethodConfig, costs: StructureCosts
     # a lower bound from the layers' channel counts alone (no torch-pruning run, no weights)
     if not cfg.active:
         return model, costs
-    if getattr(cfg, "round_to", 1) > 1 or getattr(cfg, "grouped", "skip") != "skip":
-        # rounding kept channels down to a multiple, or group-aligned classes, may remove far more
-        # than ``sparsity`` of a narrow layer: no count is a safe bound, the estimate screens
-        return model, StructureCosts(0.0, 0.0, None if costs.mflops is None else 0.0, 0.0, costs.notes)
-    share = 1.0 - cfg.sparsity
     num_inputs = int(ctx.example_input.shape[1])
     head = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     num_outputs = (head[-1].out_features if isinstance(head[-1], nn.Linear) else head[-1].out_channels) if head else -1
+    if getattr(cfg, "round_to", 1) > 1 or getattr(cfg, "grouped", "skip") != "skip":
+        # rounding kept channels down to a multiple, or whole rounds of a group-aware selection,
+        # may remove far more than ``sparsity`` of a narrow layer, but never all of its channels:
+        # one channel per layer is the safe bound (the estimate screens)
+        params, _ = _layer_bound(model, 0.0, num_inputs, num_outputs)
+        params = min(params, costs.params)
+        return model, StructureCosts(params, min(params, costs.nonzero_params),
+                                     None if costs.mflops is None else 0.0, 0.0, costs.notes)
+    share = 1.0 - cfg.sparsity
     params, frac = _layer_bound(model, share, num_inputs, num_outputs)
     k = max(GLOBAL_SHARE * share ** 2, LAYER_SHARE * min(frac, 1.0))
     params = min(max(GLOBAL_SHARE * share ** 2 * costs.params, LAYER_SHARE * params), costs.params)
