@@ -115,9 +115,14 @@ def run_workers(spec: Any, jobs: int, phase: str, *, rung: int = 0, deadline: fl
                     os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        # keep reading their queue meanwhile: a worker's exit waits until what it put there is
+        # fed into the pipe, which blocks once the pipe is full and nobody reads
         end = time.monotonic() + INTERRUPT_GRACE
-        for p in procs:
-            p.join(max(0.0, end - time.monotonic()))
+        while any(p.is_alive() for p in procs) and time.monotonic() < end:
+            drain()
+            for p in procs:
+                p.join(min(interval, max(0.0, end - time.monotonic())))
+        drain()
         for p in procs:
             if p.is_alive():
                 p.kill()  # past the grace period (SIGTERM is the worker's stop signal, handled)
