@@ -56,7 +56,7 @@ SUBCOMMANDS = ("ablate", "show", "apply", "dashboard", "device-profile")
 QUICK_START = "recommend --model resnet18 --max-drop 3% --budget 1M-params --trials 12 --timeout 4m"
 QUICK_START_TIME = "about 2 minutes"
 MAIN_JOB = "recommend --model resnet101 --max-drop 2% --budget 5M-params"
-MAIN_JOB_TIME = "about 22 minutes"
+MAIN_JOB_TIME = "10 to 25 minutes"
 
 #: OpenMP's wait policy for the command's process and its workers (see main())
 OMP_WAIT_ENV, OMP_WAIT_POLICY = "OMP_WAIT_POLICY", "PASSIVE"
