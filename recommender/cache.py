@@ -191,6 +191,23 @@ class WeightsCache:
         with FileLock(str(path)):
             yield
 
+    def json_once(self, key: str, name: str, measure: Callable[[], Any], *, parse: Callable[[Any], Any],
+                  dump: Callable[[Any], Any]) -> Any:
+        """Side data ``name`` of entry ``key``, measured once: read back with ``parse`` when it is
+        stored, else ``measure()`` and store ``dump`` of it. Under :meth:`side_lock`, so that of
+        several workers sharing this cache one measures and the others wait and read; an entry
+        ``parse`` rejects (damaged, an older layout) is measured again and overwritten."""
+        with self.side_lock(key, name):
+            stored = self.load_json(key, name)
+            if stored is not None:
+                try:
+                    return parse(stored)
+                except (KeyError, TypeError, ValueError):
+                    pass
+            value = measure()
+            self.save_json(key, name, dump(value))
+            return value
+
     def load_json(self, key: str, name: str) -> Any | None:
         path = self._file(key, name, ".json")
         if not path.exists():

@@ -10,7 +10,6 @@ applied to trained weights and measured, never guessed.
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import math
 import time
@@ -433,28 +432,22 @@ class Evaluator:
         cfg = config or SensitivityConfig()
         if cfg in self._sensitivity:
             return self._sensitivity[cfg]
-        key, name = self.baseline_key(), sensitivity_name(cfg)
-        # one worker measures, the others sharing the cache wait and read it
-        with self.cache.side_lock(key, name) if self.cache else contextlib.nullcontext():
-            stored = self.cache.load_json(key, name) if self.cache else None
-            sens = None
-            if stored is not None:
-                try:
-                    sens = PruneSensitivity.from_dict(stored)
-                except (KeyError, TypeError, ValueError):
-                    pass  # a damaged entry is measured again and overwritten
-            if sens is None:
-                model = self.baseline_model()
-                bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
-                self.log(f"measuring the pruning sensitivity of {self.model_name} ({len(bs)} training batches)")
-                t0 = time.perf_counter()
-                sens = measure_sensitivity(model, bs[:cfg.calib_batches], bs[cfg.calib_batches:],
-                                           torch.randn(self.input_size), ratios=cfg.ratios)
-                # once per baseline, and not stopped by --timeout: say what it cost
-                self.log(f"pruning sensitivity of {len(sens.groups)} groups measured in {time.perf_counter() - t0:.0f} s"
-                         f"{'; cached for every later study of this baseline' if self.cache else ''}")
-                if self.cache:
-                    self.cache.save_json(key, name, sens.to_dict())
+
+        def measure() -> PruneSensitivity:
+            model = self.baseline_model()
+            bs = list(batches(self.data, self.protocol, cfg.calib_batches + cfg.score_batches))
+            self.log(f"measuring the pruning sensitivity of {self.model_name} ({len(bs)} training batches)")
+            t0 = time.perf_counter()
+            sens = measure_sensitivity(model, bs[:cfg.calib_batches], bs[cfg.calib_batches:],
+                                       torch.randn(self.input_size), ratios=cfg.ratios)
+            # once per baseline, and not stopped by --timeout: say what it cost
+            self.log(f"pruning sensitivity of {len(sens.groups)} groups measured in {time.perf_counter() - t0:.0f} s"
+                     f"{'; cached for every later study of this baseline' if self.cache else ''}")
+            return sens
+
+        sens = measure() if not self.cache else self.cache.json_once(
+            self.baseline_key(), sensitivity_name(cfg), measure,
+            parse=PruneSensitivity.from_dict, dump=PruneSensitivity.to_dict)
         self._sensitivity[cfg] = sens
         return sens
 

@@ -313,15 +313,9 @@ def cached_quant_sensitivity(cache: Any, key: str, model: nn.Module, batches: It
     images = sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in batches)
     name = (f"quant_sensitivity_{opts['method']}_{opts['engine']}_{opts['observer']}_"
             f"{'pc' if opts['per_channel'] else 'pt'}_{images}")
-    if cache is None:
+    def measure() -> QuantSensitivity:
         return measure_quant_sensitivity(model, batches, **opts)
-    with cache.side_lock(key, name):  # one worker measures, the others wait and read it
-        stored = cache.load_json(key, name)
-        if stored is not None:
-            try:
-                return QuantSensitivity.from_dict(stored)
-            except (TypeError, KeyError):
-                pass  # an older layout: measure again
-        sens = measure_quant_sensitivity(model, batches, **opts)
-        cache.save_json(key, name, sens.to_dict())
-        return sens
+
+    if cache is None:
+        return measure()
+    return cache.json_once(key, name, measure, parse=QuantSensitivity.from_dict, dump=QuantSensitivity.to_dict)

@@ -418,7 +418,7 @@ def group_ok(dg: Any, group: Any, pre: dict[int, ShuffleState]) -> bool:
         if isinstance(m, MultiplierConv2d):
             if not _whole_groups(plain, m.out_channels // m.groups):
                 return False
-        elif isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+        elif is_grouped(m):
             channels = m.out_channels if dg.is_out_channel_pruning_fn(dep.handler) else m.in_channels
             if not _same_counts(plain, channels, m.groups):
                 return False
@@ -438,7 +438,8 @@ def prune_group(group: Any, pre: dict[int, ShuffleState]) -> None:
 
 
 def balanced_indices(dg: Any, root: nn.Module, fn: Any, importance: torch.Tensor, n_pruned: int,
-                     pre: dict[int, ShuffleState], search_budget: int = 5000) -> list[int] | None:
+                     pre: dict[int, ShuffleState], search_budget: int = 5000, full: Any = None
+                     ) -> list[int] | None:
     """Root channel indices to prune (about ``n_pruned``, least important first) that give every
     grouped conv in the root's group as many channels from each of its groups, and every
     multiplier conv whole groups; None when no such selection is found.
@@ -450,11 +451,11 @@ def balanced_indices(dg: Any, root: nn.Module, fn: Any, importance: torch.Tensor
     depth-first search of at most ``search_budget`` steps per round); the least important round
     of any kind goes first. This finds selections that the block classes of
     :func:`aligned_indices` cannot express (one atom per group of two differently shuffled convs,
-    on a diagonal)."""
+    on a diagonal). ``full``: the root's group over all its channels, when the caller has it."""
     import math
 
     n = int(importance.numel())
-    full = dg.get_pruning_group(root, fn, list(range(n)))
+    full = full if full is not None else dg.get_pruning_group(root, fn, list(range(n)))
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -476,7 +477,7 @@ def balanced_indices(dg: Any, root: nn.Module, fn: Any, importance: torch.Tensor
             for members in by_group.values():
                 for r in members[1:]:
                     parent[find(r)] = find(members[0])
-        elif isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+        elif is_grouped(m):
             channels = m.out_channels if dg.is_out_channel_pruning_fn(dep.handler) else m.in_channels
             layers.append((m.groups, channels // m.groups, idxs, roots))
     atom_of = [find(r) for r in range(n)]
@@ -490,10 +491,11 @@ def balanced_indices(dg: Any, root: nn.Module, fn: Any, importance: torch.Tensor
             if r is not None:
                 h = hits[atom_of[r]][li]
                 h[i // per] = h.get(i // per, 0) + 1
+    score = {a: float(importance[torch.tensor(members)].sum()) for a, members in atoms.items()}
     kinds: dict[tuple, list[tuple[float, int]]] = {}
     for a, members in atoms.items():
         kind = (len(members), tuple(tuple(sorted(h.values())) for h in hits[a]))
-        kinds.setdefault(kind, []).append((float(importance[torch.tensor(members)].sum()), a))
+        kinds.setdefault(kind, []).append((score[a], a))
     for v in kinds.values():
         v.sort()
 
@@ -538,7 +540,7 @@ def balanced_indices(dg: Any, root: nn.Module, fn: Any, importance: torch.Tensor
     chosen: list[int] = []
     taken: set[int] = set()
     while len(chosen) < n_pruned:
-        rounds = [(sum(float(importance[torch.tensor(atoms[a])].sum()) for a in r) / (len(r) * kind[0]), r)
+        rounds = [(sum(score[a] for a in r) / (len(r) * kind[0]), r)
                   for kind in kinds for r in [best_round(kind, taken)] if r is not None]
         if not rounds:
             break
@@ -569,10 +571,11 @@ def prune_aligned(pruner: Any, model: nn.Module, seen: dict[Any, ShuffleState]) 
             continue
         root, fn = group[0][0].target.module, group[0][0].handler
         n = dg.get_out_channels(root) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(root)
-        scores = pruner.importance(dg.get_pruning_group(root, fn, list(range(n))))
+        full = dg.get_pruning_group(root, fn, list(range(n)))
+        scores = pruner.importance(full)
         if scores is None or scores.numel() != n:
             continue
-        idxs = (balanced_indices(dg, root, fn, scores, len(group[0][1]), pre)
+        idxs = (balanced_indices(dg, root, fn, scores, len(group[0][1]), pre, full=full)
                 or aligned_indices(dg, root, fn, scores, len(group[0][1]), pre, blocks))
         if idxs:
             prune_group(dg.get_pruning_group(root, fn, idxs), pre)
